@@ -1,0 +1,93 @@
+"""``python -m leaml``: a thin argparse layer over the library.
+
+Each subcommand is one ``_add_<name>`` function that declares its arguments and one
+``cmd_<name>`` function that calls into ``leaml`` and prints. Errors the user can fix
+(bad input, unknown project, conflicts) print one line on stderr and exit non-zero;
+nothing here holds logic of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from leaml.store import StoreError
+
+EXIT_USAGE = 2
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand takes (so ``--home`` works before or after the command)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS,
+                        help="data home folder (default: $LEAML_HOME, else ./data)")
+    return common
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"error: '{name}' is not yet available in this version", file=sys.stderr)
+        return 1
+    return run
+
+
+def print_json(obj) -> None:
+    """The machine-readable result: one JSON object on the last line of stdout."""
+    print(json.dumps(obj, sort_keys=False, default=str), flush=True)
+
+
+# --- subcommands: one _add_<name>(sub, common) + cmd_<name>(args) pair each, listed in ADDERS -
+
+def _add_placeholders(sub, common) -> None:
+    """Subcommands whose implementation has not landed yet say so instead of failing oddly."""
+    helps = {
+        "demo": "build the bundled demo project (and run every method on it)",
+        "import": "import a manifest (JSONL/CSV), a Kvasir-VQA parquet file, a folder or a zip",
+        "export": "export the curated QA of a project as JSONL + images and parquet",
+        "run": "run a method (leaml, seed-lora, seed-full, caption-then-seed) end to end",
+        "evaluate": "re-evaluate a stored run on the test split",
+        "worker": "run queued background jobs",
+        "jobs": "list, show, cancel or resume background jobs",
+        "users": "add, list, set-role, passwd",
+        "pretrain-tiny": "rebuild and pretrain the embedded tiny base model",
+        "generator": "LEAML stage: train the QA generator",
+        "pseudo": "LEAML stage: generate pseudo QA for the unlabeled images",
+        "finetune": "LEAML stage: finetune the target on seed + reviewed pseudo QA",
+    }
+    for name, text in helps.items():
+        if name not in sub.choices:
+            p = sub.add_parser(name, help=text, description=text, parents=[common])
+            p.set_defaults(func=_not_yet(name))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="python -m leaml", parents=[common],
+        description="LEAML Studio: label-efficient adaptation of vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in ADDERS:
+        add(sub, common)
+    _add_placeholders(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, dispatch, and turn expected errors into one line on stderr and a non-zero exit."""
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "home"):
+        args.home = None
+    try:
+        return int(args.func(args) or 0)
+    except (StoreError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# Every _add_<name> function above, in the order --help lists them. Commands not listed yet
+# are answered by _add_placeholders.
+ADDERS: list[Callable] = []
