@@ -146,8 +146,23 @@ CREATE TABLE train_log (
 CREATE INDEX train_log_job ON train_log (job_id, id);
 """
 
+# --- 2: background workers (liveness for ensure_worker) -------------------------------------
+M002 = """
+CREATE TABLE workers (
+    id INTEGER PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,               -- socket.gethostname(): a pid means something only there
+    started_at TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL,       -- refreshed every few seconds while the worker lives
+    job_id INTEGER,                   -- the job it is running now, if any
+    stopped_at TEXT                   -- set on a clean exit
+);
+CREATE INDEX workers_alive ON workers (stopped_at, heartbeat_at);
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "initial schema", M001),
+    (2, "workers", M002),
 ]
 
 
