@@ -1,0 +1,383 @@
+"""Load, prompt, encode and generate with any image-text-to-text model, tiny or real.
+
+One code path for every model: ``AutoModelForImageTextToText`` + ``AutoProcessor``, prompts
+from the processor's chat template, loss on the answer tokens (+ eos) only, answers from
+``generate()``. Where architectures differ (where the language model lives, which Linear
+layers LoRA targets and which count as "neurons"), the small ``ARCH_SPECS`` registry keyed by
+``config.model_type`` says how; nothing here branches on model names.
+
+The embedded default base ``tiny`` (``leaml/assets/tiny``) is a small LLaVA (tiny CLIP vision
+tower + tiny Llama, byte-level BPE tokenizer) built by :func:`build_tiny` and pretrained by
+``python -m leaml pretrain-tiny`` (leaml/pretrain.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+IGNORE_INDEX = -100
+
+# A simple user/assistant template; the image placeholder goes in the user turn. The
+# generation prompt ends with a newline so the answer's first token never merges with it.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '\\n' }}{% else %}{{ 'ASSISTANT:\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ eos_token + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:\\n' }}{% endif %}"
+)
+
+
+# --- architecture registry ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchEntry:
+    """How one architecture family (keyed by config.model_type) is laid out."""
+    language_model: tuple[str, ...]  # candidate attribute paths from the top-level model
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                     "gate_proj", "up_proj", "down_proj")
+    neuron_modules: tuple[str, ...] = ("o_proj", "down_proj")  # attention-out + MLP-out
+
+
+_LLAMA_LIKE = ArchEntry(("model.language_model", "language_model", "model.text_model"))
+ARCH_SPECS: dict[str, ArchEntry] = {
+    "llava": _LLAMA_LIKE, "llava_next": _LLAMA_LIKE, "llava_onevision": _LLAMA_LIKE,
+    "qwen2_vl": _LLAMA_LIKE, "qwen2_5_vl": _LLAMA_LIKE, "qwen3_vl": _LLAMA_LIKE,
+    "paligemma": _LLAMA_LIKE, "gemma3": _LLAMA_LIKE, "mistral3": _LLAMA_LIKE,
+    "idefics3": ArchEntry(("model.text_model",)), "smolvlm": ArchEntry(("model.text_model",)),
+}
+_DEFAULT_ENTRY = ArchEntry(("model.language_model", "language_model", "model.text_model",
+                            "text_model"))
+
+
+@dataclass
+class ArchSpec:
+    """Resolved layout of one loaded model.
+
+    ``lora_targets`` and ``neuron_modules`` are full module names (as in
+    ``model.named_modules()``) inside the language model only, so a peft ``LoraConfig(
+    target_modules=spec.lora_targets)`` never touches the vision tower or projector.
+    """
+    model_type: str
+    language_model: torch.nn.Module
+    language_model_prefix: str
+    lora_targets: list[str] = field(default_factory=list)
+    neuron_modules: list[str] = field(default_factory=list)
+
+
+def _get_path(model: torch.nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def arch_spec(model) -> ArchSpec:
+    """The registry entry for ``model`` (by config.model_type) resolved to real modules."""
+    mtype = getattr(model.config, "model_type", "")
+    entry = ARCH_SPECS.get(mtype, _DEFAULT_ENTRY)
+    base = getattr(model, "get_base_model", lambda: model)()  # peft-wrapped models too
+    for path in entry.language_model:
+        lm = _get_path(base, path)
+        if isinstance(lm, torch.nn.Module):
+            break
+    else:
+        raise ValueError(f"model_type {mtype!r}: no language model at any of "
+                         f"{entry.language_model}; add an entry to leaml.models.ARCH_SPECS")
+    prefix = next(n for n, m in base.named_modules() if m is lm)
+    linears = [n for n, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
+    leaf = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+    return ArchSpec(mtype, lm, prefix,
+                    [n for n in linears if leaf(n) in entry.lora_targets],
+                    [n for n in linears if leaf(n) in entry.neuron_modules])
+
+
+# --- loading and saving ---------------------------------------------------------------------
+
+def resolve_ref(ref: str) -> str:
+    """``"tiny"`` -> the embedded base folder; a Hugging Face id or local path unchanged."""
+    return str(TINY_DIR) if ref == "tiny" else str(ref)
+
+
+def load(ref: str = "tiny", *, device="cpu", dtype=torch.float32):
+    """Load ``(model, processor)`` from a ref (tiny / HF id / local folder), in eval mode.
+
+    Only local files are used: a Hugging Face id must already be in the local cache.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    path = resolve_ref(ref)
+    if ref == "tiny" and not (TINY_DIR / "config.json").exists():
+        raise FileNotFoundError(f"{TINY_DIR} holds no model; run `python -m leaml pretrain-tiny`")
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+    _configure_padding(processor)
+    return model.to(device).eval(), processor
+
+
+def save(model, processor, out_dir) -> Path:
+    """save_pretrained model and processor into ``out_dir`` (reloadable by :func:`load`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _configure_padding(processor) -> None:
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+
+
+# --- the tiny base, built from configs -------------------------------------------------------
+
+@dataclass
+class TinyConfig:
+    """Shape of the tiny LLaVA. Defaults are the committed base (~3M parameters)."""
+    image_size: int = 64          # input resolution (pixels, square)
+    patch_size: int = 8           # 64/8 -> 8x8 = 64 image tokens
+    vision_hidden: int = 128      # CLIP width
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 384
+    text_hidden: int = 192        # Llama width
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 512
+    vocab_size: int = 2048        # byte-level BPE target size
+    max_positions: int = 256
+
+
+def build_tokenizer(vocab_size: int = 2048, texts: list[str] | None = None):
+    """Train a byte-level BPE tokenizer locally; any unicode text encodes (bytes fallback)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from leaml.pretrain_data import tokenizer_texts
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(texts if texts is not None else tokenizer_texts(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>",
+                                  extra_special_tokens={"image_token": "<image>"})
+    tok.padding_side = "left"
+    return tok
+
+
+def build_processor(cfg: TinyConfig, tokenizer):
+    """CLIPImageProcessorPil + tokenizer + chat template in a LlavaProcessor."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    ip = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
+                               crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    # "default" strategy drops CLS: exactly (image/patch)^2 image tokens, matching the model.
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                          vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
+
+
+def build_tiny(seed: int = 0, **overrides):
+    """An untrained tiny LLaVA ``(model, processor)`` from configs; overrides go to TinyConfig."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+    cfg = TinyConfig(**overrides)
+    tok = build_tokenizer(cfg.vocab_size)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp,
+                              num_hidden_layers=cfg.vision_layers,
+                              num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
+                              patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
+                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         image_seq_length=n_img, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    return model.eval(), build_processor(cfg, tok)
+
+
+# --- prompts and batches ---------------------------------------------------------------------
+
+def prompt_text(processor, instruction: str) -> str:
+    """The chat-template prompt for one image + ``instruction``, ending where the answer starts."""
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": instruction}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _as_rgb(img) -> Image.Image:
+    if isinstance(img, (str, Path)):
+        with Image.open(img) as im:
+            return im.convert("RGB")
+    return img.convert("RGB")
+
+
+def _dummy_images(processor, n: int) -> list[Image.Image]:
+    """Images of the processor's input size: for fixed-resolution processors the prompt's
+    image-token expansion depends on nothing else, so text can be encoded without images."""
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+    h = crop.get("height") or crop.get("shortest_edge") or 224
+    w = crop.get("width") or h
+    return [Image.new("RGB", (w, h))] * n
+
+
+def _prompt_batch(processor, images, instructions) -> tuple[list[list[int]], dict]:
+    """Expanded prompt ids per example (unpadded) and the processor's image tensors."""
+    prompts = [prompt_text(processor, i) for i in instructions]
+    out = processor(images=[_as_rgb(im) for im in images], text=prompts,
+                    add_special_tokens=False, return_tensors="pt", padding=True)
+    ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+    extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+    return ids, extra
+
+
+def _collate(processor, prompt_ids, targets, side: str) -> dict:
+    """Prompt (+ target + eos) ids padded on ``side``; labels only on target + eos."""
+    tok = processor.tokenizer
+    rows, labels = [], []
+    for i, p in enumerate(prompt_ids):
+        t = [] if targets is None else tok(targets[i], add_special_tokens=False)["input_ids"]
+        t = t + [tok.eos_token_id] if targets is not None else t
+        rows.append(p + t)
+        labels.append([IGNORE_INDEX] * len(p) + t)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for r, lab in zip(rows, labels):
+        n = width - len(r)
+        fill = (lambda x, v: [v] * n + x) if side == "left" else (lambda x, v: x + [v] * n)
+        batch["input_ids"].append(fill(r, pad))
+        batch["attention_mask"].append(fill([1] * len(r), 0))
+        batch["labels"].append(fill(lab, IGNORE_INDEX))
+    out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    if targets is None:
+        del out["labels"]
+    return out
+
+
+def encode(processor, images, instructions, targets=None, *, padding_side: str = "right") -> dict:
+    """A training/eval batch: input_ids, attention_mask, pixel_values (+ labels with targets).
+
+    Labels are -100 on the prompt, the image tokens and padding: the loss sees the target
+    tokens and the eos only. Right padding by default (positions then start at 0 for every
+    row, as in generation with left padding, where positions come from the attention mask).
+    """
+    ids, extra = _prompt_batch(processor, images, instructions)
+    return {**_collate(processor, ids, targets, padding_side), **extra}
+
+
+def pixel_values(processor, images) -> torch.Tensor:
+    """Images preprocessed once, shape (N, C, H, W): cache these and pair with encode_text."""
+    out = processor.image_processor([_as_rgb(im) for im in images], return_tensors="pt")
+    return out["pixel_values"]
+
+
+def encode_text(processor, instructions, targets=None, *, padding_side: str = "right") -> dict:
+    """:func:`encode` without pixel_values, for pairing with cached :func:`pixel_values`.
+
+    Valid for fixed-resolution image processors (the image-token count does not depend on
+    the image), which covers LLaVA-style models such as the tiny base.
+    """
+    ids, _ = _prompt_batch(processor, _dummy_images(processor, len(instructions)), instructions)
+    return _collate(processor, ids, targets, padding_side)
+
+
+# --- generation ------------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    """One generated answer: text, its token ids (eos excluded) and their log-probabilities."""
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+
+def _stop_ids(model, tok) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    return ids | {tok.eos_token_id}
+
+
+def _generate_batch(model, processor, pv, instructions, gen_kwargs) -> list[list[Generation]]:
+    tok = processor.tokenizer
+    batch = encode_text(processor, instructions, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**batch, pixel_values=pv.to(model.device, model.dtype),
+                             output_logits=True, return_dict_in_generate=True, **gen_kwargs)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]  # (B*R, T)
+    # raw logits -> the model's own log-probabilities, whatever the sampling settings
+    logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B*R, T, V)
+    tok_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    stops, r = _stop_ids(model, tok), gen_kwargs["num_return_sequences"]
+    gens = []
+    for ids, lps in zip(new.tolist(), tok_logp.tolist()):
+        end = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+        gens.append(Generation(tok.decode(ids[:end], skip_special_tokens=True).strip(),
+                               ids[:end], lps[:end]))
+    return [gens[i * r:(i + 1) * r] for i in range(len(instructions))]
+
+
+def generate(model, processor, images_or_pixel_values, instructions, *, max_new_tokens=32,
+             do_sample=False, temperature=1.0, top_p=1.0, num_return_sequences=1, seed=None,
+             batch_size=32) -> list[list[Generation]]:
+    """Answer ``instructions`` about images: per input, ``num_return_sequences`` generations.
+
+    Inputs are left padded and run in chunks of ``batch_size``. ``token_logprobs`` are the
+    model's log-probabilities of each generated token (log-softmax of generate()'s raw
+    logits), e.g. for LEAML's pseudo-QA confidence. Images may be PIL images, paths, or a
+    cached pixel_values tensor (N, C, H, W).
+    """
+    if isinstance(instructions, str):
+        instructions = [instructions]
+    pv_all = images_or_pixel_values
+    if not isinstance(pv_all, torch.Tensor):
+        pv_all = pixel_values(processor, pv_all)
+    if len(pv_all) != len(instructions):
+        raise ValueError(f"{len(pv_all)} images but {len(instructions)} instructions; "
+                         "pass one instruction per image")
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = processor.tokenizer
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+              num_return_sequences=num_return_sequences,
+              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p)
+    model.eval()
+    results = []
+    for i in range(0, len(instructions), batch_size):
+        results += _generate_batch(model, processor, pv_all[i:i + batch_size],
+                                   instructions[i:i + batch_size], kw)
+    return results
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
