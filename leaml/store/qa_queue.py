@@ -1,0 +1,154 @@
+"""The review queue: pending pseudo pairs by confidence, claims, bulk accept.
+
+Import these from ``leaml.store.qa``. The queue query walks the ``qa_review`` index
+(project_id, status, confidence) or, with a category, ``qa_review_cat`` (project_id, status,
+category, confidence) in order, so a page costs the same at 100 or 100,000 pending pairs.
+A claim (locked_by, locked_until) reserves a pair for one reviewer; it does not change the
+version and is not audited (it is a lease, not an edit); decisions release it.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import sqlite_utils
+
+from leaml.store.db import now, row, to_json, transaction
+
+ORDERS = {"desc": "confidence DESC, id DESC", "asc": "confidence ASC, id ASC"}
+_FREE = "(locked_by IS NULL OR locked_until <= :now OR locked_by = :reviewer)"
+
+
+def _where(project_id: int, *, category=None, question_type=None, gen_run_id=None,
+           min_conf=None, max_conf=None, exclude_ids=()) -> tuple[str, dict]:
+    """WHERE clause and named parameters of the pending queue with its filters."""
+    where = ["project_id = :project_id", "status = 'pending'"]
+    params: dict = {"project_id": project_id}
+    for column, value in (("category", category), ("question_type", question_type),
+                          ("gen_run_id", gen_run_id)):
+        if value is not None:
+            where.append(f"{column} = :{column}")
+            params[column] = value
+    if min_conf is not None:
+        where.append("confidence >= :min_conf")
+        params["min_conf"] = float(min_conf)
+    if max_conf is not None:
+        where.append("confidence <= :max_conf")
+        params["max_conf"] = float(max_conf)
+    if exclude_ids:
+        where.append("id NOT IN (SELECT value FROM json_each(:exclude))")
+        params["exclude"] = json.dumps([int(i) for i in exclude_ids])
+    return " AND ".join(where), params
+
+
+def _order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r} is not valid: use 'desc' (most confident first) or 'asc'")
+    return ORDERS[order]
+
+
+def queue_sql(project_id: int, *, order: str = "desc", reviewer: str | None = None,
+              limit: int = 50, offset: int = 0, **filters) -> tuple[str, dict]:
+    """The SQL and parameters of :func:`review_queue` (for EXPLAIN QUERY PLAN in tests)."""
+    where, params = _where(project_id, **filters)
+    if reviewer is not None:
+        where += f" AND {_FREE}"
+        params.update(now=now(), reviewer=reviewer)
+    params.update(limit=int(limit), offset=int(offset))
+    sql = f"SELECT * FROM qa WHERE {where} ORDER BY {_order(order)} LIMIT :limit OFFSET :offset"
+    return sql, params
+
+
+def review_queue(db: sqlite_utils.Database, project_id: int, *, order: str = "desc",
+                 category: str | None = None, question_type: str | None = None,
+                 gen_run_id: int | None = None, min_conf: float | None = None,
+                 max_conf: float | None = None, limit: int = 50, offset: int = 0,
+                 reviewer: str | None = None, exclude_ids=()) -> list[dict]:
+    """A page of pending pseudo pairs, most confident first (``order='asc'``: least).
+
+    With ``reviewer``, pairs under a live claim of somebody else are left out.
+    """
+    sql, params = queue_sql(project_id, order=order, reviewer=reviewer, limit=limit,
+                            offset=offset, category=category, question_type=question_type,
+                            gen_run_id=gen_run_id, min_conf=min_conf, max_conf=max_conf,
+                            exclude_ids=exclude_ids)
+    return list(db.query(sql, params))
+
+
+def count_queue(db: sqlite_utils.Database, project_id: int, **filters) -> int:
+    """How many pending pairs match the queue filters (category, min_conf, ...)."""
+    where, params = _where(project_id, **filters)
+    return db.execute(f"SELECT COUNT(*) FROM qa WHERE {where}", params).fetchone()[0]
+
+
+def _until(ttl_seconds: float) -> str:
+    until = datetime.now(timezone.utc) + timedelta(seconds=ttl_seconds)
+    return until.isoformat(timespec="microseconds")
+
+
+def claim_next(db: sqlite_utils.Database, project_id: int, reviewer: str, *,
+               ttl_seconds: float = 300, order: str = "desc", **queue_filters) -> dict | None:
+    """Claim the next pending pair for ``reviewer`` for ``ttl_seconds``; None if none is free.
+
+    The reviewer's own live claim comes back first (so a reload resumes it), else the first
+    pair in queue order that is unclaimed or whose claim expired. Runs under the write lock,
+    so two reviewers never get the same pair at once. ``exclude_ids`` skips pairs.
+    """
+    if not reviewer:
+        raise ValueError("reviewer is empty; sign in first")
+    with transaction(db):
+        where, params = _where(project_id, **queue_filters)
+        params.update(now=now(), reviewer=reviewer)
+        order_by = _order(order)
+        found = row(db, f"SELECT id FROM qa WHERE {where} AND locked_by = :reviewer"
+                    f" AND locked_until > :now ORDER BY {order_by} LIMIT 1", params)
+        found = found or row(db, f"SELECT id FROM qa WHERE {where} AND {_FREE}"
+                             f" ORDER BY {order_by} LIMIT 1", params)
+        if found is None:
+            return None
+        db.execute("UPDATE qa SET locked_by = ?, locked_until = ? WHERE id = ?",
+                   [reviewer, _until(ttl_seconds), found["id"]])
+        return row(db, "SELECT * FROM qa WHERE id = ?", [found["id"]])
+
+
+def release_claim(db: sqlite_utils.Database, qa_id: int, reviewer: str) -> bool:
+    """Give back ``reviewer``'s claim on a pair (skip); False if they did not hold it."""
+    with transaction(db):
+        cur = db.execute("UPDATE qa SET locked_by = NULL, locked_until = NULL"
+                         " WHERE id = ? AND locked_by = ?", [qa_id, reviewer])
+        return cur.rowcount > 0
+
+
+def bulk_accept(db: sqlite_utils.Database, project_id: int, *, min_conf: float,
+                user: str | None, **queue_filters) -> int:
+    """Accept every pending pair with confidence >= ``min_conf`` (and the queue filters),
+    skipping pairs under a live claim of somebody else; returns how many.
+
+    One transaction; one 'qa.bulk_accept' event per pair (before/after status and version),
+    so each row's history stays complete. Not reverted by undo_last.
+    """
+    min_conf = float(min_conf)
+    if not 0.0 <= min_conf <= 1.0:
+        raise ValueError(f"min_conf {min_conf} is not a probability; give a number in [0, 1]")
+    queue_filters["min_conf"] = max(min_conf, queue_filters.get("min_conf") or 0.0)
+    with transaction(db):
+        where, params = _where(project_id, **queue_filters)
+        ts = now()
+        params.update(now=ts, reviewer=user)
+        rows = list(db.query(f"SELECT id, question, answer, version FROM qa"
+                             f" WHERE {where} AND {_FREE}", params))
+        db.conn.executemany(
+            "UPDATE qa SET status = 'accepted', reviewed_by = ?, reviewed_at = ?, locked_by = NULL,"
+            " locked_until = NULL, version = version + 1, updated_at = ? WHERE id = ?",
+            [(user, ts, ts, r["id"]) for r in rows])
+        db.conn.executemany(
+            "INSERT INTO events (ts, user, action, entity, entity_id, project_id, before, after)"
+            " VALUES (?, ?, 'qa.bulk_accept', 'qa', ?, ?, ?, ?)",
+            [(ts, user, r["id"], project_id, _state(r, "pending", 0),
+              _state(r, "accepted", 1, min_conf=min_conf)) for r in rows])
+    return len(rows)
+
+
+def _state(r: dict, status: str, bump: int, **extra) -> str:
+    return to_json({"question": r["question"], "answer": r["answer"], "status": status,
+                    "version": r["version"] + bump, **extra})

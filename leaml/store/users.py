@@ -1,0 +1,122 @@
+"""User accounts: name, role, scrypt password hash. Rows returned never hold the hash.
+
+Every change is audited in ``events`` (entity 'user') without any password material.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import sqlite_utils
+
+from leaml import auth
+from leaml.store.db import NotFoundError, log_event, now, row, transaction
+
+ROLES = auth.ROLES
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_PUBLIC = "id, name, role, created_at, disabled"
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the name is unknown, so a miss costs as long as a hit."""
+    return auth.hash_password("not-a-real-password")
+
+
+def _validate_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"user name {name!r} is not valid: use 1-64 letters, digits, "
+                         "'.', '_', '-' or '@', starting with a letter or digit")
+    return name
+
+
+def _public(db: sqlite_utils.Database, name: str) -> dict:
+    found = row(db, f"SELECT {_PUBLIC} FROM users WHERE name = ?", [name])
+    if found is None:
+        known = ", ".join(r["name"] for r in db.query("SELECT name FROM users ORDER BY name"))
+        raise NotFoundError(f"unknown user '{name}' (known: {known or 'none'}); "
+                            f"add it with `python -m leaml users add {name} --role ROLE`")
+    return found
+
+
+def get_user(db: sqlite_utils.Database, name: str) -> dict:
+    """The user ``name`` (id, name, role, created_at, disabled); NotFoundError if unknown."""
+    return _public(db, name)
+
+
+def add_user(db: sqlite_utils.Database, name: str, password: str, role: str, *,
+             by: str | None = None) -> dict:
+    """Create a user with a hashed password; ValueError on a bad name, role, short password
+    or a name already taken."""
+    _validate_name(name)
+    auth.validate_role(role)
+    pw_hash = auth.hash_password(auth.validate_password(password))
+    with transaction(db):
+        if row(db, "SELECT 1 FROM users WHERE name = ?", [name]):
+            raise ValueError(f"user '{name}' already exists; pick another name, or change "
+                             f"it with `python -m leaml users set-role {name} ROLE`")
+        cur = db.execute("INSERT INTO users (name, role, pw_hash, created_at) VALUES (?, ?, ?, ?)",
+                         [name, role, pw_hash, now()])
+        log_event(db, user=by, action="user.create", entity="user", entity_id=cur.lastrowid,
+                  after={"name": name, "role": role})
+    return _public(db, name)
+
+
+def verify_password(db: sqlite_utils.Database, name: str, password: str) -> dict | None:
+    """The user if ``password`` is right and the account is enabled, else None."""
+    found = row(db, "SELECT pw_hash, disabled FROM users WHERE name = ?", [name])
+    ok = auth.check_password(password or "", found["pw_hash"] if found else _dummy_hash())
+    if not (found and ok) or found["disabled"]:
+        return None
+    return _public(db, name)
+
+
+def set_role(db: sqlite_utils.Database, name: str, role: str, *, by: str | None = None) -> dict:
+    """Change the role of ``name``; audited with the old and new role."""
+    auth.validate_role(role)
+    with transaction(db):
+        before = _public(db, name)
+        db.execute("UPDATE users SET role = ? WHERE name = ?", [role, name])
+        log_event(db, user=by, action="user.role", entity="user", entity_id=before["id"],
+                  before={"role": before["role"]}, after={"role": role})
+    return _public(db, name)
+
+
+def set_password(db: sqlite_utils.Database, name: str, password: str, *,
+                 by: str | None = None) -> dict:
+    """Replace the password of ``name`` (new random salt); audited without the password."""
+    pw_hash = auth.hash_password(auth.validate_password(password))
+    with transaction(db):
+        user = _public(db, name)
+        db.execute("UPDATE users SET pw_hash = ? WHERE name = ?", [pw_hash, name])
+        log_event(db, user=by, action="user.password", entity="user", entity_id=user["id"])
+    return user
+
+
+def set_disabled(db: sqlite_utils.Database, name: str, disabled: bool = True, *,
+                 by: str | None = None) -> dict:
+    """Disable (or re-enable) an account; a disabled user cannot sign in."""
+    with transaction(db):
+        user = _public(db, name)
+        db.execute("UPDATE users SET disabled = ? WHERE name = ?", [int(disabled), name])
+        log_event(db, user=by, action="user.disable" if disabled else "user.enable",
+                  entity="user", entity_id=user["id"])
+    return _public(db, name)
+
+
+def list_users(db: sqlite_utils.Database) -> list[dict]:
+    """All users by name (no password hashes)."""
+    return list(db.query(f"SELECT {_PUBLIC} FROM users ORDER BY name"))
+
+
+def count_users(db: sqlite_utils.Database) -> int:
+    """How many accounts exist (the app offers to create the first admin when 0)."""
+    return db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+
+def require_user(db: sqlite_utils.Database, name: str | None, perm: str) -> dict:
+    """Load ``name`` and :func:`leaml.auth.require` ``perm`` of it; returns the user."""
+    user = row(db, f"SELECT {_PUBLIC} FROM users WHERE name = ?", [name]) if name else None
+    if name and user is None:
+        raise PermissionError(f"unknown user '{name}'; ask an admin to add the account")
+    return auth.require(user, perm)
