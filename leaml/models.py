@@ -147,8 +147,8 @@ def _configure_padding(processor) -> None:
 @dataclass
 class TinyConfig:
     """Shape of the tiny LLaVA. Defaults are the committed base (~3M parameters)."""
-    image_size: int = 64          # input resolution (pixels, square)
-    patch_size: int = 8           # 64/8 -> 8x8 = 64 image tokens
+    image_size: int = 96          # input resolution (pixels, square)
+    patch_size: int = 16          # 96/16 -> 6x6 = 36 image tokens, 2x2 per 3x3-grid cell
     vision_hidden: int = 128      # CLIP width
     vision_layers: int = 4
     vision_heads: int = 4

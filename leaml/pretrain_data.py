@@ -115,7 +115,7 @@ def _draw_object(img: Image.Image, o: Obj, scale: float, rng: random.Random) -> 
     img.paste(Image.new("RGB", img.size, color), (0, 0), mask)
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 2) -> Image.Image:
+def render(scene: Scene, size: int = 96, supersample: int = 2) -> Image.Image:
     """Draw a scene at size x size pixels (drawn larger, then downsampled for smooth edges)."""
     rng = random.Random(scene.seed)
     big = size * supersample
