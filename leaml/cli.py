@@ -91,3 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 # Every _add_<name> function above, in the order --help lists them. Commands not listed yet
 # are answered by _add_placeholders.
 ADDERS: list[Callable] = []
+
+# background jobs: `worker` and `jobs` live in leaml/cli_jobs.py (owned by the jobs engineer)
+from leaml.cli_jobs import _add_jobs, _add_worker  # noqa: E402  (after the helpers above)
+
+ADDERS += [_add_worker, _add_jobs]

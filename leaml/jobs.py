@@ -1,0 +1,269 @@
+"""Background jobs: the queue API the app calls, the job kinds, and the job context.
+
+Process model (see also :mod:`leaml.worker`): the app (or ``python -m leaml run
+--background``) only writes a ``queued`` row with :func:`enqueue` and calls
+:func:`ensure_worker`, which starts a detached ``python -m leaml worker`` when none is alive.
+The worker claims the oldest queued job atomically and runs it in a child process of its own
+(``python -m leaml worker --job-process ID``): the child loads torch, writes progress, loss
+rows and a heartbeat thread's heartbeats, and honours cancel within a training step. When the
+child dies its heartbeat stops; the worker marks a job whose child died ``interrupted`` at
+once, and :func:`recover_stale` marks any job whose heartbeat is older than the timeout
+(``LEAML_HEARTBEAT_TIMEOUT``, default 60 s) ``interrupted`` when the worker dies too.
+:func:`resume` puts such a job back in the queue; its checkpoint folder
+(``<home>/jobs/job-<id>``) is kept, so training goes on from the last checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import sqlite_utils
+
+from leaml import auth
+from leaml.store import jobs as q
+from leaml.store.db import NotFoundError
+from leaml.store.projects import get_project
+
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+STOP_CACHE_S = 1.0  # should_stop() reads the cancel flag at most this often
+
+
+def heartbeat_timeout() -> float:
+    """Seconds without a heartbeat after which a running job counts as dead
+    (``LEAML_HEARTBEAT_TIMEOUT`` overrides the default of 60)."""
+    raw = os.environ.get("LEAML_HEARTBEAT_TIMEOUT")
+    try:
+        return float(raw) if raw else DEFAULT_HEARTBEAT_TIMEOUT
+    except ValueError:
+        raise ValueError(f"LEAML_HEARTBEAT_TIMEOUT={raw!r} is not a number of seconds") from None
+
+
+def heartbeat_interval() -> float:
+    """How often heartbeats are written: a few per timeout, at most every 5 s."""
+    return max(0.2, min(5.0, heartbeat_timeout() / 4))
+
+
+# --- job kinds ------------------------------------------------------------------------------
+
+@dataclass
+class JobContext:
+    """What a job kind's function gets besides its params.
+
+    ``report(stage, progress, message)`` sets the job's visible state; ``progress`` is the
+    callback to hand to ``train``/``pipeline`` (``(stage, step, total, loss)``: writes a
+    train_log row, progress and ETA); ``should_stop()`` turns true once a cancel was
+    requested (read at most every second) or the worker is shutting down; ``checkpoint_dir``
+    is the job's own folder, kept across resumes; ``resume`` says where the last attempt got
+    to (``{"stage", "step", "total", "attempt"}``) or is None on a first attempt.
+    """
+    db: sqlite_utils.Database
+    home: Path
+    job: dict
+    user: str | None
+    checkpoint_dir: Path
+    resume: dict | None
+    log: logging.Logger
+    pid: int = field(default_factory=os.getpid)
+    stop_reason: str | None = None   # 'cancel', 'shutdown' or 'lost' once should_stop said yes
+    _checked_at: float = 0.0
+    _stages: list = field(default_factory=list)
+    _timers: dict = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> int:
+        return self.job["id"]
+
+    def report(self, stage: str | None, progress: float | None = None,
+               message: str | None = None, eta_seconds: float | None = None) -> None:
+        """Show the job's stage, progress (0..1) and a message in the app."""
+        if progress is not None:
+            progress = min(1.0, max(0.0, float(progress)))
+        q.report(self.db, self.job_id, self.pid, stage=stage, progress=progress,
+                 eta_seconds=eta_seconds, message=message)
+
+    def log_loss(self, stage: str, step: int, total: int | None, loss: float | None,
+                 lr: float | None = None) -> None:
+        """One point of the loss curve (``jobs.train_log``)."""
+        q.add_train_log(self.db, self.job_id, stage=stage, step=step, total=total,
+                        loss=None if loss is None else float(loss), lr=lr)
+
+    def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> None:
+        """Training callback: loss row, then stage progress and an ETA from this attempt's pace."""
+        self.log_loss(stage, step, total, loss)
+        if stage not in self._stages:
+            self._stages.append(stage)
+        t0, step0 = self._timers.setdefault(stage, (time.monotonic(), step - 1))
+        rate = (time.monotonic() - t0) / max(1, step - step0)
+        frac = step / total if total else 0.0
+        self.report(stage, self._overall(stage, frac), None, rate * max(0, total - step))
+        if step % 10 == 0 or step == total:
+            self.log.info("%s step %d/%d loss %.4f", stage, step, total, loss or float("nan"))
+
+    def _overall(self, stage: str, frac: float) -> float:
+        """Job progress over the stages the kind announced in ``params['stages']`` (if any)."""
+        plan = list(self.job["params"].get("stages") or [])
+        plan += [s for s in self._stages if s not in plan]
+        i = plan.index(stage)
+        return (i + frac) / len(plan)
+
+    def should_stop(self) -> bool:
+        """True once the job is cancelled, the worker shuts down, or the job was taken away."""
+        if self.stop_reason:
+            return True
+        if time.monotonic() - self._checked_at >= STOP_CACHE_S:
+            self._checked_at = time.monotonic()
+            r = q.get_job(self.db, self.job_id)
+            if r["status"] != "running" or r["worker_pid"] != self.pid:
+                self.stop_reason = "lost"
+            elif r["cancel_requested"]:
+                self.stop_reason = "cancel"
+        return self.stop_reason is not None
+
+
+Kind = Callable[[JobContext, dict], dict | None]
+KINDS: dict[str, Kind] = {}
+
+
+def job_kind(name: str) -> Callable[[Kind], Kind]:
+    """Register ``fn(ctx, params) -> result dict | None`` as the job kind ``name``.
+
+    A result may hold ``run_id`` (linked as jobs.run_id). Raising fails the job with the
+    exception's message; returning after ``ctx.should_stop()`` said yes ends it cancelled.
+    """
+    def register(fn: Kind) -> Kind:
+        KINDS[name] = fn
+        return fn
+    return register
+
+
+def _pipeline_call(ctx: JobContext, params: dict, method: str) -> dict:
+    from leaml import pipeline  # the engine: imported only inside the job's own process
+    p = dict(params)
+    p.pop("stages", None)
+    p.pop("method", None)
+    return pipeline.run_method(ctx.db, ctx.job["project_id"], method, progress=ctx.progress,
+                               should_stop=ctx.should_stop, work_dir=ctx.checkpoint_dir,
+                               job_id=ctx.job_id, user=ctx.user, **p)
+
+
+@job_kind("run")
+def _run(ctx: JobContext, params: dict) -> dict:
+    """A whole method (``params['method']``: leaml, seed-lora, ...) end to end."""
+    if not params.get("method"):
+        raise ValueError("job kind 'run' needs params['method'] (leaml, seed-lora, seed-full, "
+                         "caption-then-seed)")
+    return _pipeline_call(ctx, params, params["method"])
+
+
+for _stage in ("generator", "pseudo", "finetune"):
+    job_kind(_stage)(lambda ctx, params, _m=_stage: _pipeline_call(ctx, params, _m))
+
+
+# --- the API the app and the CLI call -------------------------------------------------------
+
+def _user_name(user: dict | str | None, perm: str = "train") -> str | None:
+    """Check ``perm`` for a signed-in user (a users row); the CLI passes None or a name."""
+    if isinstance(user, dict):
+        return auth.require(user, perm)["name"]
+    return user
+
+
+def enqueue(db: sqlite_utils.Database, kind: str, project: str | int | None, params: dict,
+            *, user: dict | str | None = None) -> int:
+    """Queue a job of ``kind`` on ``project`` with ``params`` (the full config, stored as
+    JSON so the job can be rerun) and return its id. A user dict must hold the 'train'
+    permission (annotators and viewers get PermissionError). Call :func:`ensure_worker`
+    afterwards so that something runs it."""
+    name = _user_name(user)
+    if kind not in KINDS:
+        raise ValueError(f"unknown job kind {kind!r}; use one of {', '.join(sorted(KINDS))}")
+    if not isinstance(params, dict):
+        raise ValueError(f"job params must be a dict (JSON object), got {type(params).__name__}")
+    project_id = get_project(db, project)["id"] if project is not None else None
+    return q.insert_job(db, kind, project_id, params, created_by=name)
+
+
+get_job = q.get_job
+train_log = q.train_log
+
+
+def list_jobs(db: sqlite_utils.Database, project_id: int | None = None,
+              limit: int = 50) -> list[dict]:
+    """Jobs newest first (of one project if given), after marking dead ones interrupted."""
+    recover_stale(db)
+    return q.list_jobs(db, project_id, limit)
+
+
+def cancel(db: sqlite_utils.Database, job_id: int, *, user: dict | str | None = None) -> dict:
+    """Cancel a job: queued/interrupted ones at once; a running one stops within a training
+    step, saves its checkpoint and ends ``cancelled`` (resumable). Returns the job."""
+    return q.request_cancel(db, job_id, user=_user_name(user))
+
+
+def resume(db: sqlite_utils.Database, job_id: int, *, user: dict | str | None = None) -> dict:
+    """Queue a cancelled, interrupted or failed job again; it continues from its last
+    checkpoint (stage and step) with the same params and seed. Returns the job."""
+    name = _user_name(user)
+    recover_stale(db)
+    return q.requeue(db, job_id, user=name)
+
+
+def recover_stale(db: sqlite_utils.Database) -> list[int]:
+    """Mark running jobs without a heartbeat for ``heartbeat_timeout()`` seconds
+    ``interrupted``; returns their ids. Called by ``jobs``, the worker and page loads."""
+    return q.mark_stale(db, heartbeat_timeout())
+
+
+def job_progress(db: sqlite_utils.Database, job_id: int) -> dict:
+    """What a progress bar needs: status, stage, progress, eta_seconds, message, run_id,
+    the last loss point, and how old the heartbeat is (seconds)."""
+    job = get_job(db, job_id)
+    last = q.last_step(db, job_id)
+    return {"id": job["id"], "kind": job["kind"], "status": job["status"],
+            "stage": job["stage"], "progress": job["progress"], "eta": job["eta_seconds"],
+            "eta_seconds": job["eta_seconds"], "message": job["message"],
+            "run_id": job["run_id"], "step": last and last["step"],
+            "total": last and last["total"], "loss": last and last["loss"],
+            "heartbeat_age": _age(job["heartbeat_at"]) if job["status"] == "running" else None}
+
+
+def _age(stamp: str | None) -> float | None:
+    from datetime import datetime, timezone
+    if not stamp:
+        return None
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def log_path(home: str | os.PathLike, job: dict) -> Path:
+    """The job's log file (``<home>/logs/job-<id>.log``)."""
+    return Path(home) / (job.get("log_path") or f"logs/job-{job['id']}.log")
+
+
+def log_tail(home: str | os.PathLike, job: dict | int, n: int = 50) -> str:
+    """The last ``n`` lines of the job's log ('' while it has none)."""
+    if isinstance(job, int):
+        job = {"id": job}
+    path = log_path(home, job)
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 256 * 1024))  # enough for 50 long lines; never the whole file
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+def ensure_worker(home: str | os.PathLike) -> int | None:
+    """Start a detached worker for ``home`` unless one is alive; returns the new worker's
+    pid, or None when a live one was found. See :func:`leaml.worker.ensure_worker`."""
+    from leaml import worker
+    return worker.ensure_worker(home)
+
+
+__all__ = ["JobContext", "KINDS", "job_kind", "enqueue", "get_job", "list_jobs", "cancel",
+           "resume", "recover_stale", "train_log", "log_tail", "job_progress", "ensure_worker",
+           "heartbeat_timeout", "NotFoundError"]

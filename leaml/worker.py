@@ -1,0 +1,283 @@
+"""The worker process: claim queued jobs, run each in a child process, survive its crashes.
+
+``python -m leaml worker`` (this module's :func:`work`) never imports torch. For each job it
+claims (one atomic UPDATE, so two workers never share a job) it starts
+``python -m leaml worker --job-process ID --claimed-by PID`` (:func:`run_claimed`) with
+stdout/stderr appended to ``<home>/logs/job-<id>.log``, and waits. The child takes the job
+over (``jobs.worker_pid`` becomes its pid), runs the kind's function with a heartbeat thread,
+and writes the final status itself. If the child dies first (SIGKILL, out of memory, a
+segfault) the worker marks the job ``interrupted`` (killed by a signal) or ``failed`` (exit
+code), and goes on with the next job. If the worker dies too, nobody writes heartbeats and
+``recover_stale`` marks the job interrupted after the timeout. SIGTERM/SIGINT to the worker
+are passed to the child, which checkpoints and ends the job ``interrupted`` (resumable).
+"""
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from leaml import jobs
+from leaml.store import connect, home_dir
+from leaml.store import jobs as q
+from leaml.store.db import transaction
+
+log = logging.getLogger("leaml.worker")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so `-m leaml` works from any cwd
+
+
+class _Beat(threading.Thread):
+    """Calls ``fn(db)`` every ``interval`` seconds on its own connection until stopped."""
+
+    def __init__(self, home: Path, fn, interval: float):
+        super().__init__(daemon=True, name="heartbeat")
+        self.home, self.fn, self.interval = home, fn, interval
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        db = connect(self.home)  # connections belong to one thread
+        while not self.done.wait(self.interval):
+            try:
+                self.fn(db)
+            except Exception:  # a locked database for a moment must not kill the heartbeat
+                log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=10)
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+def work(home=None, *, once: bool = False, poll_s: float = 1.0,
+         idle_exit: float | None = None) -> int:
+    """Run queued jobs until stopped (``once``: until the queue is empty; ``idle_exit``: after
+    that many idle seconds). Returns the number of jobs run."""
+    home = home_dir(home)
+    db = connect(home)
+    pid, host = os.getpid(), socket.gethostname()
+    jobs.recover_stale(db)
+    worker_id = q.register_worker(db, pid, host)
+    state = {"job": None, "child": None, "stop": False}
+    beat = _Beat(home, lambda d: _worker_beat(d, worker_id, pid, state), jobs.heartbeat_interval())
+    beat.start()
+    _on_signals(lambda: _shutdown(state))
+    n, idle_since = 0, time.monotonic()
+    try:
+        while not state["stop"]:
+            job = q.claim_next(db, pid)
+            if job is None:
+                if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                    break
+                time.sleep(poll_s)
+                continue
+            _run_child(db, home, job, state)
+            n, idle_since = n + 1, time.monotonic()
+    finally:
+        beat.stop()
+        q.worker_stopped(db, worker_id)
+    return n
+
+
+def _worker_beat(db, worker_id: int, pid: int, state: dict) -> None:
+    job = state["job"]
+    q.worker_heartbeat(db, worker_id, job)
+    if job is not None:
+        q.heartbeat(db, job, pid)  # covers the hand-over; a no-op once the child owns the job
+
+
+def _on_signals(handler) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: handler())
+
+
+def _shutdown(state: dict) -> None:
+    state["stop"] = True
+    child = state["child"]
+    if child is not None and child.poll() is None:
+        child.send_signal(signal.SIGTERM)  # the child checkpoints and ends 'interrupted'
+
+
+def _run_child(db, home: Path, job: dict, state: dict) -> None:
+    """Run one claimed job in its own process and make sure it does not stay 'running'."""
+    pid = os.getpid()
+    path = jobs.log_path(home, job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as out:
+        out.write(f"--- {q.now()} worker {pid}: job {job['id']} ({job['kind']}), attempt "
+                  f"{job['attempts']}\n".encode())
+        out.flush()
+        state["job"] = job["id"]
+        child = subprocess.Popen(
+            [sys.executable, "-m", "leaml", "worker", "--home", str(home),
+             "--job-process", str(job["id"]), "--claimed-by", str(pid)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env())
+        state["child"] = child
+        rc = child.wait()
+    state["job"], state["child"] = None, None
+    _after_child(db, job["id"], {pid, child.pid}, rc)
+
+
+def _after_child(db, job_id: int, pids: set[int], rc: int) -> None:
+    """The child exited; if the job still says it runs there, it died without finishing."""
+    job = q.get_job(db, job_id)
+    if job["status"] != "running" or job["worker_pid"] not in pids:
+        return
+    if rc < 0:
+        name = signal.Signals(-rc).name
+        status, msg = "interrupted", (f"job process was killed by {name} (out of memory?); "
+                                      f"resume it to continue from its last checkpoint")
+    else:
+        status, msg = "failed", f"job process exited with code {rc}; see the job's log"
+    q.finish(db, job_id, job["worker_pid"], status, message=msg)
+    q.close_runs(db, job_id)
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+# --- the job process -----------------------------------------------------------------------
+
+def run_claimed(home, job_id: int, claimed_by: int) -> int:
+    """Body of the child process: take the job over from the worker and run it to an end."""
+    faulthandler.enable()  # a segfault still leaves a traceback in the job's log
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    home = home_dir(home)
+    db = connect(home)
+    pid = os.getpid()
+    if not q.set_pid(db, job_id, claimed_by, pid):
+        log.warning("job %s is no longer claimed by worker %s; nothing to do", job_id, claimed_by)
+        return 0
+    ctx = _context(db, home, q.get_job(db, job_id))
+    beat = _Beat(home, lambda d: _job_beat(d, ctx), jobs.heartbeat_interval())
+    beat.start()
+    _on_signals(lambda: setattr(ctx, "stop_reason", "shutdown"))
+    try:
+        _execute(ctx)
+    finally:
+        beat.stop()
+    return 0
+
+
+def _context(db, home: Path, job: dict) -> jobs.JobContext:
+    ckpt = home / (job["checkpoint_dir"] or f"jobs/job-{job['id']}")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    last = q.last_step(db, job["id"])
+    resume = dict(last, attempt=job["attempts"]) if last and job["attempts"] > 1 else None
+    return jobs.JobContext(db=db, home=home, job=job, user=job["created_by"],
+                           checkpoint_dir=ckpt, resume=resume,
+                           log=logging.getLogger(f"leaml.job.{job['id']}"))
+
+
+def _job_beat(db, ctx: jobs.JobContext) -> None:
+    got = q.heartbeat(db, ctx.job_id, ctx.pid)
+    if got is None:
+        ctx.stop_reason = ctx.stop_reason or "lost"
+    elif got["cancel_requested"]:
+        ctx.stop_reason = ctx.stop_reason or "cancel"
+
+
+def _execute(ctx: jobs.JobContext) -> None:
+    """Run the kind's function and record how it ended: succeeded, cancelled, interrupted
+    (worker shut down) or failed (message = the exception; traceback in the log)."""
+    job, db = ctx.job, ctx.db
+    ctx.log.info("job %s (%s) starts, params %s%s", job["id"], job["kind"], job["params"],
+                 f", resuming from {ctx.resume}" if ctx.resume else "")
+    fn = jobs.KINDS.get(job["kind"])
+    try:
+        if fn is None:
+            raise ValueError(f"unknown job kind {job['kind']!r}; this version knows "
+                             f"{', '.join(sorted(jobs.KINDS))}")
+        result = fn(ctx, dict(job["params"])) or {}
+    except Exception as exc:
+        if ctx.stop_reason is None:
+            ctx.log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
+            _end(ctx, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        ctx.log.info("job stopped (%s) with %s: %s", ctx.stop_reason, type(exc).__name__, exc)
+        result = {}
+    if ctx.stop_reason is not None and not result.get("run_id"):  # stopped before a result
+        _end_stopped(ctx)
+        return
+    ctx.log.info("job %s succeeded: %s", job["id"], result)
+    _end(ctx, "succeeded", _summary(result), result.get("run_id"))
+
+
+def _end_stopped(ctx: jobs.JobContext) -> None:
+    where = q.last_step(ctx.db, ctx.job_id)
+    at = f" at {where['stage']} step {where['step']}/{where['total']}" if where else ""
+    keep = f"checkpoint kept in {ctx.job['checkpoint_dir']}; resume to continue"
+    if ctx.stop_reason == "cancel":
+        _end(ctx, "cancelled", f"cancelled{at}; {keep}")
+    elif ctx.stop_reason == "shutdown":
+        _end(ctx, "interrupted", f"worker shut down{at}; {keep}")
+    else:
+        ctx.log.warning("job %s was taken away from this process (marked %s); stopping",
+                        ctx.job_id, q.get_job(ctx.db, ctx.job_id)["status"])
+
+
+def _end(ctx: jobs.JobContext, status: str, message: str, run_id: int | None = None) -> None:
+    ctx.log.info("job %s %s: %s", ctx.job_id, status, message)
+    if q.finish(ctx.db, ctx.job_id, ctx.pid, status, message=message, run_id=run_id) \
+            and status != "succeeded":
+        q.close_runs(ctx.db, ctx.job_id)
+
+
+def _summary(result: dict) -> str:
+    if result.get("accuracy") is not None:
+        return f"{result.get('method', 'run')}: accuracy {result['accuracy']:.1f}% " \
+               f"on {result.get('n_test', '?')} test questions"
+    return "done"
+
+
+# --- starting a worker from the app --------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def ensure_worker(home=None, *, idle_exit: float = 600.0) -> int | None:
+    """Start a detached worker (``start_new_session``, output to ``<home>/logs/worker.log``)
+    unless a live one exists: a workers row, not stopped, with a fresh heartbeat and, on this
+    host, a live pid. Returns the new pid, or None if one was alive. The check and the start
+    happen under the write lock, so two pages calling this at once start one worker."""
+    home = home_dir(home)
+    db = connect(home)
+    jobs.recover_stale(db)
+    host = socket.gethostname()
+    (home / "logs").mkdir(exist_ok=True)
+    with transaction(db):
+        for w in q.live_workers(db, jobs.heartbeat_timeout()):
+            if w["host"] != host or _pid_alive(w["pid"]):
+                return None
+        with open(home / "logs" / "worker.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "leaml", "worker", "--home", str(home),
+                 "--idle-exit", str(idle_exit)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=_child_env(), cwd=str(home))
+        q.register_worker(db, proc.pid, host)
+    return proc.pid
