@@ -1,0 +1,369 @@
+"""Import: manifests, Kvasir-VQA parquet, image folders and zips into a project, all or nothing.
+
+:func:`import_path` validates everything first: every row (columns, both-or-neither QA, blank
+text, split), every path (it must stay inside the manifest's folder), every image (readable,
+complete, within the pixel and byte limits, decoded once). Only then are image files stored
+(content-addressed, idempotent) and the rows written in one transaction with one 'import'
+event. With errors and without ``skip_invalid`` it raises :class:`ImportRejected` and the
+database is exactly as before. Re-importing the same data adds nothing: images are unique by
+sha256 per project and seed/test pairs by (image, origin, question, answer).
+
+What a source is: ``.jsonl``/``.csv`` a manifest, ``.parquet`` a Kvasir-VQA file, ``.zip``
+is extracted (after every entry name is checked) and treated as a folder; a folder holding
+one ``.jsonl``/``.csv`` (or ``manifest.*``) at its top is that manifest, one with ``.parquet``
+files at its top is those files, any other folder is a folder of unlabeled images.
+"""
+from __future__ import annotations
+
+import stat
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import sqlite_utils
+
+from leaml.ingest_check import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, BadImage, CheckedImage,
+                                check_image, read_limited)
+from leaml.ingest_read import (Limits, Parsed, Row, RowError, read_csv, read_folder,
+                               read_jsonl, read_parquet)
+from leaml.store import NotFoundError, StoreError, log_event, transaction
+from leaml.store import transfer
+from leaml.store.images import add_image, store_image_file
+from leaml.store.projects import ensure_project, get_project, validate_name
+from leaml.store.qa import add_qa_many
+
+__all__ = ["ImportReport", "ImportRejected", "RowError", "import_path", "load_demo",
+           "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES"]
+
+MAX_ZIP_BYTES = 8 << 30        # everything a zip may expand to
+MAX_ZIP_ENTRIES = 1_000_000
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ImportReport:
+    """What an import did (or would have done): counts, rejected rows and notes."""
+    source: str
+    project: str
+    images_added: int = 0
+    images_existing: int = 0
+    qa_added: int = 0
+    qa_existing: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return len(self.errors)
+
+    def summary(self) -> str:
+        """One line for people: images added/existing, QA added/existing, rejected rows."""
+        return (f"imported {self.source} into project '{self.project}': images"
+                f" {self.images_added} added, {self.images_existing} existing; QA"
+                f" {self.qa_added} added, {self.qa_existing} existing; {self.rejected}"
+                f" rejected ({self.seconds:.1f} s)")
+
+
+class ImportRejected(StoreError, ValueError):
+    """Raised when rows were invalid and ``skip_invalid`` was not set; nothing was written."""
+
+    def __init__(self, report: ImportReport):
+        self.report = report
+        super().__init__("\n".join(str(e) for e in report.errors))
+
+
+def import_path(db: sqlite_utils.Database, path: str | Path, project: str, *,
+                skip_invalid: bool = False, user: str | None = None,
+                base_model: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES, progress: Progress | None = None,
+                label: str | None = None) -> ImportReport:
+    """Import a manifest, parquet file, folder or zip into ``project`` (created if missing).
+
+    ``label`` names the source in messages (default: the file name; the app passes the name
+    of the uploaded file). ``progress(done, total)`` is called while images are checked.
+    Raises ImportRejected (nothing written) if any row is invalid and not ``skip_invalid``;
+    FileNotFoundError if ``path`` does not exist.
+    """
+    t0, path = time.monotonic(), Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; give a manifest, parquet file, folder or zip")
+    validate_name(project)
+    limits = Limits(max_pixels=max_pixels, max_bytes=max_bytes)
+    report = ImportReport(source=label or path.name, project=project)
+    with tempfile.TemporaryDirectory(prefix="leaml-import-") as tmp:
+        parsed = read_source(path, Path(tmp), limits, label or path.name)
+        report.errors += parsed.errors
+        report.notes += parsed.notes
+        existing = _project_id(db, project)
+        checked = _check_images(parsed.rows, limits, report, progress)
+        checked = _check_splits(db, existing, checked, report)
+        report.errors.sort(key=lambda e: (e.file, e.row or 0))
+        if report.errors and not skip_invalid:
+            report.seconds = time.monotonic() - t0
+            raise ImportRejected(report)
+        _write(db, project, checked, report, user=user, base_model=base_model,
+               max_bytes=max_bytes)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _project_id(db: sqlite_utils.Database, name: str) -> int | None:
+    try:
+        return get_project(db, name)["id"]
+    except NotFoundError:
+        return None
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+def read_source(path: Path, tmp: Path, limits: Limits, label: str) -> Parsed:
+    """Rows of any supported source; ``tmp`` holds extracted zips and staged parquet images."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return _read_dir(path, tmp, limits, label)
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path, label, limits)
+    if suffix == ".csv":
+        return read_csv(path, label, limits)
+    if suffix == ".parquet":
+        return read_parquet(path, label, limits, _staging(tmp))
+    if suffix == ".zip":
+        dest = tmp / "zip"
+        parsed = Parsed(errors=extract_zip(path, dest, label))
+        parsed.extend(_read_dir(_unwrap(dest), tmp, limits, label))
+        return parsed
+    raise ValueError(f"{label}: cannot import a '{suffix or 'extensionless'}' file; give a"
+                     " .jsonl or .csv manifest, a .parquet file, a folder or a .zip")
+
+
+def _staging(tmp: Path) -> Path:
+    staging = tmp / "staged"
+    staging.mkdir(exist_ok=True)
+    return staging
+
+
+def _read_dir(folder: Path, tmp: Path, limits: Limits, label: str) -> Parsed:
+    """A folder: its manifest if it has one at its top, else its parquet files, else images."""
+    top = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    manifests = [p for p in top if p.suffix.lower() in (".jsonl", ".ndjson", ".csv")]
+    if len(manifests) > 1:
+        manifests = [p for p in manifests if p.stem == "manifest"] or manifests
+    if len(manifests) > 1:
+        names = ", ".join(p.name for p in manifests)
+        raise ValueError(f"{label}: holds several manifests ({names}); import them one by one"
+                         " or name the one to use manifest.jsonl")
+    if manifests:
+        return read_source(manifests[0], tmp, limits, f"{label}/{manifests[0].name}")
+    parsed = Parsed()
+    for pq_file in (p for p in top if p.suffix.lower() == ".parquet"):
+        parsed.extend(read_parquet(pq_file, f"{label}/{pq_file.name}", limits, _staging(tmp)))
+    return parsed if parsed.rows or parsed.errors else read_folder(folder, label)
+
+
+def _unwrap(dest: Path) -> Path:
+    """A zip of one folder is that folder (what zipping a folder in a file manager gives)."""
+    if not dest.exists():
+        dest.mkdir(parents=True)
+    entries = [p for p in dest.iterdir() if p.name != "__MACOSX"]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
+
+
+def _zip_name_problem(info: zipfile.ZipInfo) -> str | None:
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or "\0" in name:
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "escapes the archive folder (holds '..')"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "is a symbolic link"
+    return None
+
+
+def extract_zip(path: Path, dest: Path, label: str) -> list[RowError]:
+    """Extract the safe entries of a zip into ``dest``; one RowError per refused entry.
+
+    Entry names are checked before anything is written (no absolute paths, no '..', no
+    symlinks); sizes are counted while copying, so a lying header cannot fill the disk.
+    """
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        return [RowError(label, None, f"is not a readable zip archive ({exc})")]
+    errors, budget = [], MAX_ZIP_BYTES
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_ENTRIES:
+            return [RowError(label, None, f"holds {len(infos)} entries, over the limit of"
+                             f" {MAX_ZIP_ENTRIES}; split it")]
+        safe = []
+        for n, info in enumerate(infos, 1):
+            problem = _zip_name_problem(info)
+            if problem:
+                errors.append(RowError(label, n, f"entry '{info.filename}' {problem}; zip the"
+                                       " folder itself, with relative paths only"))
+            elif not info.is_dir() and not info.filename.startswith("__MACOSX/"):
+                safe.append((n, info))
+        dest.mkdir(parents=True, exist_ok=True)
+        for n, info in safe:
+            try:
+                budget -= _copy_entry(zf, info, dest, budget)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                errors.append(RowError(label, n, f"entry '{info.filename}' is unreadable ({exc})"))
+    return errors
+
+
+def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: int) -> int:
+    target = dest / info.filename.replace("\\", "/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with zf.open(info) as src, open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > budget:
+                raise ValueError(f"the archive expands to more than {MAX_ZIP_BYTES >> 30} GB;"
+                                 " split it")
+            out.write(chunk)
+    return written
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+def _check_images(rows: list[Row], limits: Limits, report: ImportReport,
+                  progress: Progress | None) -> list[tuple[Row, CheckedImage]]:
+    """Open every distinct image file once; rows whose image fails become errors."""
+    seen: dict[Path, CheckedImage | str] = {}
+    out = []
+    distinct = len({r.image for r in rows})
+    for row in rows:
+        if row.image not in seen:
+            seen[row.image] = _check_one(row, limits)
+            if progress is not None:
+                progress(len(seen), distinct)
+            result = seen[row.image]
+            if isinstance(result, str):
+                report.errors.append(RowError(row.file, row.row, result))
+                seen[row.image] = f"{result.split(' (')[0]} (see {row.file}:{row.row})"
+                continue
+        result = seen[row.image]
+        if isinstance(result, str):
+            report.errors.append(RowError(row.file, row.row, result))
+        else:
+            out.append((row, result))
+    return out
+
+
+def _check_one(row: Row, limits: Limits) -> CheckedImage | str:
+    try:
+        return check_image(read_limited(row.image, limits.max_bytes), limits.max_pixels)
+    except BadImage as exc:
+        return f"image '{row.image_name}' {exc}"
+
+
+def _check_splits(db: sqlite_utils.Database, project_id: int | None,
+                  checked: list[tuple[Row, CheckedImage]],
+                  report: ImportReport) -> list[tuple[Row, CheckedImage]]:
+    """One image belongs to one split: in this import and against what the project holds."""
+    stored = transfer.image_splits(db, project_id, sorted({c.sha256 for _, c in checked}))
+    first: dict[str, Row] = {}
+    out = []
+    for row, img in checked:
+        where = None
+        if img.sha256 in stored and stored[img.sha256] != row.split:
+            where = f"is already in project '{report.project}' as split '{stored[img.sha256]}'"
+        elif img.sha256 in first and first[img.sha256].split != row.split:
+            other = first[img.sha256]
+            where = f"is listed as split '{other.split}' at {other.file}:{other.row}"
+        if where:
+            report.errors.append(RowError(row.file, row.row, f"image '{row.image_name}' {where},"
+                                          f" here as '{row.split}'; an image belongs to one split"))
+            continue
+        first.setdefault(img.sha256, row)
+        out.append((row, img))
+    return out
+
+
+# --- write ------------------------------------------------------------------------------------
+
+def _write(db: sqlite_utils.Database, project: str, checked: list[tuple[Row, CheckedImage]],
+           report: ImportReport, *, user: str | None, base_model: str | None,
+           max_bytes: int) -> None:
+    """Store the image files, then every row in one transaction with one 'import' event."""
+    images: dict[str, tuple[Row, CheckedImage]] = {}
+    for row, img in checked:
+        if img.sha256 not in images:
+            if store_image_file(db.home, read_limited(row.image, max_bytes), img.ext) != img.sha256:
+                raise StoreError(f"{row.file}: image '{row.image_name}' changed during the"
+                                 " import; nothing was written, import again")
+            images[img.sha256] = (row, img)
+    with transaction(db):
+        kw = {"base_model": base_model} if base_model else {}
+        pid = ensure_project(db, project, user=user, **kw)["id"]
+        ids = _add_images(db, pid, images, checked, report, user)
+        qa = [_qa_dict(pid, ids[img.sha256], row) for row, img in checked if row.question]
+        before = transfer.qa_count(db, pid)
+        if qa:
+            add_qa_many(db, qa, user=user, action="qa.import")
+        report.qa_added = transfer.qa_count(db, pid) - before
+        report.qa_existing = len(qa) - report.qa_added
+        log_event(db, user=user, action="import", entity="project", entity_id=pid,
+                  project_id=pid, after=_event(report))
+
+
+def _add_images(db, pid: int, images: dict, checked: list, report: ImportReport,
+                user: str | None) -> dict[str, int]:
+    """Add each distinct image once; its category/caption: the first row that has one."""
+    extra: dict[str, dict] = {}
+    for row, img in checked:
+        e = extra.setdefault(img.sha256, {"category": None, "caption": None})
+        e["category"] = e["category"] or row.category
+        e["caption"] = e["caption"] or row.caption
+    ids = {}
+    for sha, (row, img) in images.items():
+        ids[sha], created = add_image(
+            db, pid, sha256=sha, ext=img.ext, width=img.width, height=img.height,
+            split=row.split, category=extra[sha]["category"], source_name=row.source_name,
+            caption=extra[sha]["caption"], caption_source="import", user=user)
+        report.images_added += created
+        report.images_existing += not created
+    return ids
+
+
+def _qa_dict(pid: int, image_id: int, row: Row) -> dict:
+    return {"project_id": pid, "image_id": image_id, "question": row.question,
+            "answer": row.answer, "origin": "test" if row.split == "test" else "seed",
+            "status": "labeled", "question_type": row.question_type,
+            "category": row.category, "source": "import"}
+
+
+def _event(report: ImportReport) -> dict:
+    return {"source": report.source, "images_added": report.images_added,
+            "images_existing": report.images_existing, "qa_added": report.qa_added,
+            "qa_existing": report.qa_existing, "rejected": report.rejected,
+            "errors": [str(e) for e in report.errors[:50]]}
+
+
+# --- the demo set -----------------------------------------------------------------------------
+
+def load_demo(db: sqlite_utils.Database, cfg=None, *, project: str = "demo",
+              user: str | None = None, progress: Progress | None = None) -> ImportReport | None:
+    """Build the synthetic demo set (leaml.demo) in a temporary folder and import it.
+
+    Idempotent: returns None without building anything when ``project`` already holds at
+    least ``cfg.n_train`` train and ``cfg.n_test`` test images.
+    """
+    from leaml.demo import DemoConfig, build_demo_files
+    from leaml.store.projects import project_counts
+    cfg = cfg or DemoConfig()
+    pid = _project_id(db, project)
+    if pid is not None:
+        counts = project_counts(db, pid)
+        if counts["train_images"] >= cfg.n_train and counts["test_images"] >= cfg.n_test:
+            return None
+    with tempfile.TemporaryDirectory(prefix="leaml-demo-") as tmp:
+        manifest = build_demo_files(Path(tmp), cfg, progress=progress)
+        return import_path(db, manifest, project, user=user, progress=progress,
+                           label="demo/manifest.jsonl")

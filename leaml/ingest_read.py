@@ -1,0 +1,400 @@
+"""Reading import sources into rows: JSONL/CSV manifests, Kvasir-VQA parquet, image folders.
+
+Nothing here touches the database. Every reader streams its input (line by line, batch by
+batch) and turns each record into a :class:`Row` or a :class:`RowError` naming the file and
+the row; the caller decides whether errors abort the import. Image paths are resolved against
+the manifest's folder and must stay inside it (no ``..``, no absolute paths, no symlinks that
+lead out). Images held inline in a parquet file are copied into a staging folder so that every
+row points at a file and no image is held in memory longer than one batch.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from leaml.ingest_check import IMAGE_SUFFIXES
+
+COLUMNS = ("image", "question", "answer", "split", "category", "question_type", "caption")
+# Kvasir-VQA's own columns: `source` is the data set an image came from (kvasir, hyperkvasir,
+# ...), not its category, so it is read but not used; `img_id` becomes the image's source name.
+KVASIR_COLUMNS = ("source", "img_id")
+SPLITS = ("train", "test")
+MAX_LINE_BYTES = 1 << 20                 # one manifest line / CSV field
+MAX_MANIFEST_BYTES = 2 << 30             # a manifest file
+MAX_TEXT_CHARS = 10_000                  # one question, answer or caption
+PARQUET_BATCH = 64
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One rejected row: the file (as the user knows it), the row or line (or None), and why."""
+    file: str
+    row: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.row is None else f"{self.file}:{self.row}"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Row:
+    """One valid record: an image file inside the source, and optionally a QA pair about it."""
+    file: str
+    row: int | None
+    image: Path                      # resolved, inside the source folder (or the staging folder)
+    image_name: str                  # as written in the source, for messages and source_name
+    question: str | None = None
+    answer: str | None = None
+    split: str = "train"
+    category: str | None = None
+    question_type: str | None = None
+    caption: str | None = None
+    source_name: str | None = None
+
+
+@dataclass
+class Limits:
+    """Size limits of one import (see leaml.ingest.import_path)."""
+    max_pixels: int
+    max_bytes: int
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+
+
+@dataclass
+class Parsed:
+    """What a reader produced: valid rows, rejected rows, and notes (ignored columns ...)."""
+    rows: list[Row] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def extend(self, other: "Parsed") -> None:
+        self.rows += other.rows
+        self.errors += other.errors
+        self.notes += other.notes
+
+
+# --- fields -----------------------------------------------------------------------------------
+
+def resolve_inside(root: Path, ref: str) -> Path:
+    """``ref`` (relative, '/' or '\\' separated) resolved under ``root``; ValueError if it leaves."""
+    norm = ref.strip().replace("\\", "/")
+    if not norm:
+        raise ValueError("image path is empty; give the image's path relative to the manifest")
+    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or "\0" in norm:
+        raise ValueError(f"image '{ref}' is an absolute path; give it relative to the manifest")
+    if ".." in PurePosixPath(norm).parts:
+        raise ValueError(f"image '{ref}' escapes the manifest folder; keep images in the"
+                         " manifest's folder or below it")
+    root = root.resolve()
+    path = (root / norm).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"image '{ref}' is a symlink that points outside the manifest folder;"
+                         " copy the image into the folder instead")
+    if not path.exists():
+        raise ValueError(f"image '{ref}' not found (looked for {path}); check the path")
+    return path
+
+
+def _text(rec: dict, key: str) -> str | None:
+    """A text field, None when absent or blank; ValueError for non-text or oversized values."""
+    value = rec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{key} must be text, not {type(value).__name__}")
+    text = str(value).strip()
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{key} is {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
+    return text or None
+
+
+def _qa_fields(rec: dict) -> tuple[str | None, str | None]:
+    """question and answer: both or neither, neither blank when the other is given."""
+    q, a = _text(rec, "question"), _text(rec, "answer")
+    if q and not a:
+        what = "missing" if rec.get("answer") is None else "empty or whitespace-only"
+        raise ValueError(f"question given but the answer is {what}; give both, or neither"
+                         " for an unlabeled image")
+    if a and not q:
+        what = "missing" if rec.get("question") is None else "empty or whitespace-only"
+        raise ValueError(f"answer given but the question is {what}; give both, or neither"
+                         " for an unlabeled image")
+    return q, a
+
+
+def _split(rec: dict) -> str:
+    value = _text(rec, "split")
+    if value is None:
+        return "train"
+    if value.lower() not in SPLITS:
+        raise ValueError(f"split '{value}' is invalid; use 'train' or 'test' (or leave it empty)")
+    return value.lower()
+
+
+def make_row(rec: dict, file: str, rowno: int | None, root: Path,
+             image: Path | None = None, image_name: str | None = None) -> Row:
+    """Validate one record (a dict of the manifest columns); ValueError says what is wrong."""
+    if image is None:
+        ref = rec.get("image")
+        if ref is None:
+            raise ValueError("no 'image' value; every row needs the image's relative path")
+        if not isinstance(ref, str):
+            raise ValueError(f"image must be a path, not {type(ref).__name__}")
+        image, image_name = resolve_inside(root, ref), ref
+    question, answer = _qa_fields(rec)
+    return Row(file, rowno, image, image_name or image.name, question, answer, _split(rec),
+               _text(rec, "category"), _text(rec, "question_type"), _text(rec, "caption"),
+               _text(rec, "img_id") or image_name)
+
+
+def _add(parsed: Parsed, rec: dict, file: str, rowno: int, root: Path) -> None:
+    try:
+        parsed.rows.append(make_row(rec, file, rowno, root))
+    except ValueError as exc:
+        parsed.errors.append(RowError(file, rowno, str(exc)))
+
+
+def _note_unknown(parsed: Parsed, file: str, columns: set[str]) -> None:
+    unknown = sorted(columns - set(COLUMNS) - set(KVASIR_COLUMNS))
+    if unknown:
+        parsed.notes.append(f"{file}: ignored unknown column(s) {', '.join(unknown)}"
+                            f" (known: {', '.join(COLUMNS)})")
+
+
+def _check_size(path: Path, label: str, limit: int) -> RowError | None:
+    size = path.stat().st_size
+    if size > limit:
+        return RowError(label, None, f"is {size / 1e9:.1f} GB, over the {limit / 1e9:.1f} GB"
+                        " limit for one file; split it into several imports")
+    return None
+
+
+# --- JSONL ------------------------------------------------------------------------------------
+
+def _lines(f: io.BufferedReader, max_len: int):
+    """(line number, bytes or None when longer than max_len), never holding a long line."""
+    lineno = 0
+    while True:
+        line = f.readline(max_len + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > max_len and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):   # skip the rest of the long line
+                line = f.readline(max_len + 1)
+            yield lineno, None
+        else:
+            yield lineno, line
+
+
+def read_jsonl(path: Path, label: str, limits: Limits) -> Parsed:
+    """Rows of a JSONL manifest: one JSON object per line, blank lines skipped."""
+    parsed, columns = Parsed(), set()
+    if err := _check_size(path, label, limits.max_manifest_bytes):
+        parsed.errors.append(err)
+        return parsed
+    with open(path, "rb") as f:
+        for lineno, raw in _lines(f, MAX_LINE_BYTES):
+            if raw is None:
+                parsed.errors.append(RowError(label, lineno, f"line is longer than"
+                                              f" {MAX_LINE_BYTES} bytes; is this a manifest?"))
+                continue
+            rec = _json_record(raw, lineno, label, parsed)
+            if rec is not None:
+                columns |= rec.keys()
+                _add(parsed, rec, label, lineno, path.parent)
+    _note_unknown(parsed, label, columns)
+    return parsed
+
+
+def _json_record(raw: bytes, lineno: int, label: str, parsed: Parsed) -> dict | None:
+    try:
+        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+    except UnicodeDecodeError:
+        parsed.errors.append(RowError(label, lineno, "line is not UTF-8 text"))
+        return None
+    if not text:
+        return None
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        parsed.errors.append(RowError(label, lineno, f"malformed JSON ({exc.msg} at column"
+                                      f" {exc.colno}); each line must be one JSON object"))
+        return None
+    if not isinstance(rec, dict):
+        parsed.errors.append(RowError(label, lineno, f"line is a JSON {type(rec).__name__},"
+                                      " not an object like {\"image\": \"a.png\"}"))
+        return None
+    return rec
+
+
+# --- CSV --------------------------------------------------------------------------------------
+
+def read_csv(path: Path, label: str, limits: Limits) -> Parsed:
+    """Rows of a CSV manifest whose first line names the columns (``image`` required)."""
+    parsed = Parsed()
+    if err := _check_size(path, label, limits.max_manifest_bytes):
+        parsed.errors.append(err)
+        return parsed
+    csv.field_size_limit(MAX_LINE_BYTES)
+    with open(path, encoding="utf-8-sig", newline="", errors="strict") as f:
+        reader = csv.reader(f)
+        header = _csv_header(reader, label, parsed)
+        if header is None:
+            return parsed
+        _note_unknown(parsed, label, set(header))
+        _csv_rows(reader, header, path.parent, label, parsed)
+    return parsed
+
+
+def _csv_header(reader, label: str, parsed: Parsed) -> list[str] | None:
+    try:
+        header = [h.strip() for h in next(reader, [])]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        parsed.errors.append(RowError(label, 1, f"unreadable CSV header ({exc})"))
+        return None
+    expected = ",".join(COLUMNS)
+    if "image" not in header:
+        found = ",".join(header) if header else "nothing"
+        parsed.errors.append(RowError(label, 1, f"CSV header has no 'image' column (found:"
+                                      f" {found[:200]}); the first line must name the columns,"
+                                      f" e.g. {expected}"))
+        return None
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        parsed.errors.append(RowError(label, 1, f"CSV header repeats column(s) {', '.join(dupes)}"
+                                      "; name each column once"))
+        return None
+    return header
+
+
+def _csv_rows(reader, header: list[str], root: Path, label: str, parsed: Parsed) -> None:
+    lineno = reader.line_num
+    while True:
+        start = lineno + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as exc:
+            lineno = reader.line_num
+            parsed.errors.append(RowError(label, start, f"unreadable CSV row ({exc})"))
+            if isinstance(exc, UnicodeDecodeError):
+                return   # the decoder cannot resynchronise: stop here, the error is reported
+            continue
+        lineno = reader.line_num
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) > len(header):
+            parsed.errors.append(RowError(label, start, f"row has {len(values)} fields but the"
+                                          f" header names {len(header)}; quote fields that"
+                                          " contain commas"))
+            continue
+        _add(parsed, dict(zip(header, values)), label, start, root)
+
+
+# --- parquet (Kvasir-VQA's Hugging Face schema) ------------------------------------------------
+
+def read_parquet(path: Path, label: str, limits: Limits, staging: Path) -> Parsed:
+    """Rows of a parquet file with Kvasir-VQA's columns; inline images go to ``staging``.
+
+    ``image`` is a struct {bytes, path} (or binary, or a relative path string). Kvasir-VQA
+    has no split or category: every row is ``train`` with no category unless the file has
+    ``split``/``category`` columns (our exports do). ``source`` is ignored; ``img_id`` names
+    the image.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    parsed = Parsed()
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        parsed.errors.append(RowError(label, None, f"is not a readable parquet file ({exc})"))
+        return parsed
+    names = pf.schema_arrow.names
+    if "image" not in names:
+        parsed.errors.append(RowError(label, None, f"has no 'image' column (found: "
+                                      f"{', '.join(names)}); Kvasir-VQA files have image,"
+                                      " source, question, answer, img_id"))
+        return parsed
+    _note_unknown(parsed, label, set(names))
+    columns = [c for c in names if c in COLUMNS or c in KVASIR_COLUMNS]
+    rowno = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            for rec in batch.to_pylist():
+                rowno += 1
+                _parquet_row(rec, rowno, path.parent, label, limits, staging, parsed)
+    except (pa.ArrowException, OSError) as exc:
+        parsed.errors.append(RowError(label, rowno + 1, f"unreadable parquet data ({exc})"))
+    return parsed
+
+
+def _parquet_row(rec: dict, rowno: int, root: Path, label: str, limits: Limits,
+                 staging: Path, parsed: Parsed) -> None:
+    try:
+        image, name = _parquet_image(rec.get("image"), root, limits, staging)
+        parsed.rows.append(make_row(rec, label, rowno, root, image, name))
+    except ValueError as exc:
+        parsed.errors.append(RowError(label, rowno, str(exc)))
+
+
+def _parquet_image(value, root: Path, limits: Limits, staging: Path) -> tuple[Path, str]:
+    """The image of one parquet row as a file: staged bytes, or a path under ``root``."""
+    data, ref = None, None
+    if isinstance(value, dict):
+        data, ref = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray)):
+        data = value
+    elif isinstance(value, str):
+        ref = value
+    if data:
+        if len(data) > limits.max_bytes:
+            raise ValueError(f"image is {len(data) / 1e6:.1f} MB, over the"
+                             f" {limits.max_bytes / 1e6:.0f} MB limit per image")
+        sha = hashlib.sha256(data).hexdigest()
+        staged = staging / sha
+        if not staged.exists():
+            staged.write_bytes(data)
+        return staged, PurePosixPath(ref).name if ref else sha[:16]
+    if ref:
+        return resolve_inside(root, ref), ref
+    raise ValueError("image has neither bytes nor a path; every row needs an image")
+
+
+# --- folders ----------------------------------------------------------------------------------
+
+def read_folder(root: Path, label: str) -> Parsed:
+    """Every image file under ``root`` (recursive, sorted, hidden files skipped), unlabeled."""
+    parsed, skipped = Parsed(), 0
+    root = root.resolve()
+    for rel in _walk(root):
+        if PurePosixPath(rel).suffix.lower() not in IMAGE_SUFFIXES:
+            skipped += 1
+            continue
+        name = f"{label}/{rel}" if label else rel
+        try:
+            parsed.rows.append(make_row({}, name, None, root, resolve_inside(root, rel), rel))
+        except ValueError as exc:
+            parsed.errors.append(RowError(name, None, str(exc)))
+    if skipped:
+        parsed.notes.append(f"{label or root.name}: ignored {skipped} file(s) that are not"
+                            f" images by name ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return parsed
+
+
+def _walk(root: Path) -> list[str]:
+    """Relative posix paths of the files under root; symlinked folders are not followed."""
+    out = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(folder).relative_to(root)
+        out += [(rel / f).as_posix() for f in files if not f.startswith(".")]
+    return sorted(out)
