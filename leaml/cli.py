@@ -96,3 +96,8 @@ ADDERS: list[Callable] = []
 from leaml.cli_jobs import _add_jobs, _add_worker  # noqa: E402  (after the helpers above)
 
 ADDERS += [_add_worker, _add_jobs]
+
+# accounts: `users` lives in leaml/cli_users.py (owned by the store engineer)
+from leaml.cli_users import _add_users  # noqa: E402
+
+ADDERS += [_add_users]
