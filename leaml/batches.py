@@ -1,0 +1,216 @@
+"""The data side of training: examples, the image tensor cache, tokenised text, batch order.
+
+Kept apart from the loop (``leaml/train.py``) so that the loop reads as a loop. Everything
+here is deterministic given a seed and a step number: the order of examples in an epoch and
+the augmentation of a batch are derived from ``(seed, stream, epoch)`` and ``(seed, step)``,
+never from a running RNG, so a run resumed from a checkpoint sees exactly the batches an
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from leaml import models
+
+# Words whose meaning a flip or rotation of the image changes. An example whose instruction
+# or target holds one of them is never augmented ("where is the polyp?" -> "left").
+_POSITION_WORDS = re.compile(
+    r"\b(left|right|top|bottom|upper|lower|up|down|above|below|center|centre|central|"
+    r"middle|corner|side|position|located|location|where|quadrant|clockwise|"
+    r"counterclockwise|horizontal|vertical|orientation|rotated|flipped)\b", re.IGNORECASE)
+
+
+def mentions_position(*texts: str) -> bool:
+    """True when any text speaks about position or orientation (augmentation would lie)."""
+    return any(_POSITION_WORDS.search(t or "") for t in texts)
+
+
+@dataclass
+class Example:
+    """One supervised example: the model sees ``image`` + ``instruction`` and learns ``target``.
+
+    ``image`` is a path (opened lazily or cached as a tensor) or an already open PIL image.
+    ``open`` marks free-text/short-answer examples that ``TrainConfig.oversample_open``
+    repeats; ``augment`` False keeps the image as is even when augmentation is on.
+    """
+    image: str | Path | Image.Image
+    instruction: str
+    target: str
+    open: bool = False
+    augment: bool = True
+
+
+def open_image(image: str | Path | Image.Image) -> Image.Image:
+    """An RGB PIL image from a path or an image; names the file when it cannot be read."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read image {image}: {exc}; re-import the file") from exc
+
+
+def _image_key(image) -> object:
+    return str(image) if isinstance(image, (str, Path)) else id(image)
+
+
+class ImageSource:
+    """Pixel tensors for a list of images: cached once when they fit ``budget_mb``, else lazy.
+
+    The cache holds the processor's output for every distinct image in one tensor (N, C, H, W)
+    so that a batch is one index operation; the lazy path opens and preprocesses the images of
+    each batch (slower, constant memory).
+    """
+
+    def __init__(self, processor, images: Sequence, budget_mb: float, chunk: int = 256):
+        self.processor = processor
+        self.keys: dict[object, int] = {}
+        self.images: list = []
+        for im in images:
+            key = _image_key(im)
+            if key not in self.keys:
+                self.keys[key] = len(self.images)
+                self.images.append(im)
+        first = models.pixel_values(processor, [open_image(self.images[0])])
+        per_image_mb = first[0].numel() * first.element_size() / 2**20
+        self.cached = per_image_mb * len(self.images) <= budget_mb
+        self.tensor = self._preprocess_all(chunk) if self.cached else None
+
+    def _preprocess_all(self, chunk: int) -> torch.Tensor:
+        parts = [models.pixel_values(self.processor,
+                                     [open_image(im) for im in self.images[i:i + chunk]])
+                 for i in range(0, len(self.images), chunk)]
+        return torch.cat(parts)
+
+    def index(self, image) -> int:
+        return self.keys[_image_key(image)]
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """Pixel values (B, C, H, W) for image indices (from :meth:`index`)."""
+        if self.cached:
+            return self.tensor[torch.as_tensor(list(indices), dtype=torch.long)]
+        return models.pixel_values(self.processor, [open_image(self.images[i]) for i in indices])
+
+
+class TextCache:
+    """Every (instruction, target) pair tokenised once; batches are padded on the fly.
+
+    ``models.encode_text`` returns padded tensors; padding is stripped with the attention
+    mask (either padding side) and re-applied per batch on the right, which is what causal
+    LM training wants.
+    """
+
+    def __init__(self, processor, examples: Sequence[Example], chunk: int = 256):
+        self.pad_id = _pad_id(processor)
+        self.ids: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        for i in range(0, len(examples), chunk):
+            part = examples[i:i + chunk]
+            enc = models.encode_text(processor, [e.instruction for e in part],
+                                     [e.target for e in part])
+            for row in range(len(part)):
+                keep = enc["attention_mask"][row].bool()
+                self.ids.append(enc["input_ids"][row][keep].clone())
+                self.labels.append(enc["labels"][row][keep].clone())
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, labels (B, T) for example indices, right-padded."""
+        length = max(len(self.ids[i]) for i in indices)
+        ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(indices), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(indices), length), dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = len(self.ids[i])
+            ids[row, :n], labels[row, :n], mask[row, :n] = self.ids[i], self.labels[i], 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _pad_id(processor) -> int:
+    tok = getattr(processor, "tokenizer", processor)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return int(pad)
+
+
+class EpochOrder:
+    """The example sequence of one stream: epoch after epoch, each a seeded permutation.
+
+    Open examples are repeated ``oversample`` times per epoch (the fractional part by a
+    seeded coin), so one epoch is the stream's examples plus the extra open ones. Position
+    ``p`` of the infinite sequence is a pure function of (seed, stream id, p).
+    """
+
+    def __init__(self, open_flags: Sequence[bool], seed: int, stream_id: int, oversample: float):
+        self.n = len(open_flags)
+        self.open = [i for i, f in enumerate(open_flags) if f]
+        self.seed, self.stream_id, self.oversample = seed, stream_id, oversample
+        self._epoch, self._order = -1, []
+        self._starts = [0]  # cumulative epoch lengths
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.stream_id * 10_007 + epoch) & 0x7FFFFFFF)
+        items = list(range(self.n))
+        extra = self.oversample - 1.0
+        if extra > 0 and self.open:
+            whole, frac = int(math.floor(extra)), extra - math.floor(extra)
+            coins = torch.rand(len(self.open), generator=g).tolist()
+            for i, c in zip(self.open, coins):
+                items.extend([i] * (whole + (1 if c < frac else 0)))
+        perm = torch.randperm(len(items), generator=g).tolist()
+        return [items[j] for j in perm]
+
+    def take(self, start: int, count: int) -> list[int]:
+        """Example indices at positions start .. start+count-1 of the sequence."""
+        out = []
+        while len(out) < count:
+            pos = start + len(out)
+            epoch = self._locate(pos)
+            offset = pos - self._starts[epoch]
+            order = self._order_of(epoch)
+            out.extend(order[offset:offset + count - len(out)])
+        return out
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._epoch_order(epoch)
+        return self._order
+
+    def _locate(self, pos: int) -> int:
+        while self._starts[-1] <= pos:  # extend the table of epoch starts as far as needed
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self._epoch_order(e)))
+        return max(e for e, s in enumerate(self._starts[:-1]) if s <= pos)
+
+
+def augment(pixels: torch.Tensor, allowed: Sequence[bool], kind: str, seed: int,
+            step: int) -> torch.Tensor:
+    """Label-safe augmentation of a batch of pixel tensors (B, C, H, W).
+
+    ``kind`` is 'none', 'flip' (horizontal), 'rot90' (quarter turns, square images only) or
+    'flip+rot90'. Rows whose example is not ``allowed`` (it talks about position) are left
+    untouched. Randomness comes from (seed, step), so a resumed run augments identically.
+    """
+    if kind == "none" or not any(allowed):
+        return pixels
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) & 0x7FFFFFFF)
+    out = pixels.clone()
+    flips = torch.rand(len(out), generator=g) < 0.5
+    turns = torch.randint(0, 4, (len(out),), generator=g)
+    for row in range(len(out)):
+        if not allowed[row]:
+            continue
+        if "flip" in kind and flips[row]:
+            out[row] = torch.flip(out[row], dims=[-1])
+        if "rot90" in kind and turns[row] and out.shape[-1] == out.shape[-2]:
+            out[row] = torch.rot90(out[row], int(turns[row]), dims=[-2, -1])
+    return out
