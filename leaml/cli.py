@@ -101,3 +101,8 @@ ADDERS += [_add_worker, _add_jobs]
 from leaml.cli_users import _add_users  # noqa: E402
 
 ADDERS += [_add_users]
+
+# data in and out: `import`, `export`, `demo --data-only` live in leaml/cli_data.py (ingest engineer)
+from leaml.cli_data import _add_demo, _add_export, _add_import  # noqa: E402
+
+ADDERS += [_add_demo, _add_import, _add_export]
