@@ -1,0 +1,193 @@
+"""Background jobs: queue, claims, worker processes, failures, stale heartbeats, cancel.
+
+Real SQLite in tmp_path, real ``python -m leaml worker`` processes. The tests that train the
+tiny model are at the end (and the SIGKILL/resume one in test_jobs_crash.py).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from leaml import jobs
+from leaml.store import ConflictError, NotFoundError, connect
+from leaml.store import jobs as q
+from leaml.store.projects import create_project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def leaml(home, *args, env=None, check=True, timeout=120) -> subprocess.CompletedProcess:
+    """Run ``python -m leaml ARGS --home HOME`` as a new user would."""
+    out = subprocess.run([sys.executable, "-m", "leaml", *args, "--home", str(home)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    if check and out.returncode != 0:
+        raise AssertionError(f"leaml {args} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def start_worker(home, *args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "leaml", "worker", *args, "--home", str(home)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def snapshot(db, skip=("jobs", "events", "workers", "train_log", "schema_version")) -> dict:
+    """Every row of every table a job must not touch."""
+    return {t: list(db.query(f"SELECT * FROM [{t}] ORDER BY rowid"))
+            for t in db.table_names() if t not in skip}
+
+
+@pytest.fixture
+def project(db):
+    return create_project(db, "demo")
+
+
+EXPERT = {"id": 1, "name": "eve", "role": "expert", "disabled": 0}
+ANNOTATOR = {"id": 2, "name": "ann", "role": "annotator", "disabled": 0}
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+def test_enqueue_stores_params_and_checks_permission(db, project):
+    job_id = jobs.enqueue(db, "run", "demo", {"method": "seed-lora", "seed": 3}, user=EXPERT)
+    job = jobs.get_job(db, job_id)
+    assert job["status"] == "queued" and job["kind"] == "run"
+    assert job["params"] == {"method": "seed-lora", "seed": 3}
+    assert job["created_by"] == "eve" and job["project_id"] == project["id"]
+    assert job["log_path"] == f"logs/job-{job_id}.log"
+    with pytest.raises(PermissionError, match="annotator 'ann' may not train"):
+        jobs.enqueue(db, "run", "demo", {"method": "seed-lora"}, user=ANNOTATOR)
+    with pytest.raises(ValueError, match="unknown job kind 'nope'"):
+        jobs.enqueue(db, "nope", "demo", {})
+    with pytest.raises(NotFoundError, match="unknown project 'other'"):
+        jobs.enqueue(db, "run", "other", {"method": "seed-lora"})
+    assert [j["id"] for j in jobs.list_jobs(db)] == [job_id]
+
+
+def test_cancel_and_resume_rules(db, project):
+    job_id = jobs.enqueue(db, "run", "demo", {"method": "seed-lora"})
+    assert jobs.cancel(db, job_id)["status"] == "cancelled"  # queued: at once
+    with pytest.raises(ConflictError, match="already cancelled"):
+        jobs.cancel(db, job_id)
+    assert jobs.resume(db, job_id)["status"] == "queued"
+    with pytest.raises(ConflictError, match="only cancelled, interrupted, failed"):
+        jobs.resume(db, job_id)
+    with pytest.raises(PermissionError):
+        jobs.cancel(db, job_id, user=ANNOTATOR)
+    with pytest.raises(NotFoundError, match="job 99 not found"):
+        jobs.get_job(db, 99)
+
+
+def _claim_all(home: str, out) -> None:
+    db = connect(home)
+    mine = []
+    while (job := q.claim_next(db, os.getpid())) is not None:
+        mine.append(job["id"])
+    out.put(mine)
+
+
+def test_concurrent_claims_never_share_a_job(home, db, project):
+    ids = [jobs.enqueue(db, "run", "demo", {"method": "seed-lora", "i": i}) for i in range(40)]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(home), out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    flat = [i for mine in claimed for i in mine]
+    assert sorted(flat) == ids  # every job claimed, none twice
+    assert all(j["attempts"] == 1 and j["status"] == "running" for j in jobs.list_jobs(db))
+
+
+def test_two_workers_one_job_exactly_one_runs_it(home, db, project):
+    job_id = jobs.enqueue(db, "run", "demo", {})  # fails fast inside its process: no method
+    workers = [start_worker(home, "--once") for _ in range(2)]
+    outputs = [w.communicate(timeout=60) for w in workers]
+    ran = sorted(int(err.rsplit("ran ", 1)[1].split()[0]) for _, err in outputs)
+    assert ran == [0, 1], outputs
+    job = jobs.get_job(db, job_id)
+    assert job["attempts"] == 1 and job["status"] == "failed"
+    assert jobs.log_tail(home, job).count("worker ") == 1  # one start line: one process ran it
+
+
+# --- failures -------------------------------------------------------------------------------
+
+def test_failing_job_is_failed_with_message_and_traceback(home, db, project):
+    before = snapshot(db)
+    bad = jobs.enqueue(db, "run", "demo", {"seed": 1})                 # no method
+    unknown = q.insert_job(db, "teleport", project["id"], {}, created_by=None)  # kind unknown
+    leaml(home, "worker", "--once")
+    job = jobs.get_job(db, bad)
+    assert job["status"] == "failed"
+    assert job["message"].startswith("ValueError: job kind 'run' needs params['method']")
+    log = jobs.log_tail(home, job, 200)
+    assert "Traceback (most recent call last)" in log and "needs params['method']" in log
+    other = jobs.get_job(db, unknown)
+    assert other["status"] == "failed" and "unknown job kind 'teleport'" in other["message"]
+    assert snapshot(db) == before  # nothing but the jobs (and the audit log) changed
+    show = json.loads(leaml(home, "jobs", "show", str(bad), "--json").stdout.splitlines()[-1])
+    assert {k: show[k] for k in ("id", "status", "run_id")} == {"id": bad, "status": "failed",
+                                                                "run_id": None}
+    assert set(show) >= {"id", "status", "stage", "progress", "message", "run_id"}
+
+
+# --- stale heartbeats -----------------------------------------------------------------------
+
+def test_stale_heartbeat_becomes_interrupted_then_resumable(home, db, project, monkeypatch):
+    job_id = jobs.enqueue(db, "run", "demo", {"method": "seed-lora"})
+    assert q.claim_next(db, 999_999)["id"] == job_id  # a worker that will never beat again
+    assert jobs.recover_stale(db) == []               # fresh heartbeat: still running
+    time.sleep(1.2)
+    out = leaml(home, "jobs", "list", env={"LEAML_HEARTBEAT_TIMEOUT": "1"})
+    assert "interrupted" in out.stdout
+    job = jobs.get_job(db, job_id)
+    assert job["status"] == "interrupted" and "heartbeat" in job["message"]
+    assert q.heartbeat(db, job_id, 999_999) is None  # the lost worker cannot write any more
+    assert jobs.resume(db, job_id)["status"] == "queued"
+    monkeypatch.setenv("LEAML_HEARTBEAT_TIMEOUT", "0.5")
+    assert jobs.recover_stale(db) == []  # queued jobs are never stale
+
+
+def test_ensure_worker_starts_one_detached_worker(home, db, project, monkeypatch):
+    monkeypatch.setenv("LEAML_HEARTBEAT_TIMEOUT", "5")
+    pid = jobs.ensure_worker(home)
+    try:
+        assert pid and jobs.ensure_worker(home) is None  # alive: no second one
+        job_id = jobs.enqueue(db, "run", "demo", {})
+        deadline = time.time() + 60
+        while jobs.get_job(db, job_id)["status"] in ("queued", "running"):
+            assert time.time() < deadline, "the detached worker never ran the job"
+            time.sleep(0.2)
+        assert jobs.get_job(db, job_id)["status"] == "failed"
+        assert os.getsid(pid) == pid  # its own session: survives the app's restarts
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    _wait_gone(pid)
+    assert jobs.ensure_worker(home) not in (None, pid)  # stopped cleanly: a new one starts
+    new = q.live_workers(db, 5)[-1]["pid"]
+    os.kill(new, signal.SIGTERM)
+    _wait_gone(new)
+
+
+def _wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)  # our child: reap it
+        except ChildProcessError:
+            done = pid
+        if done == pid:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} did not exit")
