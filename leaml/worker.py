@@ -124,15 +124,17 @@ def _run_child(db, home: Path, job: dict, state: dict) -> None:
         state["child"] = child
         rc = child.wait()
     state["job"], state["child"] = None, None
-    _after_child(db, job["id"], {pid, child.pid}, rc)
+    _after_child(db, job["id"], {pid, child.pid}, rc, state["stop"])
 
 
-def _after_child(db, job_id: int, pids: set[int], rc: int) -> None:
+def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> None:
     """The child exited; if the job still says it runs there, it died without finishing."""
     job = q.get_job(db, job_id)
     if job["status"] != "running" or job["worker_pid"] not in pids:
         return
-    if rc < 0:
+    if stopping:  # e.g. Ctrl-C reached the child before it could checkpoint
+        status, msg = "interrupted", "worker shut down; resume it to continue"
+    elif rc < 0:
         name = signal.Signals(-rc).name
         status, msg = "interrupted", (f"job process was killed by {name} (out of memory?); "
                                       f"resume it to continue from its last checkpoint")

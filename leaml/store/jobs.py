@@ -121,9 +121,12 @@ def mark_stale(db: sqlite_utils.Database, timeout_s: float) -> list[int]:
 
 
 def train_log(db: sqlite_utils.Database, job_id: int) -> list[dict]:
-    """The job's loss rows in order: stage, step, total, loss, lr, ts."""
-    return list(db.query("SELECT stage, step, total, loss, lr, ts FROM train_log"
-                         " WHERE job_id = ? ORDER BY id", [job_id]))
+    """The job's loss curve in order: stage, step, total, loss, lr, ts. A resumed job redoes
+    the steps after its last checkpoint; for those only the latest row counts."""
+    return list(db.query(
+        "SELECT stage, step, total, loss, lr, ts FROM train_log WHERE id IN"
+        " (SELECT MAX(id) FROM train_log WHERE job_id = ? GROUP BY stage, step) ORDER BY id",
+        [job_id]))
 
 
 # --- the worker side: claim, report, finish -------------------------------------------------
