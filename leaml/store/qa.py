@@ -265,11 +265,14 @@ def _update(db, qa_id: int, expected_version: int, user: str | None, action: str
             values.update(reviewed_by=user, reviewed_at=ts, locked_by=None, locked_until=None)
         sets = "".join(f"{k} = ?, " for k in values)
         try:
-            db.execute(f"UPDATE qa SET {sets}version = version + 1, updated_at = ?"
-                       " WHERE id = ? AND version = ?", [*values.values(), ts, qa_id, expected_version])
+            cur = db.execute(f"UPDATE qa SET {sets}version = version + 1, updated_at = ?"
+                             " WHERE id = ? AND version = ?",
+                             [*values.values(), ts, qa_id, expected_version])
         except sqlite3.IntegrityError:
             raise ValueError(f"QA {qa_id}: image {before['image_id']} already has this "
                              f"{before['origin']} pair; change the text or delete one") from None
+        if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; never log a lost write
+            raise ConflictError(f"QA {qa_id} changed while saving; reload and try again")
         after = get_qa(db, qa_id)
         log_event(db, user=user, action=action, entity="qa", entity_id=qa_id,
                   project_id=before["project_id"], before=_audit(before, changes),
