@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000          # 40 megapixels: far above any endoscopy frame
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024     # one image file
@@ -48,16 +48,24 @@ def read_limited(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if not stat.S_ISREG(st.st_mode):
         raise BadImage("is not a regular file; point the row at an image file")
     if st.st_size > max_bytes:
-        raise BadImage(f"is {st.st_size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB"
-                       " limit per image; downscale or recompress it")
+        raise BadImage(f"is {human_bytes(st.st_size)}, over the limit of {human_bytes(max_bytes)}"
+                       " per image; downscale or recompress it")
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)   # +1: a file that grew since stat() still fails
     except OSError as exc:
         raise BadImage(f"cannot be read ({exc.strerror})") from None
     if len(data) > max_bytes:
-        raise BadImage(f"is over the {max_bytes / 1e6:.0f} MB limit per image")
+        raise BadImage(f"is over the limit of {human_bytes(max_bytes)} per image")
     return data
+
+
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers show them)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckedImage:
@@ -75,6 +83,9 @@ def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckedIma
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"claims more pixels than the limit of {max_pixels:,}"
                        " (decompression bomb?); downscale it") from None
+    except UnidentifiedImageError:
+        raise BadImage("is not a readable image (not a known image format); re-save it as PNG"
+                       " or JPEG") from None
     except Exception as exc:   # PIL raises many types on hostile input; all mean "unreadable"
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise BadImage(f"is not a readable image ({reason}); re-save it as PNG or JPEG") from None

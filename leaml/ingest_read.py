@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from leaml.ingest_check import IMAGE_SUFFIXES
+from leaml.ingest_check import IMAGE_SUFFIXES, human_bytes
 
 COLUMNS = ("image", "question", "answer", "split", "category", "question_type", "caption")
 # Kvasir-VQA's own columns: `source` is the data set an image came from (kvasir, hyperkvasir,
@@ -82,7 +82,7 @@ class Parsed:
 
 # --- fields -----------------------------------------------------------------------------------
 
-def resolve_inside(root: Path, ref: str) -> Path:
+def resolve_inside(root: Path, ref: str, what: str = "the manifest folder") -> Path:
     """``ref`` (relative, '/' or '\\' separated) resolved under ``root``; ValueError if it leaves."""
     norm = ref.strip().replace("\\", "/")
     if not norm:
@@ -90,13 +90,12 @@ def resolve_inside(root: Path, ref: str) -> Path:
     if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or "\0" in norm:
         raise ValueError(f"image '{ref}' is an absolute path; give it relative to the manifest")
     if ".." in PurePosixPath(norm).parts:
-        raise ValueError(f"image '{ref}' escapes the manifest folder; keep images in the"
-                         " manifest's folder or below it")
+        raise ValueError(f"image '{ref}' escapes {what}; keep images in {what} or below it")
     root = root.resolve()
     path = (root / norm).resolve()
     if not path.is_relative_to(root):
-        raise ValueError(f"image '{ref}' is a symlink that points outside the manifest folder;"
-                         " copy the image into the folder instead")
+        raise ValueError(f"image '{ref}' is a symlink that points outside {what}; copy the"
+                         " image into the folder instead")
     if not path.exists():
         raise ValueError(f"image '{ref}' not found (looked for {path}); check the path")
     return path
@@ -171,8 +170,8 @@ def _note_unknown(parsed: Parsed, file: str, columns: set[str]) -> None:
 def _check_size(path: Path, label: str, limit: int) -> RowError | None:
     size = path.stat().st_size
     if size > limit:
-        return RowError(label, None, f"is {size / 1e9:.1f} GB, over the {limit / 1e9:.1f} GB"
-                        " limit for one file; split it into several imports")
+        return RowError(label, None, f"is {human_bytes(size)}, over the limit of"
+                        f" {human_bytes(limit)} for one file; split it into several imports")
     return None
 
 
@@ -357,15 +356,15 @@ def _parquet_image(value, root: Path, limits: Limits, staging: Path) -> tuple[Pa
         ref = value
     if data:
         if len(data) > limits.max_bytes:
-            raise ValueError(f"image is {len(data) / 1e6:.1f} MB, over the"
-                             f" {limits.max_bytes / 1e6:.0f} MB limit per image")
+            raise ValueError(f"image is {human_bytes(len(data))}, over the limit of"
+                             f" {human_bytes(limits.max_bytes)} per image")
         sha = hashlib.sha256(data).hexdigest()
         staged = staging / sha
         if not staged.exists():
             staged.write_bytes(data)
         return staged, PurePosixPath(ref).name if ref else sha[:16]
     if ref:
-        return resolve_inside(root, ref), ref
+        return resolve_inside(root, ref, "the parquet file's folder"), ref
     raise ValueError("image has neither bytes nor a path; every row needs an image")
 
 
@@ -381,7 +380,8 @@ def read_folder(root: Path, label: str) -> Parsed:
             continue
         name = f"{label}/{rel}" if label else rel
         try:
-            parsed.rows.append(make_row({}, name, None, root, resolve_inside(root, rel), rel))
+            image = resolve_inside(root, rel, "the imported folder")
+            parsed.rows.append(make_row({}, name, None, root, image, rel))
         except ValueError as exc:
             parsed.errors.append(RowError(name, None, str(exc)))
     if skipped:
