@@ -299,6 +299,10 @@ def _write(db: sqlite_utils.Database, project: str, checked: list[tuple[Row, Che
                 raise StoreError(f"{row.file}: image '{row.image_name}' changed during the"
                                  " import; nothing was written, import again")
             images[img.sha256] = (row, img)
+    copies = len({row.image for row, _ in checked}) - len(images)
+    if copies:
+        report.notes.append(f"{report.source}: {copies} image file(s) are byte-identical copies"
+                            " of another one and were stored once")
     with transaction(db):
         kw = {"base_model": base_model} if base_model else {}
         pid = ensure_project(db, project, user=user, **kw)["id"]
