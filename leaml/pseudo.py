@@ -1,0 +1,261 @@
+"""LEAML pseudo QA: sample QA pairs from the generator G, parse, filter, score, cut.
+
+G writes ``"Question: {q}\\nAnswer: {a}"`` (the target format it was trained on). For every
+unlabeled image it samples K candidates; a candidate survives when it parses, was not cut off
+by ``max_new_tokens``, holds no special token (a generated ``<image>`` inside a stored question
+would expand into image tokens in every later batch that holds it), and its question is new
+for that image (the most confident duplicate wins). Its confidence is the geometric mean
+probability of the generated *answer* tokens only: averaging over the question tokens too
+hides correctness, the answer tokens alone rank it well.
+
+Storage and the stage function live in :mod:`leaml.pseudo_stage`; this module is the pure part.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+QA_INSTRUCTION = "Generate a question about this image and answer it."
+_QA = re.compile(r"\A\s*Question:[ \t]*(?P<q>[^\n]*?)[ \t]*\n[ \t]*Answer:[ \t]*(?P<a>[^\n]*?)\s*\Z")
+
+
+def format_qa(question: str, answer: str) -> str:
+    """The generator's training target for one QA pair."""
+    return f"Question: {question.strip()}\nAnswer: {answer.strip()}"
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PseudoConfig:
+    """How pseudo QA is sampled from the generator and which pairs may train the target."""
+    k: int = _f(4, "candidates sampled per unlabeled image")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(0.95, "nucleus sampling mass")
+    max_new_tokens: int = _f(48, "generation budget; a candidate that hits it is dropped as cut off")
+    batch_size: int = _f(32, "images per generate() call (each yields k sequences)")
+    seed: int = _f(0, "sampling seed (each chunk of images reseeds from it, so resumes match)")
+    chunk: int = _f(128, "images per stored chunk (the unit of progress, cancel and resume)")
+    max_images: int = _f(0, "sample at most this many unlabeled images (0 = all), seeded choice")
+
+    def __post_init__(self):
+        for ok, msg in [(self.k >= 1, "k must be >= 1"), (self.temperature > 0, "temperature must be > 0"),
+                        (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                        (self.max_new_tokens >= 4, "max_new_tokens must be >= 4"),
+                        (self.batch_size >= 1 and self.chunk >= 1, "batch_size and chunk must be >= 1"),
+                        (self.max_images >= 0, "max_images must be >= 0")]:
+            if not ok:
+                raise ValueError(f"PseudoConfig: {msg}")
+
+
+@dataclass
+class Candidate:
+    """One parsed pseudo QA pair for one image."""
+    image_index: int
+    question: str
+    answer: str
+    confidence: float           # geometric mean probability of the answer tokens
+    n_answer_tokens: int
+    question_confidence: float  # same over the question tokens, for diagnostics only
+
+
+@dataclass
+class ParseStats:
+    """Why candidates were dropped (counts), for logs and the CLI."""
+    sampled: int = 0
+    kept: int = 0
+    malformed: int = 0
+    truncated: int = 0
+    special: int = 0
+    duplicate: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Every special or added token id (``<image>``, bos/eos/pad, chat markers ...)."""
+    ids = set(tokenizer.all_special_ids or [])
+    ids |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return ids
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The text of every special/added token: plain tokens can spell them (``<``, ``image``, ``>``)."""
+    toks = set(tokenizer.all_special_tokens or [])
+    toks |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
+    return sorted(t for t in toks if t)
+
+
+def holds_special(tokenizer, token_ids: Sequence[int], texts: Iterable[str]) -> bool:
+    """True when generated ids hold a special token, or the text spells one, or re-encoding
+    the text yields one (what a later training batch would see)."""
+    bad = special_ids(tokenizer)
+    if any(t in bad for t in token_ids):
+        return True
+    for text in texts:
+        if any(s in text for s in special_strings(tokenizer)):
+            return True
+        if any(t in bad for t in tokenizer(text, add_special_tokens=False)["input_ids"]):
+            return True
+    return False
+
+
+def parse_qa(text: str) -> tuple[str, str] | None:
+    """``(question, answer)`` from ``"Question: q\\nAnswer: a"``, or None when malformed.
+
+    Both parts must be non-empty single lines, and the answer may not start another pair.
+    """
+    m = _QA.match(text)
+    if not m:
+        return None
+    q, a = m.group("q").strip(), m.group("a").strip()
+    if not q or not a or "Question:" in a or "Answer:" in q:
+        return None
+    return q, a
+
+
+def answer_start_token(tokenizer, token_ids: Sequence[int], char_start: int) -> int:
+    """Index of the first token whose text reaches past character ``char_start`` of
+    ``decode(token_ids)``: the first token that carries answer text (binary search over
+    decoded prefixes, so byte-level BPE merges across the boundary are handled)."""
+    lo, hi = 0, len(token_ids)  # find smallest k with len(decode(ids[:k+1])) > char_start
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(token_ids[:mid + 1])) > char_start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def geometric_mean_prob(logprobs: Sequence[float]) -> float:
+    """exp(mean log p): the per-token geometric mean probability (0.0 for no tokens)."""
+    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+
+
+def score_generation(tokenizer, gen, image_index: int, max_new_tokens: int,
+                     stats: ParseStats) -> Candidate | None:
+    """Parse one ``models.Generation`` into a Candidate (or count why it was dropped)."""
+    stats.sampled += 1
+    if len(gen.token_ids) >= max_new_tokens:
+        stats.truncated += 1
+        return None
+    text = tokenizer.decode(gen.token_ids)
+    parsed = parse_qa(text)
+    if parsed is None:
+        stats.malformed += 1
+        return None
+    if holds_special(tokenizer, gen.token_ids, parsed):
+        stats.special += 1
+        return None
+    m = _QA.match(text)
+    first = answer_start_token(tokenizer, gen.token_ids, m.start("a"))
+    q_first = answer_start_token(tokenizer, gen.token_ids, m.start("q"))
+    ans_lp = gen.token_logprobs[first:]
+    return Candidate(image_index, parsed[0], parsed[1], geometric_mean_prob(ans_lp), len(ans_lp),
+                     geometric_mean_prob(gen.token_logprobs[q_first:first]))
+
+
+def question_key(question: str) -> str:
+    """Normalised question text for de-duplication and question-type lookup."""
+    q = re.sub(r"\s+", " ", question.strip().lower())
+    return q.rstrip(" ?.!")
+
+
+def dedup(cands: Iterable[Candidate], stats: ParseStats | None = None) -> list[Candidate]:
+    """One candidate per (image, question): the most confident; order by image, then confidence."""
+    best: dict[tuple[int, str], Candidate] = {}
+    n = 0
+    for c in cands:
+        n += 1
+        key = (c.image_index, question_key(c.question))
+        if key not in best or c.confidence > best[key].confidence:
+            best[key] = c
+    out = sorted(best.values(), key=lambda c: (c.image_index, -c.confidence))
+    if stats is not None:
+        stats.duplicate += n - len(out)
+        stats.kept += len(out)
+    return out
+
+
+def candidates_from_generations(tokenizer, generations: Sequence[Sequence], image_indices: Sequence[int],
+                                max_new_tokens: int, stats: ParseStats) -> list[Candidate]:
+    """Parse, filter and de-duplicate the K generations of each image."""
+    parsed = []
+    for idx, gens in zip(image_indices, generations):
+        for g in gens:
+            c = score_generation(tokenizer, g, idx, max_new_tokens, stats)
+            if c is not None:
+                parsed.append(c)
+    return dedup(parsed, stats)
+
+
+def sample(model, processor, pixel_values, image_indices: Sequence[int], cfg: PseudoConfig,
+           seed: int, stats: ParseStats) -> list[Candidate]:
+    """K sampled candidates per image (batched generate()), parsed, filtered, de-duplicated.
+
+    ``pixel_values`` (N, C, H, W) holds the images of ``image_indices`` in order.
+    """
+    from leaml import models
+    gens = models.generate(model, processor, pixel_values, [QA_INSTRUCTION] * len(image_indices),
+                           max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                           temperature=cfg.temperature, top_p=cfg.top_p,
+                           num_return_sequences=cfg.k, seed=seed, batch_size=cfg.batch_size)
+    return candidates_from_generations(processor.tokenizer, gens, image_indices,
+                                       cfg.max_new_tokens, stats)
+
+
+# --- the confidence cut ---------------------------------------------------------------------
+
+def confidence_cut(confidences: Sequence[float], *, keep_top: float | None = 0.6,
+                   min_confidence: float | None = None) -> float:
+    """The lowest confidence that still trains: ``min_confidence`` if given, else the value
+    that keeps the top ``keep_top`` fraction of ``confidences`` (ties at the cut are kept).
+    With nothing to rank, the cut is +inf (no pending pair trains)."""
+    if min_confidence is not None:
+        return float(min_confidence)
+    if keep_top is None or not 0 <= keep_top <= 1:
+        raise ValueError(f"keep_top={keep_top}: give a fraction in [0, 1] or a min_confidence")
+    vals = sorted(confidences, reverse=True)
+    n_keep = math.ceil(keep_top * len(vals))
+    if not vals or n_keep == 0:
+        return math.inf
+    return float(vals[n_keep - 1])
+
+
+# --- precision against hidden truth ---------------------------------------------------------
+
+def precision_by_bin(pairs: Sequence[dict], truth: dict[tuple[int, str], str], *,
+                     bins: int = 5, match=None) -> list[dict]:
+    """Fraction of pseudo pairs that are correct, per confidence bin (equal-count bins).
+
+    ``pairs``: dicts with image_id, question, answer, confidence. ``truth``: (image_id,
+    question_key) -> true answer. A pair whose question has no true answer for that image
+    (a hallucinated question) counts as wrong in ``precision`` and is left out of
+    ``precision_known``. ``match(pred, gold)`` compares answers (default: normalised equality).
+    """
+    match = match or (lambda p, g: _norm(p) == _norm(g))
+    ranked = sorted(pairs, key=lambda p: p["confidence"])
+    out = []
+    for b in range(bins):
+        part = ranked[b * len(ranked) // bins:(b + 1) * len(ranked) // bins]
+        if not part:
+            continue
+        gold = [truth.get((p["image_id"], question_key(p["question"]))) for p in part]
+        right = sum(1 for p, g in zip(part, gold) if g is not None and match(p["answer"], g))
+        known = sum(1 for g in gold if g is not None)
+        out.append({"bin": b, "lo": part[0]["confidence"], "hi": part[-1]["confidence"],
+                    "n": len(part), "n_known": known, "precision": right / len(part),
+                    "precision_known": right / known if known else None})
+    return out
+
+
+def _norm(text: str) -> str:
+    t = re.sub(r"[^\w\s<>,-]", " ", text.lower())
+    t = re.sub(r"\b(a|an|the)\b", " ", t)
+    return ", ".join(sorted({w.strip() for w in re.sub(r"\s+", " ", t).split(",") if w.strip()}))

@@ -1,0 +1,117 @@
+"""Pseudo QA: parsing, special-token filtering, de-duplication, answer-token confidence, cut."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from leaml import models, pseudo
+from leaml.models import Generation
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(2)
+    return models.load("tiny")
+
+
+def _gen(tok, text, logprobs=None):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return Generation(text, ids, logprobs if logprobs is not None else [-0.1] * len(ids))
+
+
+def test_parse_accepts_the_target_format_only():
+    assert pseudo.parse_qa("Question: Is there text?\nAnswer: no") == ("Is there text?", "no")
+    assert pseudo.parse_qa("  Question:  Is there text? \nAnswer:  yes, red ") == ("Is there text?", "yes, red")
+    for bad in ["Is there text?\nAnswer: no", "Question: Is there text?", "Question: \nAnswer: no",
+                "Question: q?\nAnswer: ", "Question: q?\nAnswer: no\nQuestion: r?",
+                "Question: q?\nAnswer: a Question: b", "Question: q? Answer: x\nAnswer: y"]:
+        assert pseudo.parse_qa(bad) is None, bad
+    assert pseudo.format_qa(" q? ", "a ") == "Question: q?\nAnswer: a"
+
+
+def test_special_tokens_are_dropped_as_ids_and_as_spelled_text(tiny):
+    _, proc = tiny
+    tok, stats = proc.tokenizer, pseudo.ParseStats()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ok = _gen(tok, "Question: Is there text?\nAnswer: no")
+    with_id = Generation("", ok.token_ids[:3] + [image_id] + ok.token_ids[3:], [-0.1] * (len(ok.token_ids) + 1))
+    pieces = ["Question: What is <", "image", "> here?\nAnswer: no"]  # plain tokens spelling it
+    ids = [t for piece in pieces for t in tok(piece, add_special_tokens=False)["input_ids"]]
+    assert image_id not in ids
+    spelled = Generation("", ids, [-0.1] * len(ids))
+    eos_text = _gen(tok, "Question: Is it </s> red?\nAnswer: no")
+    got = [pseudo.score_generation(tok, g, 0, 48, stats) for g in (ok, with_id, spelled, eos_text)]
+    assert got[0] is not None and got[1:] == [None, None, None]
+    assert stats.special == 3
+
+
+def test_truncated_and_malformed_are_counted(tiny):
+    _, proc = tiny
+    tok, stats = proc.tokenizer, pseudo.ParseStats()
+    long = _gen(tok, "Question: Is there text?\nAnswer: no")
+    assert pseudo.score_generation(tok, long, 0, len(long.token_ids), stats) is None
+    assert pseudo.score_generation(tok, _gen(tok, "Answer: no"), 0, 48, stats) is None
+    assert (stats.truncated, stats.malformed, stats.sampled) == (1, 1, 2)
+
+
+def test_dedup_keeps_the_most_confident_per_image_and_question():
+    C = pseudo.Candidate
+    cands = [C(0, "Is there text?", "no", 0.5, 1, 0.1), C(0, "is there  TEXT", "yes", 0.9, 1, 0.1),
+             C(1, "Is there text?", "no", 0.2, 1, 0.1), C(0, "How many polyps?", "1", 0.3, 1, 0.1)]
+    stats = pseudo.ParseStats()
+    out = pseudo.dedup(cands, stats)
+    assert [(c.image_index, c.answer) for c in out] == [(0, "yes"), (0, "1"), (1, "no")]
+    assert (stats.duplicate, stats.kept) == (1, 3)
+
+
+def test_confidence_is_geometric_mean_of_answer_tokens_under_teacher_forcing(tiny):
+    model, proc = tiny
+    tok = proc.tokenizer
+    img = Image.new("RGB", (64, 64), (180, 90, 90))
+    target = "Question: What color is the abnormality?\nAnswer: pink, red"
+    batch = models.encode(proc, [img], [pseudo.QA_INSTRUCTION], [target])
+    with torch.no_grad():
+        logits = model(**batch).logits[0]  # (T, V)
+    labels = batch["labels"][0]
+    pos = (labels != -100).nonzero().flatten()[:-1]  # target tokens, eos left out
+    ids = labels[pos].tolist()
+    lps = logits[pos - 1].log_softmax(-1).gather(-1, labels[pos, None]).flatten().tolist()
+    cand = pseudo.score_generation(tok, Generation(target, ids, lps), 7, 48, pseudo.ParseStats())
+    n_prefix = len(tok("Question: What color is the abnormality?\nAnswer:", add_special_tokens=False)["input_ids"])
+    assert tok.decode(ids[n_prefix:]).strip() == "pink, red"
+    assert cand.n_answer_tokens == len(ids) - n_prefix
+    assert cand.confidence == pytest.approx(math.exp(sum(lps[n_prefix:]) / len(lps[n_prefix:])))
+    assert cand.question_confidence != pytest.approx(cand.confidence)
+    assert (cand.image_index, cand.question, cand.answer) == (7, "What color is the abnormality?", "pink, red")
+
+
+def test_sampled_candidates_score_only_their_answer_tokens(tiny):
+    model, proc = tiny
+    img = Image.new("RGB", (64, 64), (180, 90, 90))
+    gens = models.generate(model, proc, [img], [pseudo.QA_INSTRUCTION], do_sample=True,
+                           num_return_sequences=8, seed=3, max_new_tokens=24)[0]
+    for g in gens:  # whatever the model wrote, the span logic must be self-consistent
+        text = proc.tokenizer.decode(g.token_ids)
+        first = pseudo.answer_start_token(proc.tokenizer, g.token_ids, len(text) // 2)
+        assert len(proc.tokenizer.decode(g.token_ids[:first])) <= len(text) // 2 or first == 0
+
+
+def test_confidence_cut_keeps_top_fraction_or_threshold():
+    conf = [0.9, 0.1, 0.5, 0.7, 0.3]
+    assert pseudo.confidence_cut(conf, keep_top=0.6) == 0.5
+    assert pseudo.confidence_cut(conf, keep_top=1.0) == 0.1
+    assert pseudo.confidence_cut(conf, keep_top=0.0) == math.inf
+    assert pseudo.confidence_cut([], keep_top=0.6) == math.inf
+    assert pseudo.confidence_cut(conf, min_confidence=0.42) == 0.42
+
+
+def test_precision_by_bin_counts_hallucinated_questions_as_wrong():
+    pairs = [{"image_id": i, "question": "Is there text?", "answer": "yes" if i >= 2 else "no",
+              "confidence": i / 10} for i in range(4)]
+    pairs.append({"image_id": 9, "question": "Made up?", "answer": "x", "confidence": 0.95})
+    truth = {(i, "is there text"): "yes" for i in range(4)}
+    bins = pseudo.precision_by_bin(pairs, truth, bins=2)
+    assert [b["n"] for b in bins] == [2, 3]
+    assert bins[0]["precision"] == 0.0 and bins[1]["precision"] == pytest.approx(2 / 3)
+    assert bins[1]["precision_known"] == 1.0 and bins[1]["n_known"] == 2
