@@ -1,0 +1,339 @@
+"""What the web app does, as permission-checked functions (no Streamlit here).
+
+Every page action goes through one of these: each takes the signed-in ``user`` (a users row
+as a dict) and calls :func:`leaml.auth.require` before touching the store, so a refused
+action is refused in the library, not only by a hidden button. An annotator calling
+:func:`start_job` gets a PermissionError whatever the page shows. Store errors
+(NotFoundError, ConflictError, ValueError) pass through for the page to show as messages.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import sqlite_utils
+
+from leaml import auth, diversity
+from leaml.store import app_queries
+from leaml.store import images as images_store
+from leaml.store import qa
+from leaml.store import projects as projects_store
+from leaml.store import users as users_store
+
+MAX_UPLOAD_MB = 200           # also the Streamlit upload limit (.streamlit/config.toml)
+UPLOAD_TYPES = ("zip", "jsonl", "csv", "parquet")
+DEFAULT_SEED_FRACTION = 0.01  # seed target: 1% of the train images, at least one
+DEMO_PROJECT = "demo"
+
+
+def _name(user: dict) -> str:
+    return user["name"]
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+def needs_first_admin(db: sqlite_utils.Database) -> bool:
+    """True while the data home has no user at all (the app then asks for the admin account)."""
+    return users_store.count_users(db) == 0
+
+
+def create_first_admin(db: sqlite_utils.Database, name: str, password: str) -> dict:
+    """Create the first account, as admin; PermissionError once any account exists."""
+    if not needs_first_admin(db):
+        raise PermissionError("an admin account already exists; sign in, or ask an admin")
+    return users_store.add_user(db, name, password, "admin", by=name)
+
+
+def sign_in(db: sqlite_utils.Database, name: str, password: str) -> dict | None:
+    """The user if the name and password match an enabled account, else None."""
+    return users_store.verify_password(db, (name or "").strip(), password or "")
+
+
+def list_users(db: sqlite_utils.Database, user: dict) -> list[dict]:
+    auth.require(user, "admin")
+    return users_store.list_users(db)
+
+
+def add_user(db: sqlite_utils.Database, user: dict, name: str, password: str, role: str) -> dict:
+    """Admin only: a new account."""
+    auth.require(user, "admin")
+    return users_store.add_user(db, (name or "").strip(), password, role, by=_name(user))
+
+
+def set_role(db: sqlite_utils.Database, user: dict, name: str, role: str) -> dict:
+    """Admin only; an admin cannot demote the last admin (nobody could manage users then)."""
+    auth.require(user, "admin")
+    admins = [u for u in users_store.list_users(db) if u["role"] == "admin" and not u["disabled"]]
+    if role != "admin" and [u["name"] for u in admins] == [name]:
+        raise ValueError(f"'{name}' is the only admin; make another user admin first")
+    return users_store.set_role(db, name, role, by=_name(user))
+
+
+def reset_password(db: sqlite_utils.Database, user: dict, name: str, password: str) -> dict:
+    """Admin only: set a new password for ``name``."""
+    auth.require(user, "admin")
+    return users_store.set_password(db, name, password, by=_name(user))
+
+
+# --- projects and import ------------------------------------------------------------------
+
+def create_project(db: sqlite_utils.Database, user: dict, name: str, base_model: str = "tiny",
+                   seed_target: int | None = None) -> dict:
+    """A new project (needs 'import'); ``seed_target`` is stored in its settings."""
+    auth.require(user, "import")
+    settings = {"seed_target": int(seed_target)} if seed_target else {}
+    return projects_store.create_project(db, (name or "").strip(), base_model=base_model or "tiny",
+                                         settings=settings, user=_name(user))
+
+
+def import_upload(db: sqlite_utils.Database, user: dict, project: str, filename: str,
+                  data: bytes, *, skip_invalid: bool = False):
+    """Import an uploaded zip, JSONL/CSV manifest or parquet file into ``project``.
+
+    Returns ingest's ImportReport; raises ingest.ImportRejected (with the report, row by
+    row) when rows are bad and ``skip_invalid`` is off, ValueError for a wrong file type
+    or a file over :data:`MAX_UPLOAD_MB`.
+    """
+    from leaml import ingest
+    auth.require(user, "import")
+    suffix = PurePosixPath(filename or "").suffix.lower().lstrip(".")
+    if suffix not in UPLOAD_TYPES:
+        raise ValueError(f"'{filename}': unsupported file type; upload one of "
+                         f"{', '.join('.' + t for t in UPLOAD_TYPES)}")
+    if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
+        raise ValueError(f"'{filename}' is {len(data) / 2**20:.0f} MB; the limit is "
+                         f"{MAX_UPLOAD_MB} MB (import larger sets with `python -m leaml import`)")
+    tmp = Path(tempfile.mkdtemp(prefix="leaml-upload-", dir=db.home))
+    try:  # ingest checks zip members itself (paths outside the archive, sizes, bombs)
+        target = tmp / f"upload.{suffix}"
+        target.write_bytes(data)
+        return ingest.import_path(db, target, project, skip_invalid=skip_invalid,
+                                  user=_name(user), label=PurePosixPath(filename).name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def seed_target(project: dict, counts: dict) -> int:
+    """The project's seed target: its setting, else 1% of the train images (at least 1)."""
+    target = (project.get("settings") or {}).get("seed_target")
+    return int(target) if target else max(1, math.ceil(DEFAULT_SEED_FRACTION *
+                                                       counts.get("train_images", 0)))
+
+
+def ensure_demo(db: sqlite_utils.Database, n_train: int = 300, n_test: int = 60) -> dict | None:
+    """The bundled ``demo`` project, built (small, seconds) if the data home lacks it.
+
+    The full set is ``python -m leaml demo --data-only``; this small one makes the first
+    start of the app quick. Returns None when the demo builder has not landed.
+    """
+    try:
+        return projects_store.get_project(db, DEMO_PROJECT)
+    except LookupError:
+        pass
+    try:
+        from leaml import demo, ingest
+    except ImportError:  # the demo builder or the importer has not landed in this version
+        return None
+    ingest.load_demo(db, demo.DemoConfig(n_train=n_train, n_test=n_test), project=DEMO_PROJECT,
+                     user="demo")
+    return projects_store.get_project(db, DEMO_PROJECT)
+
+
+# --- seed labeling ------------------------------------------------------------------------
+
+def next_image(db: sqlite_utils.Database, project_id: int, *, strategy: str = "diverse",
+               seed: int | None = None, exclude: tuple[int, ...] = ()) -> dict | None:
+    """The next train image without seed QA (random or diverse), or None when all are done."""
+    cands = [r["id"] for r in images_store.list_images(db, project_id, unlabeled=True)
+             if r["id"] not in set(exclude)]
+    labeled = [r["id"] for r in images_store.list_images(db, project_id, unlabeled=False)]
+    cache = Path(db.home) / "cache" / "features" / f"project-{project_id}.npz"
+    picked = diversity.pick_next(cands, labeled, lambda i: images_store.image_path(db, i),
+                                 strategy=strategy, cache_path=cache, seed=seed)
+    return None if picked is None else images_store.get_image(db, picked)
+
+
+def label_seed(db: sqlite_utils.Database, user: dict, *, project_id: int, image_id: int,
+               question: str, answer: str, category: str | None = None,
+               question_type: str | None = None) -> int:
+    """Add one seed QA pair (needs 'label'); returns its id. Audited by the store."""
+    auth.require(user, "label")
+    question, answer = (question or "").strip(), (answer or "").strip()
+    if not question or not answer:
+        raise ValueError("both a question and an answer are needed; fill in the empty one")
+    return qa.add_qa(db, project_id=project_id, image_id=image_id, question=question,
+                     answer=answer, origin="seed", status="labeled",
+                     question_type=question_type or None, category=category or None,
+                     user=_name(user))
+
+
+def edit_seed(db: sqlite_utils.Database, user: dict, qa_id: int, *, expected_version: int,
+              **changes) -> dict:
+    """Change a seed pair's question/answer/category (needs 'label'); ConflictError if stale."""
+    auth.require(user, "label")
+    return qa.update_qa(db, qa_id, expected_version=expected_version, user=_name(user),
+                        **changes)
+
+
+def delete_seed(db: sqlite_utils.Database, user: dict, qa_id: int, *, expected_version: int):
+    """Delete a seed pair (needs 'label'); the audit log keeps what it was."""
+    auth.require(user, "label")
+    return qa.delete_qa(db, qa_id, expected_version=expected_version, user=_name(user))
+
+
+def seed_pairs(db: sqlite_utils.Database, user: dict, project_id: int, limit: int = 200):
+    """The project's seed pairs, newest first (needs 'view')."""
+    auth.require(user, "view")
+    return list(reversed(qa.list_qa(db, project_id, origin="seed")))[:limit]
+
+
+# --- review -------------------------------------------------------------------------------
+
+def next_pair(db: sqlite_utils.Database, user: dict, project_id: int, **filters) -> dict | None:
+    """Claim the next pending pair for ``user`` (needs 'review'); None when the queue is empty."""
+    auth.require(user, "review")
+    return qa.claim_next(db, project_id, _name(user), **filters)
+
+
+def decide(db: sqlite_utils.Database, user: dict, qa_id: int, decision: str, *,
+           expected_version: int, question: str | None = None, answer: str | None = None):
+    """accept, reject or edit one pair (needs 'review'); ConflictError on a stale version."""
+    auth.require(user, "review")
+    if decision == "accept":
+        return qa.accept(db, qa_id, expected_version=expected_version, user=_name(user))
+    if decision == "reject":
+        return qa.reject(db, qa_id, expected_version=expected_version, user=_name(user))
+    if decision == "edit":
+        return qa.edit(db, qa_id, expected_version=expected_version, user=_name(user),
+                       question=question, answer=answer)
+    raise ValueError(f"unknown decision {decision!r}: use accept, reject or edit")
+
+
+def review_filter_options(db: sqlite_utils.Database, user: dict, project_id: int) -> dict:
+    """Categories, question types and generator runs present in the pending queue."""
+    auth.require(user, "review")
+    return app_queries.queue_facets(db, project_id)
+
+
+def calibration(db: sqlite_utils.Database, user: dict, project_id: int, bins: int = 10):
+    """Acceptance rate by confidence bin of the reviewed pseudo pairs (needs 'view')."""
+    auth.require(user, "view")
+    return qa.calibration(db, project_id, bins)
+
+
+def reviewer_stats(db: sqlite_utils.Database, user: dict, project_id: int) -> list[dict]:
+    """Counters per reviewer; an annotator sees only their own row."""
+    auth.require(user, "view")
+    stats = qa.reviewer_stats(db, project_id)
+    if user["role"] == "annotator":
+        stats = [s for s in stats if s["reviewer"] == user["name"]]
+    return stats
+
+
+def skip(db: sqlite_utils.Database, user: dict, qa_id: int) -> None:
+    """Give a claimed pair back to the queue (needs 'review')."""
+    auth.require(user, "review")
+    qa.release_claim(db, qa_id, _name(user))
+
+
+def undo(db: sqlite_utils.Database, user: dict, project_id: int):
+    """Undo ``user``'s last review decision in the project (needs 'review')."""
+    auth.require(user, "review")
+    return qa.undo_last(db, user=_name(user), project_id=project_id)
+
+
+def count_bulk(db: sqlite_utils.Database, user: dict, project_id: int, min_conf: float,
+               **filters) -> int:
+    """How many pending pairs a bulk accept at ``min_conf`` would touch."""
+    auth.require(user, "review")
+    return qa.count_queue(db, project_id, min_conf=min_conf, **filters)
+
+
+def bulk_accept(db: sqlite_utils.Database, user: dict, project_id: int, min_conf: float,
+                **filters) -> int:
+    """Accept every pending pair at or above ``min_conf`` (needs 'review'); returns how many."""
+    auth.require(user, "review")
+    return qa.bulk_accept(db, project_id, min_conf=min_conf, user=_name(user), **filters)
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+METHODS = ("leaml", "seed-lora", "seed-full", "caption-then-seed")
+# The main knobs per job kind with the engine's defaults (TrainConfig, PseudoConfig,
+# neurons): mirrored here so the app never imports torch; tests/test_app_service.py checks
+# that they match. (name, default, help)
+_TRAIN_HP = [("mode", "lora", "'lora' (adapters) or 'full' finetuning"),
+             ("lr", 1e-3, "peak learning rate of AdamW"),
+             ("epochs", 3.0, "passes over the data"),
+             ("batch_size", 32, "examples per optimizer step"),
+             ("lora_r", 16, "LoRA rank"),
+             ("max_steps", 0, "optimizer steps; 0 = derive from epochs")]
+_PSEUDO_HP = [("k", 4, "candidates sampled per unlabeled image"),
+              ("temperature", 1.0, "sampling temperature"),
+              ("max_images", 0, "sample at most this many unlabeled images (0 = all)")]
+_NEURON_HP = [("rho", 0.1, "share of neurons per layer updated by caption distillation")]
+JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP,
+                       "finetune": _TRAIN_HP, "run": _TRAIN_HP + _NEURON_HP + _PSEUDO_HP}
+
+
+def job_hyperparameters(kind: str) -> list[tuple[str, object, str]]:
+    """(name, default, help) of the main hyperparameters of a job kind, for the form."""
+    return list(JOB_HYPERPARAMETERS.get(kind, _TRAIN_HP))
+
+
+def start_job(db: sqlite_utils.Database, user: dict, kind: str, project: str | int,
+              params: dict) -> int:
+    """Queue a background job (needs 'train') and make sure a worker runs; returns its id."""
+    from leaml import jobs
+    auth.require(user, "train")
+    job_id = jobs.enqueue(db, kind, project, params, user=user)
+    jobs.ensure_worker(db.home)
+    return job_id
+
+
+def cancel_job(db: sqlite_utils.Database, user: dict, job_id: int):
+    from leaml import jobs
+    auth.require(user, "train")
+    return jobs.cancel(db, job_id, user=user)
+
+
+def resume_job(db: sqlite_utils.Database, user: dict, job_id: int):
+    from leaml import jobs
+    auth.require(user, "train")
+    result = jobs.resume(db, job_id, user=user)
+    jobs.ensure_worker(db.home)
+    return result
+
+
+def label_choices(db: sqlite_utils.Database, project: dict) -> dict:
+    """Quick picks for seed labeling: the project's questions, answers per question and
+    categories (settings 'questions'/'categories' first, then what the data already holds)."""
+    settings = project.get("settings") or {}
+    vocab = qa.image_vocabulary(db, project["id"])
+    questions = list(dict.fromkeys([*settings.get("questions", []), *vocab["questions"]]))
+    cats = app_queries.image_categories(db, project["id"])
+    categories = list(dict.fromkeys([*settings.get("categories", []), *cats]))
+    return {"questions": questions, "answers": vocab["answers"], "categories": categories}
+
+
+# --- results ------------------------------------------------------------------------------
+
+def results(db: sqlite_utils.Database, user: dict, project_id: int) -> list[dict]:
+    """Evaluated runs of a project as long-form rows (one per run x metric), newest first:
+    run_id, method, base_model, label_fraction, created_at, finished_at, scope, key,
+    accuracy (percent), n. Needs 'view'. Runs without metrics (stages) are left out."""
+    from leaml.store import runs
+    auth.require(user, "view")
+    out = []
+    for r in runs.list_runs(db, project_id):
+        if r["status"] != "succeeded":
+            continue
+        for m in runs.get_metrics(db, r["id"]):
+            out.append({"run_id": r["id"], "method": r["method"], "base_model": r["base_model"],
+                        "label_fraction": r["params"].get("label_fraction"),
+                        "created_at": r["created_at"], "finished_at": r["finished_at"],
+                        "scope": m["scope"], "key": m["key"] or "overall",
+                        "accuracy": m["accuracy"], "n": m["n"]})
+    return out

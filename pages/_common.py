@@ -1,0 +1,134 @@
+"""Streamlit helpers shared by the pages (the only UI module; leaml/ never imports streamlit).
+
+Kept in pages/ (not a new top-level folder): st.navigation lists pages explicitly, so a
+module starting with '_' here is never shown as a page.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+
+from leaml import auth
+from leaml.store import ConflictError, NotFoundError, StoreError, connect
+from leaml.store import projects as projects_store
+
+VIEW_PX = 560  # images are shown this wide (demo frames are 64-128 px: upscaled)
+
+
+def get_db():
+    """A connection for this script run (SQLite connections must stay in their thread)."""
+    return connect()
+
+
+def current_user() -> dict | None:
+    return st.session_state.get("user")
+
+
+def require_page(perm: str) -> dict:
+    """The signed-in user if they may ``perm``; else a message and the page stops."""
+    user = current_user()
+    if user is None:
+        st.info("Please sign in first.")
+        st.stop()
+    if not auth.can(user, perm):
+        st.error(f"Your role ({user['role']}) cannot open this page. Ask an admin for access.")
+        st.stop()
+    return user
+
+
+def project_ui(db) -> dict | None:
+    """Sidebar project picker; remembers the choice across pages. None without projects."""
+    projects = projects_store.list_projects(db)
+    if not projects:
+        return None
+    names = [p["name"] for p in projects]
+    wanted = st.session_state.get("project_name", "demo")
+    index = names.index(wanted) if wanted in names else 0
+    name = st.sidebar.selectbox("Project", names, index=index, key="project_picker")
+    st.session_state["project_name"] = name
+    return projects[names.index(name)]
+
+
+def no_project_stop() -> None:
+    st.info("No project yet. Create one or import data on the **Projects** page.")
+    st.stop()
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Show expected errors (bad input, conflicts, permissions) as messages, not tracebacks."""
+    try:
+        yield
+    except ConflictError as exc:
+        st.warning(f"Conflict: {exc}")
+    except (PermissionError, NotFoundError, StoreError, ValueError) as exc:
+        st.error(str(exc))
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """A message shown once, on the next run (after st.rerun)."""
+    st.session_state["_flash"] = (kind, message)
+
+
+def show_flash() -> None:
+    kind, message = st.session_state.pop("_flash", (None, None))
+    if message:
+        getattr(st, kind)(message)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def view_image(path: str, zoom: float = 1.0, cx: float = 0.5, cy: float = 0.5,
+               width: int = VIEW_PX) -> Image.Image:
+    """The image at ``path`` upscaled to ``width`` px; ``zoom`` > 1 crops around (cx, cy)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    w, h = im.size
+    if zoom > 1:
+        cw, ch = w / zoom, h / zoom
+        left = min(max(cx * w - cw / 2, 0), w - cw)
+        top = min(max(cy * h - ch / 2, 0), h - ch)
+        im = im.crop((int(left), int(top), int(left + cw), int(top + ch)))
+    scale = width / im.size[0]
+    return im.resize((width, max(1, round(im.size[1] * scale))), Image.LANCZOS)
+
+
+def zoom_ui(key: str) -> tuple[float, float, float]:
+    """Zoom factor and centre (x, y in 0..1) chosen in a small expander."""
+    with st.expander("Zoom", expanded=False):
+        zoom = st.slider("Zoom", 1.0, 4.0, 1.0, 0.5, key=f"{key}_zoom")
+        cx = st.slider("Horizontal centre", 0.0, 1.0, 0.5, 0.05, key=f"{key}_cx")
+        cy = st.slider("Vertical centre", 0.0, 1.0, 0.5, 0.05, key=f"{key}_cy")
+    return zoom, cx, cy
+
+
+def show_image(path: Path, caption: str | None = None, key: str = "img") -> None:
+    zoom, cx, cy = zoom_ui(key)
+    st.image(view_image(str(path), zoom, cx, cy), caption=caption, width="stretch")
+
+
+def key_to_button(key: str, label_start: str) -> None:
+    """Press ``key`` (no modifier, outside text fields) to click the button whose label starts
+    with ``label_start``. For keys st.button's ``shortcut`` refuses (Streamlit reserves 'R'
+    for rerun and 'C' for clearing caches); the capture-phase listener keeps Streamlit's own
+    handler from also seeing the key."""
+    import json
+
+    import streamlit.components.v1 as components
+    components.html(f"""<script>
+const doc = window.parent.document, key = {json.dumps(key.lower())}, start = {json.dumps(label_start)};
+const prop = "__leaml_key_" + key;
+if (window.parent[prop]) window.parent.removeEventListener("keydown", window.parent[prop], true);
+window.parent[prop] = (ev) => {{
+  const t = ev.target, tag = (t && t.tagName || "").toLowerCase();
+  if (ev.key.toLowerCase() !== key || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  if (tag === "input" || tag === "textarea" || (t && t.isContentEditable)) return;
+  const btn = Array.from(doc.querySelectorAll("button")).find(
+      b => b.innerText.trim().startsWith(start) && !b.disabled);
+  if (!btn) return;
+  ev.preventDefault(); ev.stopImmediatePropagation(); btn.click();
+}};
+window.parent.addEventListener("keydown", window.parent[prop], true);
+</script>""", height=0)

@@ -1,0 +1,136 @@
+"""Training (experts): start generator / pseudo-QA / finetune jobs or a whole run; watch them."""
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from leaml import app_service, jobs
+from pages._common import (flash, get_db, no_project_stop, project_ui, require_page, show_flash,
+                           user_errors)
+
+user = require_page("train")
+db = get_db()
+project = project_ui(db) or no_project_stop()
+pid = project["id"]
+jobs.recover_stale(db)  # a job whose worker died shows as interrupted (resumable), not running
+st.title("Training")
+show_flash()
+
+
+def hyperparameters_ui(kind: str) -> dict:
+    """The main hyperparameters of ``kind`` with their defaults; only changed values returned."""
+    spec = app_service.job_hyperparameters(kind)
+    out = {}
+    with st.expander("Hyperparameters", expanded=False):
+        cols = st.columns(3)
+        for i, (name, default, help_text) in enumerate(spec):
+            col = cols[i % 3]
+            if isinstance(default, bool):
+                value = col.checkbox(name, default, help=help_text, key=f"hp_{kind}_{name}")
+            elif isinstance(default, (int, float)):
+                value = col.number_input(name, value=default, help=help_text,
+                                         key=f"hp_{kind}_{name}",
+                                         format="%g" if isinstance(default, float) else "%d")
+            else:
+                value = col.text_input(name, str(default), help=help_text, key=f"hp_{kind}_{name}")
+            if value != default:
+                out[name] = value
+    return out
+
+
+def data_mix_ui(kind: str) -> dict:
+    """Which QA pairs train the target: seed, reviewed pseudo, pending above a threshold."""
+    c1, c2, c3 = st.columns(3)
+    seed = c1.checkbox("Seed QA", True, key=f"mix_seed_{kind}")
+    reviewed = c2.checkbox("Accepted + edited pseudo QA", True, key=f"mix_rev_{kind}")
+    pending = c3.checkbox("Pending pseudo QA above a threshold", False, key=f"mix_pend_{kind}")
+    thr = st.slider("Pending confidence threshold", 0.0, 1.0, 0.9, 0.01, key=f"mix_thr_{kind}",
+                    disabled=not pending)
+    return {"use_seed": seed, "use_reviewed": reviewed,
+            "pending_threshold": thr if pending else None}
+
+
+def start_ui() -> tuple[str, dict] | None:
+    """The start-a-job form; (kind, params) when submitted."""
+    labels = {"run": "Whole run (a method end to end)", "generator": "1 · Train the QA generator",
+              "pseudo": "2 · Generate pseudo QA", "finetune": "3 · Finetune the target model"}
+    kind = st.radio("Job", list(labels), format_func=labels.get, horizontal=True, key="job_kind")
+    c1, c2, c3 = st.columns(3)
+    params: dict = {"base_model": c1.text_input("Base model", project["base_model"],
+                                                key=f"base_{kind}"),
+                    "seed": int(c2.number_input("Seed", 0, 10**6, 0, key=f"seed_{kind}"))}
+    if kind == "run":
+        params["method"] = c3.selectbox("Method", app_service.METHODS, key="run_method")
+        params["label_fraction"] = st.number_input(
+            "Label fraction (of the seed pool used; 1 = all seed QA)", 0.001, 1.0, 1.0,
+            format="%g", key="run_frac")
+    if kind in ("run", "finetune"):
+        params.update(data_mix_ui(kind))
+    params["hyperparameters"] = hyperparameters_ui(kind)
+    if st.button("Start job", type="primary", icon=":material/play_arrow:"):
+        return kind, params
+    return None
+
+
+@st.fragment(run_every=2)
+def live_ui() -> None:
+    """The newest active job of the project, refreshed every 2 s without reloading the page."""
+    fdb = get_db()
+    active = [j for j in jobs.list_jobs(fdb, pid, limit=20)
+              if j["status"] in ("queued", "running")]
+    if not active:
+        st.caption("No job running. Start one above; it runs in the background and "
+                   "survives a reload of this page.")
+        return
+    job = active[0]
+    p = jobs.job_progress(fdb, job["id"])
+    eta = f" · about {p['eta']:.0f} s left" if p.get("eta") else ""
+    st.markdown(f"**Job #{job['id']} · {job['kind']}** · {p['status']} · stage "
+                f"`{p['stage'] or 'waiting for the worker'}`{eta}")
+    st.progress(float(p["progress"] or 0), text=p.get("message") or f"{p['progress']:.0%}")
+    log = pd.DataFrame(jobs.train_log(fdb, job["id"]))
+    if not log.empty and log["loss"].notna().any():
+        log["point"] = range(len(log))
+        fig = px.line(log, x="point", y="loss", color="stage", markers=len(log) < 60)
+        fig.update_layout(height=260, margin=dict(l=0, r=0, t=10, b=0), xaxis_title="step")
+        st.plotly_chart(fig, width="stretch")
+    with st.expander("Log", expanded=False):
+        st.code(jobs.log_tail(fdb.home, job, 30) or "(no output yet)", language=None)
+    if st.button("Cancel job", key=f"cancel_{job['id']}", icon=":material/stop:"):
+        with user_errors():
+            app_service.cancel_job(fdb, user, job["id"])
+            st.rerun()
+
+
+picked = start_ui()
+if picked:
+    with user_errors():
+        job_id = app_service.start_job(db, user, picked[0], project["name"], picked[1])
+        flash(f"Job #{job_id} queued; the worker picks it up in a moment.")
+        st.rerun()
+
+st.subheader("Running")
+live_ui()
+
+st.subheader("Past jobs")
+past = jobs.list_jobs(db, pid, limit=50)
+if not past:
+    st.caption("No jobs yet.")
+else:
+    table = pd.DataFrame([{"job": j["id"], "kind": j["kind"], "status": j["status"],
+                           "stage": j["stage"], "progress": j["progress"],
+                           "message": j["message"], "by": j["created_by"],
+                           "created": (j["created_at"] or "")[:19],
+                           "params": str(j["params"])} for j in past])
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={"progress": st.column_config.ProgressColumn(
+                     "progress", min_value=0.0, max_value=1.0)})
+    resumable = [j["id"] for j in past if j["status"] in ("cancelled", "interrupted", "failed")]
+    if resumable:
+        c1, c2 = st.columns([3, 1])
+        which = c1.selectbox("Resume a stopped job from its last checkpoint", resumable,
+                             key="resume_pick")
+        if c2.button("Resume", icon=":material/replay:"):
+            with user_errors():
+                app_service.resume_job(db, user, which)
+                flash(f"Job #{which} queued again.")
+                st.rerun()
