@@ -139,3 +139,15 @@ def test_export_is_audited(db, project, tmp_path):
     export_project(db, "p", tmp_path / "out", user="pi")
     ev = db.execute("SELECT user, after FROM events WHERE action = 'export'").fetchone()
     assert ev[0] == "pi" and json.loads(ev[1])["rows"] == 4
+
+
+def test_hf_datasets_reads_the_parquet(db, project, tmp_path, monkeypatch):
+    """Runs where `datasets` is installed (it is not a requirement; checked by hand with
+    datasets 5.2.0: image decodes to a PIL image, all columns are strings)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    export_project(db, "p", tmp_path / "out", with_test=True)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data.parquet"),
+                               split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 5 and ds[0]["image"].size == (20, 16)
