@@ -12,7 +12,7 @@ import pytest
 
 from leaml.store import ConflictError, NotFoundError, connect
 from leaml.store import images, projects, qa
-from leaml.store.qa_queue import queue_sql
+from leaml.store.qa_queue import claim_sql, queue_sql
 
 
 @pytest.fixture
@@ -257,6 +257,13 @@ def test_review_queue_walks_the_index_without_sorting(db, proj, filters, index):
     sql, params = queue_sql(proj["id"], **filters)
     plan = " | ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert f"USING INDEX {index} " in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_claim_lookups_use_indexes(db, proj):
+    own, free, params = claim_sql(proj["id"], "ann", category="polyp")
+    plan = lambda sql: " | ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, params))  # noqa: E731
+    assert "USING INDEX qa_claims " in plan(own)  # not a walk over every pending pair
+    assert "USING INDEX qa_review_cat " in plan(free) and "TEMP B-TREE" not in plan(free)
 
 
 def test_claim_next_gives_each_reviewer_their_own_pair(db, proj):

@@ -160,9 +160,16 @@ CREATE TABLE workers (
 CREATE INDEX workers_alive ON workers (stopped_at, heartbeat_at);
 """
 
+# --- 3: review claims: find a reviewer's live claim without scanning the queue -------------
+# (claim_next resumes the caller's own claim first; without this it walked every pending pair)
+M003 = """
+CREATE INDEX qa_claims ON qa (locked_by, locked_until) WHERE locked_by IS NOT NULL;
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "initial schema", M001),
     (2, "workers", M002),
+    (3, "qa claims index", M003),
 ]
 
 

@@ -86,6 +86,19 @@ def _until(ttl_seconds: float) -> str:
     return until.isoformat(timespec="microseconds")
 
 
+def claim_sql(project_id: int, reviewer: str, *, order: str = "desc",
+              **queue_filters) -> tuple[str, str, dict]:
+    """The two lookups of :func:`claim_next`: the reviewer's own live claim (through the
+    ``qa_claims`` index) and the first free pair in queue order; plus their parameters."""
+    where, params = _where(project_id, **queue_filters)
+    params.update(now=now(), reviewer=reviewer)
+    order_by = _order(order)
+    own = (f"SELECT id FROM qa WHERE {where} AND locked_by = :reviewer AND locked_until > :now"
+           f" ORDER BY {order_by} LIMIT 1")
+    free = f"SELECT id FROM qa WHERE {where} AND {_FREE} ORDER BY {order_by} LIMIT 1"
+    return own, free, params
+
+
 def claim_next(db: sqlite_utils.Database, project_id: int, reviewer: str, *,
                ttl_seconds: float = 300, order: str = "desc", **queue_filters) -> dict | None:
     """Claim the next pending pair for ``reviewer`` for ``ttl_seconds``; None if none is free.
@@ -97,13 +110,8 @@ def claim_next(db: sqlite_utils.Database, project_id: int, reviewer: str, *,
     if not reviewer:
         raise ValueError("reviewer is empty; sign in first")
     with transaction(db):
-        where, params = _where(project_id, **queue_filters)
-        params.update(now=now(), reviewer=reviewer)
-        order_by = _order(order)
-        found = row(db, f"SELECT id FROM qa WHERE {where} AND locked_by = :reviewer"
-                    f" AND locked_until > :now ORDER BY {order_by} LIMIT 1", params)
-        found = found or row(db, f"SELECT id FROM qa WHERE {where} AND {_FREE}"
-                             f" ORDER BY {order_by} LIMIT 1", params)
+        own_sql, free_sql, params = claim_sql(project_id, reviewer, order=order, **queue_filters)
+        found = row(db, own_sql, params) or row(db, free_sql, params)
         if found is None:
             return None
         db.execute("UPDATE qa SET locked_by = ?, locked_until = ? WHERE id = ?",
