@@ -107,7 +107,7 @@ else:
                                  "created_by", "updated_at", "version"]]
     st.dataframe(table, hide_index=True, width="stretch", height=240)
     by_id = {p["id"]: p for p in pairs}
-    pick = st.selectbox("Edit or delete a label", list(by_id), index=None,
+    pick = st.selectbox("Edit or delete a label", list(by_id), index=None, key="label_pick",
                         format_func=lambda i: f"#{i}: {by_id[i]['question']} → {by_id[i]['answer']}")
     if pick is not None:
         # the version shown when the form was filled in: a change meanwhile is a conflict

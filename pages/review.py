@@ -140,7 +140,7 @@ with left:
     if st.button("Bulk accept", disabled=not (sure and n)):
         with user_errors():
             done = app_service.bulk_accept(db, user, pid, threshold, **bulk_filters)
-            state["rv_bulk_sure"] = False
+            del state["rv_bulk_sure"]  # confirm again next time
             flash(f"Accepted {done} pairs.")
             st.rerun()
 with right:

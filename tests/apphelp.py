@@ -65,3 +65,14 @@ def button(at: AppTest, label: str):
     found = [b for b in at.button if b.label.startswith(label)]
     assert found, f"no button {label!r}; buttons: {[b.label for b in at.button]}"
     return found[0]
+
+
+def add_pending(db, project: dict, n: int = 5, *, category: str = "polyp") -> list[int]:
+    """``n`` pending pseudo pairs on the project's train images, confidence 0.5 .. 0.99."""
+    from leaml.store import images, qa
+    imgs = images.list_images(db, project["id"], split="train")
+    rows = [dict(project_id=project["id"], image_id=imgs[i % len(imgs)]["id"],
+                 question=f"How many polyps are in the image? ({i})", answer=str(i % 3),
+                 origin="pseudo", confidence=0.5 + 0.49 * i / max(1, n - 1),
+                 question_type="count", category=category) for i in range(n)]
+    return qa.add_qa_many(db, rows, user="generator")
