@@ -275,7 +275,41 @@ _PSEUDO_HP = [("k", 4, "candidates sampled per unlabeled image"),
               ("max_images", 0, "sample at most this many unlabeled images (0 = all)")]
 _NEURON_HP = [("rho", 0.1, "share of neurons per layer updated by caption distillation")]
 JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP,
-                       "finetune": _TRAIN_HP, "run": _TRAIN_HP + _NEURON_HP + _PSEUDO_HP}
+                       "finetune": _TRAIN_HP, "leaml": _TRAIN_HP + _NEURON_HP + _PSEUDO_HP}
+
+
+# training stages per method / job kind, for per-stage overrides (pipeline.method_config);
+# mirrored from leaml/pipeline.py (which imports torch, so the app cannot ask it)
+TRAIN_STAGES = {"seed-lora": ["train"], "seed-full": ["train"],
+                "caption-then-seed": ["align", "train"],
+                "leaml": ["generator", "finetune"], "generator": ["generator"],
+                "finetune": ["finetune"], "pseudo": []}
+_ENGINE_HP = {name for name, _, _ in _TRAIN_HP}
+
+
+def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
+               method: str | None = None, label_fraction: float | None = None,
+               data_mix: dict | None = None) -> dict:
+    """The params of a job as the engine takes them (jobs.enqueue stores them as JSON).
+
+    Training hyperparameters become per-stage ``overrides``; the others (pseudo k, rho ...)
+    go to the stages that use them; ``data_mix`` (which pairs train the target) is sent only
+    to the kinds that choose training data (finetune, and the leaml method).
+    """
+    target = method if kind == "run" else kind
+    params: dict = {"base_model": base_model, "seed": int(seed)}
+    if kind == "run":
+        params["method"] = method
+        params["label_fraction"] = float(label_fraction or 1.0)
+    train_hp = {k: v for k, v in hyperparameters.items() if k in _ENGINE_HP}
+    other_hp = {k: v for k, v in hyperparameters.items() if k not in _ENGINE_HP}
+    if train_hp and TRAIN_STAGES.get(target):
+        params["overrides"] = {stage: dict(train_hp) for stage in TRAIN_STAGES[target]}
+    if other_hp:
+        params["options"] = other_hp
+    if data_mix is not None and target in ("finetune", "leaml"):
+        params["data_mix"] = data_mix
+    return params
 
 
 def job_hyperparameters(kind: str) -> list[tuple[str, object, str]]:

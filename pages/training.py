@@ -38,15 +38,15 @@ def hyperparameters_ui(kind: str) -> dict:
 
 
 def data_mix_ui(kind: str) -> dict:
-    """Which QA pairs train the target: seed, reviewed pseudo, pending above a threshold."""
+    """Which QA pairs train the target: seed, accepted/edited pseudo, pending above a
+    confidence threshold (rejected pairs never train anything)."""
     c1, c2, c3 = st.columns(3)
     seed = c1.checkbox("Seed QA", True, key=f"mix_seed_{kind}")
     reviewed = c2.checkbox("Accepted + edited pseudo QA", True, key=f"mix_rev_{kind}")
     pending = c3.checkbox("Pending pseudo QA above a threshold", False, key=f"mix_pend_{kind}")
     thr = st.slider("Pending confidence threshold", 0.0, 1.0, 0.9, 0.01, key=f"mix_thr_{kind}",
                     disabled=not pending)
-    return {"use_seed": seed, "use_reviewed": reviewed,
-            "pending_threshold": thr if pending else None}
+    return {"seed": seed, "reviewed": reviewed, "pending_min_conf": thr if pending else None}
 
 
 def start_ui() -> tuple[str, dict] | None:
@@ -55,19 +55,19 @@ def start_ui() -> tuple[str, dict] | None:
               "pseudo": "2 · Generate pseudo QA", "finetune": "3 · Finetune the target model"}
     kind = st.radio("Job", list(labels), format_func=labels.get, horizontal=True, key="job_kind")
     c1, c2, c3 = st.columns(3)
-    params: dict = {"base_model": c1.text_input("Base model", project["base_model"],
-                                                key=f"base_{kind}"),
-                    "seed": int(c2.number_input("Seed", 0, 10**6, 0, key=f"seed_{kind}"))}
+    form = {"base_model": c1.text_input("Base model", project["base_model"], key=f"base_{kind}"),
+            "seed": int(c2.number_input("Seed", 0, 10**6, 0, key=f"seed_{kind}"))}
     if kind == "run":
-        params["method"] = c3.selectbox("Method", app_service.METHODS, key="run_method")
-        params["label_fraction"] = st.number_input(
-            "Label fraction (of the seed pool used; 1 = all seed QA)", 0.001, 1.0, 1.0,
-            format="%g", key="run_frac")
-    if kind in ("run", "finetune"):
-        params.update(data_mix_ui(kind))
-    params["hyperparameters"] = hyperparameters_ui(kind)
+        form["method"] = c3.selectbox("Method", app_service.METHODS, key="run_method")
+        form["label_fraction"] = st.number_input(
+            "Label fraction (share of the labeled train images whose seed QA is used)",
+            0.001, 1.0, 0.01, format="%g", key="run_frac")
+    if kind == "finetune" or form.get("method") == "leaml":
+        st.markdown("**Training data**")
+        form["data_mix"] = data_mix_ui(kind)
+    form["hyperparameters"] = hyperparameters_ui(form.get("method") or kind)
     if st.button("Start job", type="primary", icon=":material/play_arrow:"):
-        return kind, params
+        return kind, app_service.job_params(kind, **form)
     return None
 
 

@@ -1,0 +1,65 @@
+"""pages/training.py: start jobs with their params, live progress, cancel, resume (AppTest).
+
+A worker row for this very process stands in for a live worker, so ensure_worker starts
+none and the queued job stays put for the test to look at (the e2e test runs real jobs).
+"""
+import os
+import socket
+
+import pytest
+from apphelp import add_users, button, home_db, make_project, page
+
+from leaml import app_service, jobs
+from leaml.store import jobs as jobs_store
+
+
+def no_worker_needed(db):
+    jobs_store.register_worker(db, os.getpid(), socket.gethostname())
+
+
+def test_start_run_job_then_cancel_and_resume(monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1", labeled=2)
+    no_worker_needed(db)
+    at = page("pages/training.py", users["expert"], "p1")
+    assert not at.exception
+    at.selectbox(key="run_method").set_value("seed-lora").run()
+    at.number_input(key="hp_seed-lora_epochs").set_value(1.0).run()
+    button(at, "Start job").click().run()
+    assert not at.exception
+    job = jobs.list_jobs(db)[0]
+    assert job["kind"] == "run" and job["status"] == "queued"
+    assert job["params"]["method"] == "seed-lora"
+    assert job["params"]["overrides"] == {"train": {"epochs": 1.0}}
+    assert "Job #" in at.success[0].value
+    assert any("Job #" in m.value and "queued" in m.value for m in at.markdown)  # live view
+    button(at, "Cancel job").click().run()
+    assert jobs.get_job(db, job["id"])["status"] == "cancelled"
+    at.run()
+    button(at, "Resume").click().run()
+    assert jobs.get_job(db, job["id"])["status"] == "queued"
+
+
+def test_finetune_job_carries_the_data_mix(monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1")
+    no_worker_needed(db)
+    at = page("pages/training.py", users["expert"], "p1")
+    at.radio(key="job_kind").set_value("finetune").run()
+    at.checkbox(key="mix_pend_finetune").check().run()
+    at.slider(key="mix_thr_finetune").set_value(0.8).run()
+    button(at, "Start job").click().run()
+    params = jobs.list_jobs(db)[0]["params"]
+    assert params["data_mix"] == {"seed": True, "reviewed": True, "pending_min_conf": 0.8}
+
+
+def test_annotator_may_not_start_jobs(home, tmp_path):
+    from leaml.store import connect
+    db = connect(home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1")
+    with pytest.raises(PermissionError, match="annotator 'annotator1' may not train"):
+        app_service.start_job(db, users["annotator"], "finetune", "p1", {})
+    assert jobs.list_jobs(db) == []
