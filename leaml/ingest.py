@@ -40,6 +40,7 @@ __all__ = ["ImportReport", "ImportRejected", "RowError", "import_path", "load_de
 
 MAX_ZIP_BYTES = 8 << 30        # everything a zip may expand to
 MAX_ZIP_ENTRIES = 1_000_000
+KEEP_BYTES = 512 << 20         # validated image bytes held for the write; re-read beyond that
 Progress = Callable[[int, int], None]
 
 
@@ -99,13 +100,14 @@ def import_path(db: sqlite_utils.Database, path: str | Path, project: str, *,
         report.errors += parsed.errors
         report.notes += parsed.notes
         existing = _project_id(db, project)
-        checked = _check_images(parsed.rows, limits, report, progress)
+        kept = _Kept()
+        checked = _check_images(parsed.rows, limits, report, progress, kept)
         checked = _check_splits(db, existing, checked, report)
         report.errors.sort(key=lambda e: (e.file, e.row or 0))
         if report.errors and not skip_invalid:
             report.seconds = time.monotonic() - t0
             raise ImportRejected(report)
-        _write(db, project, checked, report, user=user, base_model=base_model,
+        _write(db, project, checked, report, kept, user=user, base_model=base_model,
                max_bytes=max_bytes)
     report.seconds = time.monotonic() - t0
     return report
@@ -232,15 +234,28 @@ def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: 
 
 # --- checks -----------------------------------------------------------------------------------
 
+class _Kept(dict):
+    """Validated bytes by path, up to KEEP_BYTES in all, so most images are read once."""
+
+    def __init__(self):
+        super().__init__()
+        self.size = 0
+
+    def offer(self, path: Path, data: bytes) -> None:
+        if self.size + len(data) <= KEEP_BYTES:
+            self[path] = data
+            self.size += len(data)
+
+
 def _check_images(rows: list[Row], limits: Limits, report: ImportReport,
-                  progress: Progress | None) -> list[tuple[Row, CheckedImage]]:
+                  progress: Progress | None, kept: _Kept) -> list[tuple[Row, CheckedImage]]:
     """Open every distinct image file once; rows whose image fails become errors."""
     seen: dict[Path, CheckedImage | str] = {}
     out = []
     distinct = len({r.image for r in rows})
     for row in rows:
         if row.image not in seen:
-            seen[row.image] = _check_one(row, limits)
+            seen[row.image] = _check_one(row, limits, kept)
             if progress is not None:
                 progress(len(seen), distinct)
             result = seen[row.image]
@@ -256,9 +271,12 @@ def _check_images(rows: list[Row], limits: Limits, report: ImportReport,
     return out
 
 
-def _check_one(row: Row, limits: Limits) -> CheckedImage | str:
+def _check_one(row: Row, limits: Limits, kept: _Kept) -> CheckedImage | str:
     try:
-        return check_image(read_limited(row.image, limits.max_bytes), limits.max_pixels)
+        data = read_limited(row.image, limits.max_bytes)
+        checked = check_image(data, limits.max_pixels)
+        kept.offer(row.image, data)
+        return checked
     except BadImage as exc:
         return f"image '{row.image_name}' {exc}"
 
@@ -289,13 +307,14 @@ def _check_splits(db: sqlite_utils.Database, project_id: int | None,
 # --- write ------------------------------------------------------------------------------------
 
 def _write(db: sqlite_utils.Database, project: str, checked: list[tuple[Row, CheckedImage]],
-           report: ImportReport, *, user: str | None, base_model: str | None,
+           report: ImportReport, kept: _Kept, *, user: str | None, base_model: str | None,
            max_bytes: int) -> None:
     """Store the image files, then every row in one transaction with one 'import' event."""
     images: dict[str, tuple[Row, CheckedImage]] = {}
     for row, img in checked:
         if img.sha256 not in images:
-            if store_image_file(db.home, read_limited(row.image, max_bytes), img.ext) != img.sha256:
+            data = kept.get(row.image) or read_limited(row.image, max_bytes)
+            if store_image_file(db.home, data, img.ext) != img.sha256:
                 raise StoreError(f"{row.file}: image '{row.image_name}' changed during the"
                                  " import; nothing was written, import again")
             images[img.sha256] = (row, img)

@@ -101,6 +101,25 @@ def resolve_inside(root: Path, ref: str, what: str = "the manifest folder") -> P
     return path
 
 
+class Resolver:
+    """resolve_inside for one root, remembering each path (a manifest names an image per QA
+    pair, so the same path comes many times)."""
+
+    def __init__(self, root: Path, what: str = "the manifest folder"):
+        self.root, self.what, self._seen = root.resolve(), what, {}
+
+    def __call__(self, ref: str) -> Path:
+        if ref not in self._seen:
+            try:
+                self._seen[ref] = resolve_inside(self.root, ref, self.what)
+            except ValueError as exc:
+                self._seen[ref] = exc
+        hit = self._seen[ref]
+        if isinstance(hit, ValueError):
+            raise ValueError(str(hit))
+        return hit
+
+
 def _text(rec: dict, key: str) -> str | None:
     """A text field, None when absent or blank; ValueError for non-text or oversized values."""
     value = rec.get(key)
@@ -137,7 +156,7 @@ def _split(rec: dict) -> str:
     return value.lower()
 
 
-def make_row(rec: dict, file: str, rowno: int | None, root: Path,
+def make_row(rec: dict, file: str, rowno: int | None, resolve: Resolver | None,
              image: Path | None = None, image_name: str | None = None) -> Row:
     """Validate one record (a dict of the manifest columns); ValueError says what is wrong."""
     if image is None:
@@ -146,16 +165,16 @@ def make_row(rec: dict, file: str, rowno: int | None, root: Path,
             raise ValueError("no 'image' value; every row needs the image's relative path")
         if not isinstance(ref, str):
             raise ValueError(f"image must be a path, not {type(ref).__name__}")
-        image, image_name = resolve_inside(root, ref), ref
+        image, image_name = resolve(ref), ref
     question, answer = _qa_fields(rec)
     return Row(file, rowno, image, image_name or image.name, question, answer, _split(rec),
                _text(rec, "category"), _text(rec, "question_type"), _text(rec, "caption"),
                _text(rec, "img_id") or image_name)
 
 
-def _add(parsed: Parsed, rec: dict, file: str, rowno: int, root: Path) -> None:
+def _add(parsed: Parsed, rec: dict, file: str, rowno: int, resolve: Resolver) -> None:
     try:
-        parsed.rows.append(make_row(rec, file, rowno, root))
+        parsed.rows.append(make_row(rec, file, rowno, resolve))
     except ValueError as exc:
         parsed.errors.append(RowError(file, rowno, str(exc)))
 
@@ -199,6 +218,7 @@ def read_jsonl(path: Path, label: str, limits: Limits) -> Parsed:
     if err := _check_size(path, label, limits.max_manifest_bytes):
         parsed.errors.append(err)
         return parsed
+    resolve = Resolver(path.parent)
     with open(path, "rb") as f:
         for lineno, raw in _lines(f, MAX_LINE_BYTES):
             if raw is None:
@@ -208,7 +228,7 @@ def read_jsonl(path: Path, label: str, limits: Limits) -> Parsed:
             rec = _json_record(raw, lineno, label, parsed)
             if rec is not None:
                 columns |= rec.keys()
-                _add(parsed, rec, label, lineno, path.parent)
+                _add(parsed, rec, label, lineno, resolve)
     _note_unknown(parsed, label, columns)
     return parsed
 
@@ -249,7 +269,7 @@ def read_csv(path: Path, label: str, limits: Limits) -> Parsed:
         if header is None:
             return parsed
         _note_unknown(parsed, label, set(header))
-        _csv_rows(reader, header, path.parent, label, parsed)
+        _csv_rows(reader, header, Resolver(path.parent), label, parsed)
     return parsed
 
 
@@ -274,7 +294,7 @@ def _csv_header(reader, label: str, parsed: Parsed) -> list[str] | None:
     return header
 
 
-def _csv_rows(reader, header: list[str], root: Path, label: str, parsed: Parsed) -> None:
+def _csv_rows(reader, header: list[str], resolve: Resolver, label: str, parsed: Parsed) -> None:
     lineno = reader.line_num
     while True:
         start = lineno + 1
@@ -296,7 +316,7 @@ def _csv_rows(reader, header: list[str], root: Path, label: str, parsed: Parsed)
                                           f" header names {len(header)}; quote fields that"
                                           " contain commas"))
             continue
-        _add(parsed, dict(zip(header, values)), label, start, root)
+        _add(parsed, dict(zip(header, values)), label, start, resolve)
 
 
 # --- parquet (Kvasir-VQA's Hugging Face schema) ------------------------------------------------
@@ -325,28 +345,29 @@ def read_parquet(path: Path, label: str, limits: Limits, staging: Path) -> Parse
         return parsed
     _note_unknown(parsed, label, set(names))
     columns = [c for c in names if c in COLUMNS or c in KVASIR_COLUMNS]
-    rowno = 0
+    rowno, resolve = 0, Resolver(path.parent, "the parquet file's folder")
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
             for rec in batch.to_pylist():
                 rowno += 1
-                _parquet_row(rec, rowno, path.parent, label, limits, staging, parsed)
+                _parquet_row(rec, rowno, resolve, label, limits, staging, parsed)
     except (pa.ArrowException, OSError) as exc:
         parsed.errors.append(RowError(label, rowno + 1, f"unreadable parquet data ({exc})"))
     return parsed
 
 
-def _parquet_row(rec: dict, rowno: int, root: Path, label: str, limits: Limits,
+def _parquet_row(rec: dict, rowno: int, resolve: Resolver, label: str, limits: Limits,
                  staging: Path, parsed: Parsed) -> None:
     try:
-        image, name = _parquet_image(rec.get("image"), root, limits, staging)
-        parsed.rows.append(make_row(rec, label, rowno, root, image, name))
+        image, name = _parquet_image(rec.get("image"), resolve, limits, staging)
+        parsed.rows.append(make_row(rec, label, rowno, resolve, image, name))
     except ValueError as exc:
         parsed.errors.append(RowError(label, rowno, str(exc)))
 
 
-def _parquet_image(value, root: Path, limits: Limits, staging: Path) -> tuple[Path, str]:
-    """The image of one parquet row as a file: staged bytes, or a path under ``root``."""
+def _parquet_image(value, resolve: Resolver, limits: Limits,
+                   staging: Path) -> tuple[Path, str]:
+    """The image of one parquet row as a file: staged bytes, or a path next to the file."""
     data, ref = None, None
     if isinstance(value, dict):
         data, ref = value.get("bytes"), value.get("path")
@@ -364,7 +385,7 @@ def _parquet_image(value, root: Path, limits: Limits, staging: Path) -> tuple[Pa
             staged.write_bytes(data)
         return staged, PurePosixPath(ref).name if ref else sha[:16]
     if ref:
-        return resolve_inside(root, ref, "the parquet file's folder"), ref
+        return resolve(ref), ref
     raise ValueError("image has neither bytes nor a path; every row needs an image")
 
 
@@ -381,7 +402,7 @@ def read_folder(root: Path, label: str) -> Parsed:
         name = f"{label}/{rel}" if label else rel
         try:
             image = resolve_inside(root, rel, "the imported folder")
-            parsed.rows.append(make_row({}, name, None, root, image, rel))
+            parsed.rows.append(make_row({}, name, None, None, image, rel))
         except ValueError as exc:
             parsed.errors.append(RowError(name, None, str(exc)))
     if skipped:
