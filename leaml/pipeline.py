@@ -52,17 +52,26 @@ class MethodConfig:
     stages: dict = field(default_factory=dict)  # stage name -> TrainConfig
     eval_batch_size: int = field(default=64, metadata={"help": "questions per generate() batch"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest answer generated"})
+    options: dict = field(default_factory=dict, metadata={
+        "help": "method-specific knobs beyond TrainConfig (LEAML: rho, k, keep_top ...)"})
 
     def to_dict(self) -> dict:
         return {"stages": {k: v.to_dict() for k, v in self.stages.items()},
-                "eval_batch_size": self.eval_batch_size, "max_new_tokens": self.max_new_tokens}
+                "eval_batch_size": self.eval_batch_size, "max_new_tokens": self.max_new_tokens,
+                "options": self.options}
 
 
 DEFAULTS: dict[str, Callable[[], MethodConfig]] = {
     "seed-lora": lambda: MethodConfig({"train": _seed_lora()}),
     "seed-full": lambda: MethodConfig({"train": _seed_full()}),
     "caption-then-seed": lambda: MethodConfig({"align": _align(), "train": _seed_full()}),
+    "leaml": lambda: _leaml().default_config(),  # LEAML lives in leaml/leaml_method.py
 }
+
+
+def _leaml():
+    from leaml import leaml_method  # imports this module: resolved lazily
+    return leaml_method
 
 
 def method_config(method: str, seed: int = 0, overrides: dict | None = None) -> MethodConfig:
@@ -73,14 +82,34 @@ def method_config(method: str, seed: int = 0, overrides: dict | None = None) -> 
     cfg = DEFAULTS[method]()
     cfg.stages = {k: replace(v, seed=seed) for k, v in cfg.stages.items()}
     for key, value in (overrides or {}).items():
-        if key in cfg.stages:
-            cfg.stages[key] = replace(cfg.stages[key], **value)
+        if key in cfg.stages or key in cfg.options:
+            _override(cfg, key, value, method)
         elif key in ("eval_batch_size", "max_new_tokens"):
             setattr(cfg, key, value)
         else:
             raise ValueError(f"override '{key}': not a stage of {method} "
                              f"({', '.join(cfg.stages)}) nor eval_batch_size/max_new_tokens")
     return cfg
+
+
+def _override(cfg: MethodConfig, key: str, value, method: str) -> None:
+    """Stage fields go to the stage's TrainConfig, the rest to ``cfg.options[key]``."""
+    if not isinstance(value, dict):
+        if key in cfg.stages:
+            raise ValueError(f"override '{key}' of {method}: give fields, e.g. {key}.lr=1e-3")
+        cfg.options[key] = value
+        return
+    names = set(TrainConfig.__dataclass_fields__) if key in cfg.stages else set()
+    mine = {k: v for k, v in value.items() if k in names}
+    rest = {k: v for k, v in value.items() if k not in names}
+    if mine:
+        cfg.stages[key] = replace(cfg.stages[key], **mine)
+    bad = [k for k in rest if not isinstance(cfg.options.get(key), dict) or k not in cfg.options[key]]
+    if bad:
+        raise ValueError(f"override '{key}.{bad[0]}' of {method}: no such field; see "
+                         f"`python -m leaml run --help`")
+    if rest:
+        cfg.options[key] = {**cfg.options[key], **rest}
 
 
 # --- the run context -------------------------------------------------------------------------
@@ -253,6 +282,7 @@ METHODS: dict[str, Callable[[], list[Stage]]] = {
         train_stage("align", lambda c: caption_examples(c.db, c.data.caption_rows)),
         train_stage("train", lambda c: qa_examples(c.db, c.data.seed_rows)),
         evaluate_stage()],
+    "leaml": lambda: _leaml().stages(),
 }
 
 

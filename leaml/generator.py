@@ -1,0 +1,182 @@
+"""LEAML stage 1: the QA generator G, with caption distillation and selective neurons.
+
+G starts from the base model and is *fully* finetuned (our choice: closest to the paper, and
+a neuron is then simply one row of a weight matrix; with LoRA the rows would be those of the
+B matrices and the shared A matrices would have to stay frozen during caption steps, see
+``neurons.row_masks``). Two example streams are interleaved step by step (``train.Stream``):
+
+* seed QA: ``QA_INSTRUCTION`` -> ``"Question: {q}\\nAnswer: {a}"``; every parameter trains;
+* captions of the run's unlabeled images: ``"Describe the image."`` -> the teacher caption;
+  only the top ``rho`` neurons per layer train (row masks; every other parameter, the vision
+  tower included, keeps its exact value during these steps, with no weight decay).
+
+The neurons are scored once, before training, on the base model: accumulated
+``|sum(grad * weight)|`` per output row of each attention-out and MLP-out projection, of the
+QA-generation loss over the seed set (``neurons.importance_scores``). ``rho=1.0`` is plain
+caption distillation (no masks at all); ``captions=False`` trains on the seed QA alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from leaml import models, neurons
+from leaml.batches import Example, ImageSource, TextCache
+from leaml.pseudo import QA_INSTRUCTION, format_qa
+from leaml.train import Stream, TrainConfig, TrainResult, train
+
+CAPTION_INSTRUCTION = "Describe the image."
+
+
+def _f(default, help: str):
+    if isinstance(default, TrainConfig):
+        return field(default_factory=lambda: replace(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def default_train() -> TrainConfig:
+    """G's optimiser settings (full finetuning; the step count comes from GeneratorConfig)."""
+    return TrainConfig(mode="full", lr=5e-4, batch_size=32, warmup_ratio=0.05,
+                       weight_decay=0.0)
+
+
+@dataclass
+class GeneratorConfig:
+    """Every knob of LEAML's QA-generator stage, with its default."""
+    train: TrainConfig = _f(default_train(), "optimiser settings of G (mode must be 'full')")
+    rho: float = _f(0.1, "fraction of neurons per layer that caption steps may update (1.0 = all, no masks)")
+    captions: bool = _f(True, "interleave caption distillation (False = the no-captions ablation)")
+    caption_ratio: float = _f(1.0, "caption steps per seed-QA step")
+    qa_epochs: float = _f(12.0, "passes over the seed QA stream")
+    min_qa_steps: int = _f(60, "at least this many seed-QA steps (tiny seed sets still train)")
+    max_qa_steps: int = _f(400, "at most this many seed-QA steps (0 = no cap)")
+    importance_batch_size: int = _f(16, "examples per backward pass when scoring neurons")
+    max_captions: int = _f(0, "use at most this many captioned images (0 = all), seeded choice")
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        checks = [(self.train.mode == "full", "train.mode must be 'full' (G is fully finetuned)"),
+                  (0 < self.rho <= 1, "rho must be in (0, 1]"),
+                  (self.caption_ratio > 0, "caption_ratio must be > 0"),
+                  (self.qa_epochs > 0, "qa_epochs must be > 0"),
+                  (self.min_qa_steps >= 1 and self.max_qa_steps >= 0, "min_qa_steps >= 1, max_qa_steps >= 0"),
+                  (self.importance_batch_size >= 1, "importance_batch_size must be >= 1"),
+                  (self.max_captions >= 0, "max_captions must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GeneratorConfig: {msg}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GeneratorConfig":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def qa_steps(self, n_seed: int) -> int:
+        steps = max(self.min_qa_steps, math.ceil(self.qa_epochs * n_seed / self.train.batch_size))
+        return min(steps, self.max_qa_steps) if self.max_qa_steps else steps
+
+
+# --- examples -------------------------------------------------------------------------------
+
+def qa_examples(rows: Sequence[dict], image_file: Callable[[dict], str]) -> list[Example]:
+    """G's seed-QA examples: the generation instruction -> "Question: q\\nAnswer: a"."""
+    return [Example(image_file(r), QA_INSTRUCTION, format_qa(r["question"], r["answer"]), open=True)
+            for r in rows]
+
+
+def caption_examples(rows: Sequence[dict], image_file: Callable[[dict], str]) -> list[Example]:
+    """G's caption-distillation examples: "Describe the image." -> the teacher caption."""
+    return [Example(image_file(r), CAPTION_INSTRUCTION, r["caption"].strip(), open=True)
+            for r in rows if (r.get("caption") or "").strip()]
+
+
+def pick(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """At most ``n`` rows (all when n is 0), a seeded choice kept in input order."""
+    if not n or n >= len(rows):
+        return list(rows)
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(rows), generator=g)[:n].tolist())
+    return [rows[i] for i in keep]
+
+
+# --- neurons --------------------------------------------------------------------------------
+
+def _batches(processor, examples: Sequence[Example], size: int):
+    """Loss batches over all examples (tokenised and preprocessed once, like training)."""
+    images = ImageSource(processor, [e.image for e in examples], budget_mb=512)
+    text = TextCache(processor, examples)
+    for i in range(0, len(examples), size):
+        rows = list(range(i, min(i + size, len(examples))))
+        batch = text.batch(rows)
+        batch["pixel_values"] = images.batch([images.index(examples[r].image) for r in rows])
+        yield batch
+
+
+def select_neurons(model, processor, qa: Sequence[Example], rho: float,
+                   batch_size: int = 16) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(scores, selected): importance of every neuron for the QA-generation loss over ``qa``
+    and the top-``rho`` row mask per layer."""
+    names = models.arch_spec(model).neuron_modules
+    scores = neurons.importance_scores(model, names, _batches(processor, qa, batch_size))
+    return scores, neurons.select_top(scores, rho)
+
+
+# --- training -------------------------------------------------------------------------------
+
+@dataclass
+class GeneratorResult:
+    """The trained generator and what was done to it (stored with the generator run)."""
+    train: TrainResult
+    info: dict
+
+
+def streams(model, processor, qa: Sequence[Example], captions: Sequence[Example],
+            cfg: GeneratorConfig) -> tuple[list[Stream], dict]:
+    """The seed-QA stream and (unless disabled or empty) the masked caption stream."""
+    qa_stream = Stream(list(qa), weight=1.0, name="qa")
+    info: dict = {"n_qa": len(qa), "n_captions": len(captions) if cfg.captions else 0,
+                  "rho": cfg.rho, "captions": cfg.captions}
+    if not cfg.captions or not captions:
+        return [qa_stream], info
+    masks = None
+    if cfg.rho < 1.0:
+        _, selected = select_neurons(model, processor, qa, cfg.rho, cfg.importance_batch_size)
+        masks = neurons.row_masks(model, selected)
+        info["neurons"] = {k: v for k, v in neurons.summary(selected).items() if k != "per_layer"}
+    cap_stream = Stream(list(captions), weight=cfg.caption_ratio, name="caption", grad_masks=masks)
+    return [qa_stream, cap_stream], info
+
+
+def train_generator(model, processor, qa: Sequence[Example], captions: Sequence[Example],
+                    cfg: GeneratorConfig, *, work_dir: str | Path | None = None,
+                    progress=None, should_stop=None) -> GeneratorResult:
+    """Train G (in place, full finetuning) on seed QA interleaved with masked caption steps.
+
+    The step count is ``cfg.qa_steps(len(qa))`` seed-QA steps plus ``caption_ratio`` caption
+    steps per seed-QA step. ``work_dir`` holds train()'s resumable checkpoint.
+    """
+    if not qa:
+        raise ValueError("the QA generator needs seed QA pairs; label some images first "
+                         "(or raise --label-fraction)")
+    for p in model.parameters():  # scoring needs no grads elsewhere; train() sets them again
+        p.requires_grad_(False)
+    st, info = streams(model, processor, qa, captions, cfg)
+    qa_steps = cfg.qa_steps(len(qa))
+    total = qa_steps if len(st) == 1 else math.ceil(qa_steps * (1 + cfg.caption_ratio))
+    tcfg = replace(cfg.train, max_steps=total, min_steps=0)
+    result = train(model, processor, st, tcfg, work_dir=work_dir, progress=progress,
+                   should_stop=should_stop, stage="generator")
+    info.update(steps=result.step, total_steps=total, qa_steps=qa_steps,
+                seconds=round(result.seconds, 1),
+                final_loss=result.losses[-1] if result.losses else None)
+    return GeneratorResult(result, info)

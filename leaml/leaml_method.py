@@ -1,0 +1,375 @@
+"""The LEAML method as pipeline stages, and each stage as a command of its own.
+
+``python -m leaml run --method leaml`` runs four stages (``leaml.pipeline`` drives them):
+
+1. ``generator``: train the QA generator G (leaml/generator.py) on the run's seed QA with
+   caption distillation on the run's unlabeled images, restricted to the top-``rho`` neurons;
+   G is stored as a runs row of method ``generator`` (``<home>/models/run-<id>``), whose id the
+   pseudo pairs carry.
+2. ``pseudo``: G writes K candidates per unlabeled image; parsed, filtered, de-duplicated
+   pairs are stored as ``pending`` QA rows with their answer-token confidence (leaml/pseudo.py).
+3. ``target``: a fresh model from the base trains on the seed QA (oversampled by
+   ``seed_weight``) + accepted/edited pseudo pairs + this generator's pending pairs at or
+   above the confidence cut (top ``keep_top`` of them, or ``min_confidence``). Rejected pairs
+   never train anything.
+4. ``evaluate``: the pipeline's own evaluation.
+
+The same code runs stage by stage (``generator`` / ``pseudo`` / ``finetune`` commands and job
+kinds): ``finetune`` is the ``leaml`` method told to reuse a stored generator run and its
+pairs, so with the same seed both paths give the same model and the same numbers.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from leaml import pipeline
+from leaml.generator import GeneratorConfig, default_train
+from leaml.pipeline import MethodConfig, RunContext, Stage
+from leaml.pseudo import PseudoConfig
+from leaml.train import TrainConfig
+
+GENERATOR_METHOD = "generator"
+
+
+def _target_train() -> TrainConfig:
+    """The target's optimiser settings: seed-lora's, so that only the data differs."""
+    return TrainConfig(mode="lora", lr=3e-3, batch_size=32, epochs=2.0, min_steps=300,
+                       warmup_ratio=0.05, lora_r=16, lora_alpha=32.0)
+
+
+def default_options() -> dict:
+    """LEAML's own knobs (MethodConfig.options); override with e.g. {"generator": {"rho": 1.0}}."""
+    gen = GeneratorConfig().to_dict()
+    gen.pop("train")  # G's TrainConfig is the "generator" stage config
+    return {"generator": gen,
+            "pseudo": {k: v for k, v in PseudoConfig().__dict__.items() if k != "seed"},
+            "target": {"keep_top": 0.6, "min_confidence": None, "seed_weight": 2.0},
+            "generator_run": None,   # reuse this stored generator run (skip training G)
+            "reuse_pseudo": False}   # use the pairs already stored for it (skip sampling)
+
+
+def default_config() -> MethodConfig:
+    """MethodConfig of the ``leaml`` method (stage TrainConfigs + LEAML options)."""
+    return MethodConfig({"generator": default_train(), "target": _target_train()},
+                        options=default_options())
+
+
+def run_seed(ctx: RunContext) -> int:
+    """The run's seed (method_config puts it into every stage's TrainConfig)."""
+    return next(iter(ctx.config.stages.values())).seed
+
+
+def generator_config(config: MethodConfig) -> GeneratorConfig:
+    return GeneratorConfig(train=config.stages["generator"], **config.options["generator"])
+
+
+def pseudo_config(config: MethodConfig, seed: int) -> PseudoConfig:
+    return PseudoConfig(seed=seed, **config.options["pseudo"])
+
+
+# --- stage 1: the generator ---------------------------------------------------------------
+
+def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: str,
+                        cfg: GeneratorConfig, *, seed: int, label_fraction: float,
+                        work_dir: Path, progress=None, should_stop=None, job_id=None,
+                        user=None) -> int | None:
+    """Train G on ``data`` and store it as a ``generator`` run; returns its id (None: stopped).
+
+    ``work_dir`` holds the checkpoint and ``generator_run.json``, so a resumed attempt
+    continues the same run row.
+    """
+    from leaml import generator, models
+    from leaml.store.images import image_path
+    from leaml.store.runs import create_run, finish_run, update_run
+    from leaml.train import save_trained
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_file = work_dir / "generator_run.json"
+    t0 = time.monotonic()
+    if state_file.exists():
+        run_id = json.loads(state_file.read_text())["generator_run"]
+    else:
+        params = {"label_fraction": label_fraction, "seed": seed, **data.summary(),
+                  "kept_images": data.kept_images, "config": cfg.to_dict()}
+        run_id = create_run(db, project["id"], method=GENERATOR_METHOD, base_model=base_model,
+                            params=params, job_id=job_id, user=user)
+        state_file.write_text(json.dumps({"generator_run": run_id}))
+    file_of = lambda r: str(image_path(db, r))  # noqa: E731
+    captions = generator.pick(data.caption_rows, cfg.max_captions, seed)
+    model, processor = models.load(base_model)
+    try:
+        res = generator.train_generator(model, processor, generator.qa_examples(data.seed_rows, file_of),
+                                        generator.caption_examples(captions, file_of), cfg,
+                                        work_dir=work_dir, progress=progress, should_stop=should_stop)
+    except BaseException:
+        finish_run(db, run_id, accuracy=None, seconds=time.monotonic() - t0, status="failed")
+        raise
+    if res.train.stopped:
+        return None
+    out = Path(db.home) / "models" / f"run-{run_id}"
+    shutil.rmtree(out, ignore_errors=True)
+    save_trained(res.train.model, processor, out)
+    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)
+    _merge_params(db, run_id, {"generator": res.info})
+    update_run(db, run_id, model_dir=str(out.relative_to(db.home)))
+    finish_run(db, run_id, accuracy=None, seconds=round(res.info["seconds"], 1))
+    return run_id
+
+
+def _merge_params(db, run_id: int, extra: dict) -> None:
+    from leaml.store.runs import get_run, update_run
+    params = get_run(db, run_id)["params"]
+    params.update(extra)
+    update_run(db, run_id, params=params)
+
+
+def _generator_stage() -> Stage:
+    def run(ctx: RunContext) -> bool:
+        reuse = ctx.config.options.get("generator_run")
+        if reuse is not None:
+            gen_id = int(reuse)
+            check_generator_run(ctx.db, gen_id, ctx.project["id"])
+        else:
+            gen_id = train_generator_run(
+                ctx.db, ctx.project, ctx.data, ctx.base_model, generator_config(ctx.config),
+                seed=run_seed(ctx), label_fraction=_run_params(ctx)["label_fraction"],
+                work_dir=ctx.stage_dir("generator"), progress=ctx.progress,
+                should_stop=ctx.should_stop, job_id=None, user=None)
+            if gen_id is None:
+                return False
+        _write_done(ctx, "generator", {"generator_run": gen_id})
+        _merge_params(ctx.db, ctx.run_id, {"generator_run": gen_id})
+        return True
+    return Stage("generator", run)
+
+
+def _run_params(ctx: RunContext) -> dict:
+    from leaml.store.runs import get_run
+    return get_run(ctx.db, ctx.run_id)["params"]
+
+
+def check_generator_run(db, run_id: int, project_id: int | None = None) -> dict:
+    """The generator run row, or a ValueError saying what is wrong with it."""
+    from leaml.store.runs import get_run
+    run = get_run(db, run_id)
+    if run["method"] != GENERATOR_METHOD:
+        raise ValueError(f"run {run_id} is a '{run['method']}' run, not a generator run; "
+                         "pass the id printed by `python -m leaml generator`")
+    if project_id is not None and run["project_id"] != project_id:
+        raise ValueError(f"generator run {run_id} belongs to another project")
+    if run["status"] != "succeeded" or not run["model_dir"]:
+        raise ValueError(f"generator run {run_id} has status '{run['status']}' and no model; "
+                         "train it again with `python -m leaml generator`")
+    return run
+
+
+def _write_done(ctx: RunContext, name: str, info: dict) -> None:
+    d = ctx.stage_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "done.json").write_text(json.dumps(info))
+
+
+def _generator_of(ctx: RunContext) -> int:
+    return json.loads((ctx.stage_dir("generator") / "done.json").read_text())["generator_run"]
+
+
+# --- stage 2: pseudo QA ---------------------------------------------------------------------
+
+def _pseudo_stage() -> Stage:
+    def run(ctx: RunContext) -> bool:
+        from leaml.pseudo_stage import generate_pseudo
+        gen_id = _generator_of(ctx)
+        info = {"skipped": True}
+        if not ctx.config.options.get("reuse_pseudo"):
+            info = generate_pseudo(ctx.db, gen_id, pseudo_config(ctx.config, run_seed(ctx)),
+                                   progress=ctx.progress, should_stop=ctx.should_stop)
+            if info.get("stopped"):
+                return False
+        _write_done(ctx, "pseudo", info)
+        return True
+    return Stage("pseudo", run)
+
+
+# --- stage 3: the target ----------------------------------------------------------------------
+
+def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
+                keep_top: float | None, min_confidence: float | None) -> tuple[list[dict], dict]:
+    """The pseudo pairs that train the target, and a summary of the data.
+
+    Accepted and edited pseudo pairs of any generator run, plus ``gen_run_id``'s pending pairs
+    at or above the cut (computed over that run's pending pairs). Never a rejected pair
+    (``store.qa.training_pairs`` does not return them).
+    """
+    from leaml.pseudo import confidence_cut
+    from leaml.store.qa import list_qa, training_pairs
+    pending = [r["confidence"] for r in list_qa(db, project_id, origin="pseudo", status="pending")
+               if r["gen_run_id"] == gen_run_id and r["confidence"] is not None]
+    cut = confidence_cut(pending, keep_top=keep_top, min_confidence=min_confidence)
+    rows = [r for r in training_pairs(db, project_id, include_pending_min_conf=None if math.isinf(cut) else cut)
+            if r["origin"] == "pseudo" and (r["status"] != "pending" or r["gen_run_id"] == gen_run_id)]
+    n_pending = sum(r["status"] == "pending" for r in rows)
+    return rows, {"n_seed_qa": len(seed_rows), "n_pseudo_pending_kept": n_pending,
+                  "n_pseudo_reviewed": len(rows) - n_pending, "n_pseudo_pending_total": len(pending),
+                  "confidence_cut": None if math.isinf(cut) else cut}
+
+
+def _target_stage() -> Stage:
+    def run(ctx: RunContext) -> bool:
+        from leaml import models
+        from leaml.train import Stream, save_trained, train
+        opts = ctx.config.options["target"]
+        gen_id = _generator_of(ctx)
+        rows, summary = target_rows(ctx.db, ctx.project["id"], gen_id, ctx.data.seed_rows,
+                                    keep_top=opts.get("keep_top"),
+                                    min_confidence=opts.get("min_confidence"))
+        seed_ex = pipeline.qa_examples(ctx.db, ctx.data.seed_rows)
+        if not seed_ex and not rows:
+            raise ValueError(f"project '{ctx.project['name']}': no seed QA and no usable pseudo QA "
+                             "to train the target on; label some images or lower the cut")
+        streams = [Stream(seed_ex, weight=opts.get("seed_weight", 1.0) * len(seed_ex), name="seed")] if seed_ex else []
+        if rows:
+            streams.append(Stream(pipeline.qa_examples(ctx.db, rows), weight=len(rows), name="pseudo"))
+        model, processor = models.load(ctx.base_model)
+        result = train(model, processor, streams, ctx.config.stages["target"],
+                       work_dir=ctx.stage_dir("target"), progress=ctx.progress,
+                       should_stop=ctx.should_stop, stage="target")
+        if result.stopped:
+            return False
+        out = save_trained(result.model, processor, ctx.stage_dir("target") / "model")
+        shutil.rmtree(ctx.stage_dir("target") / "checkpoint", ignore_errors=True)
+        summary.update(steps=result.step, seconds=round(result.seconds, 1))
+        _write_done(ctx, "target", {"model_dir": str(out), **summary})
+        _merge_params(ctx.db, ctx.run_id, {"target_data": summary})
+        ctx.model_dir = str(out)
+        return True
+    return Stage("target", run)
+
+
+def stages() -> list[Stage]:
+    """The ``leaml`` method's stages, in order."""
+    return [_generator_stage(), _pseudo_stage(), _target_stage(), pipeline.evaluate_stage()]
+
+
+# --- the single stages as commands / job kinds ------------------------------------------------
+
+def overrides_for(*, rho: float | None = None, captions: bool | None = None,
+                  extra: dict | None = None) -> dict:
+    """run_method overrides for the CLI's --rho / --no-captions, merged into ``extra``."""
+    out = copy.deepcopy(extra or {})
+    if rho is not None:
+        out.setdefault("generator", {})["rho"] = rho
+    if captions is not None:
+        out.setdefault("generator", {})["captions"] = captions
+    return out
+
+
+def _open(store):
+    import sqlite_utils
+
+    from leaml.store import connect
+    return store if isinstance(store, sqlite_utils.Database) else connect(store)
+
+
+def _train_data(db, project_id: int, label_fraction: float, seed: int) -> pipeline.RunData:
+    """pipeline.load_run_data without the test pairs (G needs none)."""
+    from leaml.store.images import list_images
+    from leaml.store.qa import training_pairs
+    from leaml.store.runs import unlabeled_captions
+    labeled = [r["id"] for r in list_images(db, project_id, split="train", unlabeled=False)]
+    kept = pipeline.keep_fraction(labeled, label_fraction, seed)
+    seed_rows = [r for r in training_pairs(db, project_id, image_ids=kept) if r["origin"] == "seed"]
+    captions = unlabeled_captions(db, project_id, exclude_image_ids=kept)
+    return pipeline.RunData(seed_rows, captions, [], len(labeled), kept)
+
+
+def generator_command(store, project, *, label_fraction: float = 1.0, seed: int = 0,
+                      base_model: str | None = None, progress=None, should_stop=None,
+                      work_dir=None, resume: bool = True, overrides: dict | None = None,
+                      job_id=None, user=None, **_ignored) -> dict:
+    """Stage 1 alone: train G on the project's seed QA (of a label fraction) + captions and
+    store it as a ``generator`` run. Returns ``{"generator_run", "seconds", ...}`` or
+    ``{"stopped": True}`` (call again with the same work_dir to resume)."""
+    from leaml.store.projects import get_project
+    from leaml.store.runs import get_run
+    db = _open(store)
+    proj = get_project(db, project)
+    base = base_model or proj.get("base_model") or "tiny"
+    cfg = generator_config(pipeline.method_config("leaml", seed, overrides))
+    data = _train_data(db, proj["id"], label_fraction, seed)
+    wd = Path(work_dir) if work_dir else Path(db.home) / "work" / f"generator-{time.time_ns()}"
+    if not resume:
+        shutil.rmtree(wd, ignore_errors=True)
+    gen_id = train_generator_run(db, proj, data, base, cfg, seed=seed, label_fraction=label_fraction,
+                                 work_dir=wd, progress=progress, should_stop=should_stop,
+                                 job_id=job_id, user=user)
+    if gen_id is None:
+        return {"stopped": True, "stage": "generator", "method": GENERATOR_METHOD}
+    if work_dir is None:
+        shutil.rmtree(wd, ignore_errors=True)
+    run = get_run(db, gen_id)
+    return {"method": GENERATOR_METHOD, "generator_run": gen_id, "run_id": gen_id,
+            "seconds": run["seconds"], **data.summary(), **run["params"].get("generator", {})}
+
+
+def pseudo_command(store, project, *, generator_run: int, k: int | None = None,
+                   seed: int | None = None, overrides: dict | None = None, progress=None,
+                   should_stop=None, user=None, **_ignored) -> dict:
+    """Stage 2 alone: pending pseudo QA for the generator run's unlabeled images. The
+    sampling seed defaults to the generator run's seed (as in the one-shot run)."""
+    from leaml.pseudo_stage import generate_pseudo
+    from leaml.store.projects import get_project
+    db = _open(store)
+    run = check_generator_run(db, int(generator_run), get_project(db, project)["id"])
+    seed = run["params"].get("seed", 0) if seed is None else seed
+    cfg = pseudo_config(pipeline.method_config("leaml", seed, overrides), seed)
+    if k is not None:
+        cfg = PseudoConfig(**{**cfg.__dict__, "k": k})
+    return generate_pseudo(db, int(generator_run), cfg, progress=progress,
+                           should_stop=should_stop, user=user)
+
+
+def latest_generator_run(db, project_id: int) -> int:
+    """The newest succeeded generator run of a project (ValueError when there is none)."""
+    from leaml.store.runs import list_runs
+    for r in list_runs(db, project_id, method=GENERATOR_METHOD):
+        if r["status"] == "succeeded":
+            return r["id"]
+    raise ValueError("this project has no trained QA generator yet; run "
+                     "`python -m leaml generator --project NAME` first")
+
+
+def finetune_command(store, project, *, generator_run: int | None = None,
+                     keep_top: float | None = None, min_confidence: float | None = None,
+                     mode: str | None = None, overrides: dict | None = None, progress=None,
+                     should_stop=None, work_dir=None, resume: bool = True, job_id=None,
+                     user=None, **_ignored) -> dict:
+    """Stage 3 (+ evaluation) alone: the ``leaml`` method reusing a generator run and the
+    pairs stored for it (after people reviewed them). Label fraction, seed and base model
+    come from the generator run, so the result equals the one-shot run's."""
+    from leaml.store.projects import get_project
+    db = _open(store)
+    pid = get_project(db, project)["id"]
+    gen_id = int(generator_run) if generator_run is not None else latest_generator_run(db, pid)
+    gen = check_generator_run(db, gen_id, pid)
+    target: dict = {}
+    if min_confidence is not None:
+        target.update(min_confidence=min_confidence, keep_top=None)
+    elif keep_top is not None:
+        target["keep_top"] = keep_top
+    if mode is not None:
+        target["mode"] = mode
+    ov = copy.deepcopy(overrides or {})
+    ov.update(generator_run=gen_id, reuse_pseudo=True)
+    ov["target"] = {**ov.get("target", {}), **target}
+    return pipeline.run_method(db, pid, "leaml", label_fraction=gen["params"]["label_fraction"],
+                               seed=gen["params"]["seed"], base_model=gen["base_model"],
+                               progress=progress, should_stop=should_stop, work_dir=work_dir,
+                               resume=resume, overrides=ov, job_id=job_id, user=user)
+
+
+STAGE_COMMANDS = {"generator": generator_command, "pseudo": pseudo_command,
+                  "finetune": finetune_command}

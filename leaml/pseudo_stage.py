@@ -1,0 +1,115 @@
+"""LEAML stage 2 against the store: sample pseudo QA for a generator run's unlabeled images.
+
+The pure parts (parsing, filtering, confidence, cut) are in :mod:`leaml.pseudo`. Here:
+which images, chunking (one transaction per chunk of images: the unit of progress, cancel and
+resume), question types from the project's known questions, and the precision report
+against hidden truth.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import Callable
+
+from leaml import pseudo
+from leaml.pseudo import ParseStats, PseudoConfig, question_key
+
+Progress = Callable[[str, int, int, float], None]
+
+
+def unlabeled_images(db, gen_run: dict) -> list[dict]:
+    """Train images of the generator run's project whose labels the run did not use."""
+    from leaml.store.images import list_images
+    kept = set(gen_run["params"].get("kept_images") or [])
+    return [r for r in list_images(db, gen_run["project_id"], split="train") if r["id"] not in kept]
+
+
+def known_question_types(db, project_id: int) -> dict[str, str]:
+    """question_key -> its most frequent question type among the project's non-pseudo pairs."""
+    votes: dict[str, Counter] = {}
+    for r in db.query("SELECT question, question_type FROM qa WHERE project_id = ? AND origin != 'pseudo'"
+                      " AND question_type IS NOT NULL", [project_id]):
+        votes.setdefault(question_key(r["question"]), Counter())[r["question_type"]] += 1
+    return {k: c.most_common(1)[0][0] for k, c in votes.items()}
+
+
+def _done_images(db, gen_run_id: int) -> set[int]:
+    return {r["image_id"] for r in db.query(
+        "SELECT DISTINCT image_id FROM qa WHERE gen_run_id = ? AND origin = 'pseudo'", [gen_run_id])}
+
+
+def _chunk_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7919) & 0x7FFFFFFF
+
+
+def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None, user: str | None = None) -> dict:
+    """Sample, filter and store pending pseudo QA for every unlabeled image of a generator run.
+
+    Images go in chunks of ``cfg.chunk``; each chunk is sampled with its own seed (derived from
+    ``cfg.seed`` and the chunk's index) and stored in one transaction, so a stopped run resumes
+    by skipping the chunks already stored and ends with exactly the pairs of an uninterrupted
+    one. Returns counts (images, sampled, kept, dropped by reason, seconds) or
+    ``{"stopped": True, ...}``.
+    """
+    from leaml import models
+    from leaml.generator import pick
+    from leaml.leaml_method import check_generator_run
+    from leaml.store.images import image_path
+    from leaml.store.qa import add_qa_many
+    from leaml.train import load_trained
+    run = check_generator_run(db, gen_run_id)
+    images = pick(unlabeled_images(db, run), cfg.max_images, cfg.seed)
+    if not images:
+        raise ValueError(f"generator run {gen_run_id}: no unlabeled train images to write QA for; "
+                         "import images without labels or use a label fraction below 1")
+    model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
+    qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
+    stats, t0, stored = ParseStats(), time.monotonic(), 0
+    chunks = [images[i:i + cfg.chunk] for i in range(0, len(images), cfg.chunk)]
+    for index, chunk in enumerate(chunks):
+        if any(r["id"] in done for r in chunk):
+            continue
+        if should_stop and should_stop():
+            return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
+        pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
+        cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
+                              _chunk_seed(cfg.seed, index), stats)
+        rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
+                 "question": c.question, "answer": c.answer, "origin": "pseudo", "status": "pending",
+                 "confidence": c.confidence, "question_type": qtypes.get(question_key(c.question)),
+                 "gen_run_id": gen_run_id, "source": "generator"} for c in cands]
+        if rows:
+            add_qa_many(db, rows, user=user, action="qa.pseudo")
+        stored += len(rows)
+        if progress:
+            progress("pseudo", min((index + 1) * cfg.chunk, len(images)), len(images), math.nan)
+    info = {"generator_run": gen_run_id, "images": len(images), "stored": stored, "k": cfg.k,
+            **stats.to_dict(), "seconds": round(time.monotonic() - t0, 1)}
+    _record(db, gen_run_id, info, cfg)
+    return info
+
+
+def _record(db, gen_run_id: int, info: dict, cfg: PseudoConfig) -> None:
+    from leaml.store.runs import get_run, update_run
+    params = get_run(db, gen_run_id)["params"]
+    params.setdefault("pseudo", []).append({"config": dict(cfg.__dict__), **info})
+    update_run(db, gen_run_id, params=params)
+
+
+def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5) -> list[dict]:
+    """Precision of a generator run's pseudo pairs per confidence bin (equal-count bins),
+    against the project's own labels of the same images: in the demo project, images a run
+    treated as unlabeled still hold their true seed QA, so every pseudo pair can be checked
+    (normalised exact match, answer sets as sets). Pairs whose question has no true answer
+    for that image count as wrong (``precision``) and are left out of ``precision_known``."""
+    from leaml.evaluate import exact_match
+    pairs = list(db.query("SELECT image_id, question, answer, confidence FROM qa WHERE gen_run_id = ?"
+                          " AND origin = 'pseudo' AND confidence IS NOT NULL", [gen_run_id]))
+    images = sorted({p["image_id"] for p in pairs})
+    truth = {(r["image_id"], question_key(r["question"])): r["answer"] for r in db.query(
+        "SELECT image_id, question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
+        " (SELECT value FROM json_each(?))", [str(images)])}
+    return pseudo.precision_by_bin(pairs, truth, bins=bins,
+                                   match=lambda p, g: exact_match(p, g) == 1.0)
