@@ -8,27 +8,23 @@ event. With errors and without ``skip_invalid`` it raises :class:`ImportRejected
 database is exactly as before. Re-importing the same data adds nothing: images are unique by
 sha256 per project and seed/test pairs by (image, origin, question, answer).
 
-What a source is: ``.jsonl``/``.csv`` a manifest, ``.parquet`` a Kvasir-VQA file, ``.zip``
-is extracted (after every entry name is checked) and treated as a folder; a folder holding
-one ``.jsonl``/``.csv`` (or ``manifest.*``) at its top is that manifest, one with ``.parquet``
-files at its top is those files, any other folder is a folder of unlabeled images.
+What a path is (manifest, parquet, folder, zip) is decided in :mod:`leaml.ingest_files`;
+manifests are read in :mod:`leaml.ingest_read`, images checked in :mod:`leaml.ingest_check`.
 """
 from __future__ import annotations
 
-import stat
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
 import sqlite_utils
 
 from leaml.ingest_check import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, BadImage, CheckedImage,
                                 check_image, read_limited)
-from leaml.ingest_read import (Limits, Parsed, Row, RowError, read_csv, read_folder,
-                               read_jsonl, read_parquet)
+from leaml.ingest_files import read_source
+from leaml.ingest_read import Limits, Row, RowError
 from leaml.store import NotFoundError, StoreError, log_event, transaction
 from leaml.store import transfer
 from leaml.store.images import add_image, store_image_file
@@ -38,8 +34,6 @@ from leaml.store.qa import add_qa_many
 __all__ = ["ImportReport", "ImportRejected", "RowError", "import_path", "load_demo",
            "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES"]
 
-MAX_ZIP_BYTES = 8 << 30        # everything a zip may expand to
-MAX_ZIP_ENTRIES = 1_000_000
 KEEP_BYTES = 512 << 20         # validated image bytes held for the write; re-read beyond that
 Progress = Callable[[int, int], None]
 
@@ -118,118 +112,6 @@ def _project_id(db: sqlite_utils.Database, name: str) -> int | None:
         return get_project(db, name)["id"]
     except NotFoundError:
         return None
-
-
-# --- sources ----------------------------------------------------------------------------------
-
-def read_source(path: Path, tmp: Path, limits: Limits, label: str) -> Parsed:
-    """Rows of any supported source; ``tmp`` holds extracted zips and staged parquet images."""
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        return _read_dir(path, tmp, limits, label)
-    if suffix in (".jsonl", ".ndjson"):
-        return read_jsonl(path, label, limits)
-    if suffix == ".csv":
-        return read_csv(path, label, limits)
-    if suffix == ".parquet":
-        return read_parquet(path, label, limits, _staging(tmp))
-    if suffix == ".zip":
-        dest = tmp / "zip"
-        parsed = Parsed(errors=extract_zip(path, dest, label))
-        parsed.extend(_read_dir(_unwrap(dest), tmp, limits, label))
-        return parsed
-    raise ValueError(f"{label}: cannot import a '{suffix or 'extensionless'}' file; give a"
-                     " .jsonl or .csv manifest, a .parquet file, a folder or a .zip")
-
-
-def _staging(tmp: Path) -> Path:
-    staging = tmp / "staged"
-    staging.mkdir(exist_ok=True)
-    return staging
-
-
-def _read_dir(folder: Path, tmp: Path, limits: Limits, label: str) -> Parsed:
-    """A folder: its manifest if it has one at its top, else its parquet files, else images."""
-    top = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    manifests = [p for p in top if p.suffix.lower() in (".jsonl", ".ndjson", ".csv")]
-    if len(manifests) > 1:
-        manifests = [p for p in manifests if p.stem == "manifest"] or manifests
-    if len(manifests) > 1:
-        names = ", ".join(p.name for p in manifests)
-        raise ValueError(f"{label}: holds several manifests ({names}); import them one by one"
-                         " or name the one to use manifest.jsonl")
-    if manifests:
-        return read_source(manifests[0], tmp, limits, f"{label}/{manifests[0].name}")
-    parsed = Parsed()
-    for pq_file in (p for p in top if p.suffix.lower() == ".parquet"):
-        parsed.extend(read_parquet(pq_file, f"{label}/{pq_file.name}", limits, _staging(tmp)))
-    return parsed if parsed.rows or parsed.errors else read_folder(folder, label)
-
-
-def _unwrap(dest: Path) -> Path:
-    """A zip of one folder is that folder (what zipping a folder in a file manager gives)."""
-    if not dest.exists():
-        dest.mkdir(parents=True)
-    entries = [p for p in dest.iterdir() if p.name != "__MACOSX"]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
-
-
-def _zip_name_problem(info: zipfile.ZipInfo) -> str | None:
-    name = info.filename.replace("\\", "/")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or "\0" in name:
-        return "is an absolute path"
-    if ".." in PurePosixPath(name).parts:
-        return "escapes the archive folder (holds '..')"
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "is a symbolic link"
-    return None
-
-
-def extract_zip(path: Path, dest: Path, label: str) -> list[RowError]:
-    """Extract the safe entries of a zip into ``dest``; one RowError per refused entry.
-
-    Entry names are checked before anything is written (no absolute paths, no '..', no
-    symlinks); sizes are counted while copying, so a lying header cannot fill the disk.
-    """
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        return [RowError(label, None, f"is not a readable zip archive ({exc})")]
-    errors, budget = [], MAX_ZIP_BYTES
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_ZIP_ENTRIES:
-            return [RowError(label, None, f"holds {len(infos)} entries, over the limit of"
-                             f" {MAX_ZIP_ENTRIES}; split it")]
-        safe = []
-        for n, info in enumerate(infos, 1):
-            problem = _zip_name_problem(info)
-            if problem:
-                errors.append(RowError(label, n, f"entry '{info.filename}' {problem}; zip the"
-                                       " folder itself, with relative paths only"))
-            elif not info.is_dir() and not info.filename.startswith("__MACOSX/"):
-                safe.append((n, info))
-        dest.mkdir(parents=True, exist_ok=True)
-        for n, info in safe:
-            try:
-                budget -= _copy_entry(zf, info, dest, budget)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-                errors.append(RowError(label, n, f"entry '{info.filename}' is unreadable ({exc})"))
-    return errors
-
-
-def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: int) -> int:
-    target = dest / info.filename.replace("\\", "/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with zf.open(info) as src, open(target, "wb") as out:
-        while chunk := src.read(1 << 20):
-            written += len(chunk)
-            if written > budget:
-                raise ValueError(f"the archive expands to more than {MAX_ZIP_BYTES >> 30} GB;"
-                                 " split it")
-            out.write(chunk)
-    return written
 
 
 # --- checks -----------------------------------------------------------------------------------

@@ -1,24 +1,21 @@
-"""Reading import sources into rows: JSONL/CSV manifests, Kvasir-VQA parquet, image folders.
+"""Reading manifests into rows: the columns, the field rules, JSONL and CSV.
 
 Nothing here touches the database. Every reader streams its input (line by line, batch by
 batch) and turns each record into a :class:`Row` or a :class:`RowError` naming the file and
 the row; the caller decides whether errors abort the import. Image paths are resolved against
 the manifest's folder and must stay inside it (no ``..``, no absolute paths, no symlinks that
-lead out). Images held inline in a parquet file are copied into a staging folder so that every
-row points at a file and no image is held in memory longer than one batch.
+lead out).
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from leaml.ingest_check import IMAGE_SUFFIXES, human_bytes
+from leaml.ingest_check import human_bytes
 
 COLUMNS = ("image", "question", "answer", "split", "category", "question_type", "caption")
 # Kvasir-VQA's own columns: `source` is the data set an image came from (kvasir, hyperkvasir,
@@ -28,7 +25,6 @@ SPLITS = ("train", "test")
 MAX_LINE_BYTES = 1 << 20                 # one manifest line / CSV field
 MAX_MANIFEST_BYTES = 2 << 30             # a manifest file
 MAX_TEXT_CHARS = 10_000                  # one question, answer or caption
-PARQUET_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -179,7 +175,7 @@ def _add(parsed: Parsed, rec: dict, file: str, rowno: int, resolve: Resolver) ->
         parsed.errors.append(RowError(file, rowno, str(exc)))
 
 
-def _note_unknown(parsed: Parsed, file: str, columns: set[str]) -> None:
+def note_unknown(parsed: Parsed, file: str, columns: set[str]) -> None:
     unknown = sorted(columns - set(COLUMNS) - set(KVASIR_COLUMNS))
     if unknown:
         parsed.notes.append(f"{file}: ignored unknown column(s) {', '.join(unknown)}"
@@ -229,7 +225,7 @@ def read_jsonl(path: Path, label: str, limits: Limits) -> Parsed:
             if rec is not None:
                 columns |= rec.keys()
                 _add(parsed, rec, label, lineno, resolve)
-    _note_unknown(parsed, label, columns)
+    note_unknown(parsed, label, columns)
     return parsed
 
 
@@ -268,7 +264,7 @@ def read_csv(path: Path, label: str, limits: Limits) -> Parsed:
         header = _csv_header(reader, label, parsed)
         if header is None:
             return parsed
-        _note_unknown(parsed, label, set(header))
+        note_unknown(parsed, label, set(header))
         _csv_rows(reader, header, Resolver(path.parent), label, parsed)
     return parsed
 
@@ -317,105 +313,3 @@ def _csv_rows(reader, header: list[str], resolve: Resolver, label: str, parsed: 
                                           " contain commas"))
             continue
         _add(parsed, dict(zip(header, values)), label, start, resolve)
-
-
-# --- parquet (Kvasir-VQA's Hugging Face schema) ------------------------------------------------
-
-def read_parquet(path: Path, label: str, limits: Limits, staging: Path) -> Parsed:
-    """Rows of a parquet file with Kvasir-VQA's columns; inline images go to ``staging``.
-
-    ``image`` is a struct {bytes, path} (or binary, or a relative path string). Kvasir-VQA
-    has no split or category: every row is ``train`` with no category unless the file has
-    ``split``/``category`` columns (our exports do). ``source`` is ignored; ``img_id`` names
-    the image.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    parsed = Parsed()
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        parsed.errors.append(RowError(label, None, f"is not a readable parquet file ({exc})"))
-        return parsed
-    names = pf.schema_arrow.names
-    if "image" not in names:
-        parsed.errors.append(RowError(label, None, f"has no 'image' column (found: "
-                                      f"{', '.join(names)}); Kvasir-VQA files have image,"
-                                      " source, question, answer, img_id"))
-        return parsed
-    _note_unknown(parsed, label, set(names))
-    columns = [c for c in names if c in COLUMNS or c in KVASIR_COLUMNS]
-    rowno, resolve = 0, Resolver(path.parent, "the parquet file's folder")
-    try:
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-            for rec in batch.to_pylist():
-                rowno += 1
-                _parquet_row(rec, rowno, resolve, label, limits, staging, parsed)
-    except (pa.ArrowException, OSError) as exc:
-        parsed.errors.append(RowError(label, rowno + 1, f"unreadable parquet data ({exc})"))
-    return parsed
-
-
-def _parquet_row(rec: dict, rowno: int, resolve: Resolver, label: str, limits: Limits,
-                 staging: Path, parsed: Parsed) -> None:
-    try:
-        image, name = _parquet_image(rec.get("image"), resolve, limits, staging)
-        parsed.rows.append(make_row(rec, label, rowno, resolve, image, name))
-    except ValueError as exc:
-        parsed.errors.append(RowError(label, rowno, str(exc)))
-
-
-def _parquet_image(value, resolve: Resolver, limits: Limits,
-                   staging: Path) -> tuple[Path, str]:
-    """The image of one parquet row as a file: staged bytes, or a path next to the file."""
-    data, ref = None, None
-    if isinstance(value, dict):
-        data, ref = value.get("bytes"), value.get("path")
-    elif isinstance(value, (bytes, bytearray)):
-        data = value
-    elif isinstance(value, str):
-        ref = value
-    if data:
-        if len(data) > limits.max_bytes:
-            raise ValueError(f"image is {human_bytes(len(data))}, over the limit of"
-                             f" {human_bytes(limits.max_bytes)} per image")
-        sha = hashlib.sha256(data).hexdigest()
-        staged = staging / sha
-        if not staged.exists():
-            staged.write_bytes(data)
-        return staged, PurePosixPath(ref).name if ref else sha[:16]
-    if ref:
-        return resolve(ref), ref
-    raise ValueError("image has neither bytes nor a path; every row needs an image")
-
-
-# --- folders ----------------------------------------------------------------------------------
-
-def read_folder(root: Path, label: str) -> Parsed:
-    """Every image file under ``root`` (recursive, sorted, hidden files skipped), unlabeled."""
-    parsed, skipped = Parsed(), 0
-    root = root.resolve()
-    for rel in _walk(root):
-        if PurePosixPath(rel).suffix.lower() not in IMAGE_SUFFIXES:
-            skipped += 1
-            continue
-        name = f"{label}/{rel}" if label else rel
-        try:
-            image = resolve_inside(root, rel, "the imported folder")
-            parsed.rows.append(make_row({}, name, None, None, image, rel))
-        except ValueError as exc:
-            parsed.errors.append(RowError(name, None, str(exc)))
-    if skipped:
-        parsed.notes.append(f"{label or root.name}: ignored {skipped} file(s) that are not"
-                            f" images by name ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return parsed
-
-
-def _walk(root: Path) -> list[str]:
-    """Relative posix paths of the files under root; symlinked folders are not followed."""
-    out = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = Path(folder).relative_to(root)
-        out += [(rel / f).as_posix() for f in files if not f.startswith(".")]
-    return sorted(out)
