@@ -69,6 +69,7 @@ class JobContext:
     log: logging.Logger
     pid: int = field(default_factory=os.getpid)
     stop_reason: str | None = None   # 'cancel', 'shutdown' or 'lost' once should_stop said yes
+    plan: list = field(default_factory=list)  # the stages the kind will run, for overall progress
     _checked_at: float = 0.0
     _stages: list = field(default_factory=list)
     _timers: dict = field(default_factory=dict)
@@ -92,8 +93,10 @@ class JobContext:
                         loss=None if loss is None else float(loss), lr=lr)
 
     def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> None:
-        """Training callback: loss row, then stage progress and an ETA from this attempt's pace."""
-        self.log_loss(stage, step, total, loss)
+        """Training callback: loss row, then stage progress and an ETA from this attempt's pace.
+        Evaluation reports NaN losses: progress only, no loss row."""
+        if loss is not None and loss == loss:
+            self.log_loss(stage, step, total, loss)
         if stage not in self._stages:
             self._stages.append(stage)
         t0, step0 = self._timers.setdefault(stage, (time.monotonic(), step - 1))
@@ -101,11 +104,11 @@ class JobContext:
         frac = step / total if total else 0.0
         self.report(stage, self._overall(stage, frac), None, rate * max(0, total - step))
         if step % 10 == 0 or step == total:
-            self.log.info("%s step %d/%d loss %.4f", stage, step, total, loss or float("nan"))
+            self.log.info("%s step %d/%d loss %s", stage, step, total, loss)
 
     def _overall(self, stage: str, frac: float) -> float:
-        """Job progress over the stages the kind announced in ``params['stages']`` (if any)."""
-        plan = list(self.job["params"].get("stages") or [])
+        """Job progress over the stages of ``plan`` (stages not in it are appended)."""
+        plan = list(self.plan or self.job["params"].get("stages") or [])
         plan += [s for s in self._stages if s not in plan]
         i = plan.index(stage)
         return (i + frac) / len(plan)
@@ -140,27 +143,49 @@ def job_kind(name: str) -> Callable[[Kind], Kind]:
     return register
 
 
-def _pipeline_call(ctx: JobContext, params: dict, method: str) -> dict:
-    from leaml import pipeline  # the engine: imported only inside the job's own process
-    p = dict(params)
-    p.pop("stages", None)
-    p.pop("method", None)
-    return pipeline.run_method(ctx.db, ctx.job["project_id"], method, progress=ctx.progress,
-                               should_stop=ctx.should_stop, work_dir=ctx.checkpoint_dir,
-                               job_id=ctx.job_id, user=ctx.user, **p)
+def _engine_kwargs(ctx: JobContext, params: dict) -> dict:
+    """The job's params plus what every engine entry point takes from the job."""
+    p = {k: v for k, v in params.items() if k not in ("stages", "method")}
+    return dict(p, progress=ctx.progress, should_stop=ctx.should_stop,
+                work_dir=ctx.checkpoint_dir, job_id=ctx.job_id, user=ctx.user)
 
 
 @job_kind("run")
 def _run(ctx: JobContext, params: dict) -> dict:
-    """A whole method (``params['method']``: leaml, seed-lora, ...) end to end."""
-    if not params.get("method"):
+    """A whole method (``params['method']``: leaml, seed-lora, ...) end to end; the params
+    are ``pipeline.run_method``'s keywords (label_fraction, seed, base_model, overrides)."""
+    method = params.get("method")
+    if not method:
         raise ValueError("job kind 'run' needs params['method'] (leaml, seed-lora, seed-full, "
                          "caption-then-seed)")
-    return _pipeline_call(ctx, params, params["method"])
+    from leaml import pipeline  # the engine: imported only inside the job's own process
+    ctx.plan = pipeline.stage_names(method)
+    return pipeline.run_method(ctx.db, ctx.job["project_id"], method, **_engine_kwargs(ctx, params))
 
 
-for _stage in ("generator", "pseudo", "finetune"):
-    job_kind(_stage)(lambda ctx, params, _m=_stage: _pipeline_call(ctx, params, _m))
+def _stage_kind(name: str) -> Kind:
+    def run(ctx: JobContext, params: dict) -> dict:
+        """One LEAML stage alone (``leaml_method.STAGE_COMMANDS``), params = its keywords."""
+        from leaml import leaml_method
+        ctx.plan = [name] if name != "finetune" else ["target", "evaluate"]
+        return leaml_method.STAGE_COMMANDS[name](ctx.db, ctx.job["project_id"],
+                                                 **_engine_kwargs(ctx, params))
+    return run
+
+
+for _name in ("generator", "pseudo", "finetune"):
+    job_kind(_name)(_stage_kind(_name))
+
+
+@job_kind("evaluate")
+def _evaluate(ctx: JobContext, params: dict) -> dict:
+    """Re-evaluate a stored run (``params['run_id']``) on its project's test split."""
+    from leaml import pipeline
+    if not params.get("run_id"):
+        raise ValueError("job kind 'evaluate' needs params['run_id'] (see `python -m leaml "
+                         "jobs list` / the dashboard for run ids)")
+    ctx.plan = ["evaluate"]
+    return pipeline.evaluate_run(ctx.db, int(params["run_id"]), progress=ctx.progress)
 
 
 # --- the API the app and the CLI call -------------------------------------------------------

@@ -59,8 +59,10 @@ class _Beat(threading.Thread):
 
 def work(home=None, *, once: bool = False, poll_s: float = 1.0,
          idle_exit: float | None = None) -> int:
-    """Run queued jobs until stopped (``once``: until the queue is empty; ``idle_exit``: after
-    that many idle seconds). Returns the number of jobs run."""
+    """Run queued jobs until stopped. ``once``: drain, i.e. exit when no job is queued or
+    running (jobs other workers run are waited for, so `run --background; worker --once`
+    returns when the job has ended whoever ran it); ``idle_exit``: exit after that many
+    idle seconds. Returns the number of jobs this worker ran."""
     home = home_dir(home)
     db = connect(home)
     pid, host = os.getpid(), socket.gethostname()
@@ -70,12 +72,17 @@ def work(home=None, *, once: bool = False, poll_s: float = 1.0,
     beat = _Beat(home, lambda d: _worker_beat(d, worker_id, pid, state), jobs.heartbeat_interval())
     beat.start()
     _on_signals(lambda: _shutdown(state))
-    n, idle_since = 0, time.monotonic()
+    n, idle_since, checked = 0, time.monotonic(), time.monotonic()
     try:
         while not state["stop"]:
             job = q.claim_next(db, pid)
             if job is None:
-                if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                if time.monotonic() - checked > jobs.heartbeat_interval():
+                    jobs.recover_stale(db)  # a dead worker's job must not block --once forever
+                    checked = time.monotonic()
+                if once and not q.list_jobs(db, status="running", limit=1):
+                    break  # drained: nothing queued, nothing running (here or elsewhere)
+                if idle_exit is not None and time.monotonic() - idle_since > idle_exit:
                     break
                 time.sleep(poll_s)
                 continue
@@ -212,8 +219,8 @@ def _execute(ctx: jobs.JobContext) -> None:
             return
         ctx.log.info("job stopped (%s) with %s: %s", ctx.stop_reason, type(exc).__name__, exc)
         result = {}
-    if ctx.stop_reason is not None and not result.get("run_id"):  # stopped before a result
-        _end_stopped(ctx)
+    if result.get("stopped") or (ctx.stop_reason is not None and not result.get("run_id")):
+        _end_stopped(ctx)  # the engine returned early ({"stopped": True}) and kept a checkpoint
         return
     ctx.log.info("job %s succeeded: %s", job["id"], result)
     _end(ctx, "succeeded", _summary(result), result.get("run_id"))
@@ -227,9 +234,11 @@ def _end_stopped(ctx: jobs.JobContext) -> None:
         _end(ctx, "cancelled", f"cancelled{at}; {keep}")
     elif ctx.stop_reason == "shutdown":
         _end(ctx, "interrupted", f"worker shut down{at}; {keep}")
-    else:
+    elif ctx.stop_reason == "lost":
         ctx.log.warning("job %s was taken away from this process (marked %s); stopping",
                         ctx.job_id, q.get_job(ctx.db, ctx.job_id)["status"])
+    else:
+        _end(ctx, "interrupted", f"stopped early{at}; {keep}")
 
 
 def _end(ctx: jobs.JobContext, status: str, message: str, run_id: int | None = None) -> None:
