@@ -106,6 +106,15 @@ def test_add_qa_many_is_one_transaction_with_one_event(db, proj):
     assert after["origins"] == {"pseudo": 100, "seed": 2}
 
 
+def test_add_qa_many_maps_stored_seed_pairs_to_their_ids(db, proj):
+    kw = dict(project_id=proj["id"], image_id=proj["images"][0], question="q", answer="a")
+    stored = qa.add_qa(db, **kw, origin="seed")
+    ids = qa.add_qa_many(db, [{**kw, "origin": "seed"}, {**kw, "origin": "test"},
+                              {**kw, "origin": "pseudo"}])
+    assert ids[0] == stored and len(set(ids)) == 3
+    assert json.loads(_events(db, action="qa.bulk_create")[0]["after"])["count"] == 2
+
+
 def test_add_qa_many_validates_everything_first(db, proj):
     rows = [dict(project_id=proj["id"], image_id=proj["images"][0], question="q", answer="a",
                  origin="pseudo")] * 3

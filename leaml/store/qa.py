@@ -157,30 +157,52 @@ def add_qa_many(db: sqlite_utils.Database, rows: list[dict], *, user: str | None
     """Add many pairs (dicts with add_qa's keyword names) in one transaction; returns their
     ids in input order.
 
-    Everything is validated before anything is written (ValueError names the row). Pseudo
-    pairs go in with one executemany; seed/test duplicates map to the existing id. One summary
-    event per project in the batch (``after``: count, first_id, last_id, duplicates, origins).
+    Everything is validated before anything is written (ValueError names the row). New pairs
+    go in with one executemany; a seed/test pair already stored (or repeated in the batch)
+    maps to the existing id. One summary event per project in the batch (``after``: count,
+    first_id, last_id, duplicates, origins).
     """
     prepared = [_prepare(r, f"row {i}: ") for i, r in enumerate(rows)]
-    ts, ids = now(), [None] * len(prepared)
+    ids: list = [None] * len(prepared)
     with transaction(db):
         _check_images(db, prepared)
-        seen: dict[tuple, int] = {}
-        for i, p in enumerate(prepared):  # seed/test: few, checked one by one
-            if p["origin"] != "pseudo":
-                key = (p["image_id"], p["origin"], p["question"], p["answer"])
-                ids[i] = seen.get(key) or _existing_labeled(db, p)
-                if ids[i] is None:
-                    ids[i] = db.execute(_INSERT, _values(p, user, ts)).lastrowid
-                    seen[key] = ids[i]
-        _insert_contiguous(db, prepared, ids, user, ts)
-        _log_batch(db, prepared, ids, set(seen.values()), user=user, action=action)
+        known = _labeled_ids(db, prepared)
+        first: dict[tuple, int] = {}   # labeled key -> index of its first row in this batch
+        new, repeats = [], {}
+        for i, p in enumerate(prepared):
+            key = None if p["origin"] == "pseudo" else _key(p)
+            if key in known:
+                ids[i] = known[key]
+            elif key in first:
+                repeats[i] = first[key]
+            else:
+                if key:
+                    first[key] = i
+                new.append(i)
+        _insert_contiguous(db, prepared, new, ids, user, now())
+        for i, j in repeats.items():
+            ids[i] = ids[j]
+        _log_batch(db, prepared, ids, set(new), user=user, action=action)
     return ids
 
 
-def _insert_contiguous(db, prepared: list[dict], ids: list, user, ts: str) -> None:
-    """executemany the pseudo rows; under the write lock their rowids are max+1 .. max+n."""
-    todo = [i for i, p in enumerate(prepared) if p["origin"] == "pseudo"]
+def _key(p: dict) -> tuple:
+    return (p["image_id"], p["origin"], p["question"], p["answer"])
+
+
+def _labeled_ids(db, prepared: list[dict]) -> dict[tuple, int]:
+    """Stored seed/test pairs on the batch's images, by (image, origin, question, answer)."""
+    images = sorted({p["image_id"] for p in prepared if p["origin"] != "pseudo"})
+    if not images:
+        return {}
+    return {_key(r): r["id"] for r in db.query(
+        "SELECT id, image_id, origin, question, answer FROM qa WHERE origin IN ('seed', 'test')"
+        " AND image_id IN (SELECT value FROM json_each(?))", [json.dumps(images)])}
+
+
+def _insert_contiguous(db, prepared: list[dict], todo: list[int], ids: list, user,
+                       ts: str) -> None:
+    """executemany rows ``todo``; under the write lock their rowids are max+1 .. max+n."""
     if not todo:
         return
     start = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM qa").fetchone()[0]
@@ -192,13 +214,13 @@ def _insert_contiguous(db, prepared: list[dict], ids: list, user, ts: str) -> No
         ids[i] = start + offset
 
 
-def _log_batch(db, prepared: list[dict], ids: list, labeled_new: set, *, user, action) -> None:
+def _log_batch(db, prepared: list[dict], ids: list, created: set, *, user, action) -> None:
     for project_id in sorted({p["project_id"] for p in prepared}):
-        mine = [(p, i) for p, i in zip(prepared, ids) if p["project_id"] == project_id]
-        new = sorted({i for p, i in mine if p["origin"] == "pseudo" or i in labeled_new})
+        mine = [i for i, p in enumerate(prepared) if p["project_id"] == project_id]
+        new = sorted(ids[i] for i in mine if i in created)
         origins: dict[str, int] = {}
-        for p, _ in mine:
-            origins[p["origin"]] = origins.get(p["origin"], 0) + 1
+        for i in mine:
+            origins[prepared[i]["origin"]] = origins.get(prepared[i]["origin"], 0) + 1
         log_event(db, user=user, action=action, entity="qa", entity_id=None,
                   project_id=project_id,
                   after={"count": len(new), "duplicates": len(mine) - len(new),
