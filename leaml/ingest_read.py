@@ -259,20 +259,36 @@ def read_csv(path: Path, label: str, limits: Limits) -> Parsed:
         parsed.errors.append(err)
         return parsed
     csv.field_size_limit(MAX_LINE_BYTES)
-    with open(path, encoding="utf-8-sig", newline="", errors="strict") as f:
-        reader = csv.reader(f)
+    with open(path, "rb") as f:
+        reader = csv.reader(_text_lines(f, label, parsed))
         header = _csv_header(reader, label, parsed)
         if header is None:
             return parsed
         note_unknown(parsed, label, set(header))
         _csv_rows(reader, header, Resolver(path.parent), label, parsed)
+    parsed.errors.sort(key=lambda e: e.row or 0)
     return parsed
+
+
+def _text_lines(f: io.BufferedReader, label: str, parsed: Parsed):
+    """Decoded lines for csv.reader; a line that is too long or not UTF-8 becomes an error
+    naming its line number and an empty line (which the reader skips)."""
+    for lineno, raw in _lines(f, MAX_LINE_BYTES):
+        try:
+            if raw is None:
+                raise ValueError(f"line is longer than {MAX_LINE_BYTES} bytes")
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except ValueError as exc:   # UnicodeDecodeError is a ValueError
+            reason = "line is not UTF-8 text; save the CSV as UTF-8" \
+                if isinstance(exc, UnicodeDecodeError) else str(exc)
+            parsed.errors.append(RowError(label, lineno, reason))
+            yield "\n"
 
 
 def _csv_header(reader, label: str, parsed: Parsed) -> list[str] | None:
     try:
         header = [h.strip() for h in next(reader, [])]
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except csv.Error as exc:
         parsed.errors.append(RowError(label, 1, f"unreadable CSV header ({exc})"))
         return None
     expected = ",".join(COLUMNS)
@@ -298,11 +314,9 @@ def _csv_rows(reader, header: list[str], resolve: Resolver, label: str, parsed: 
             values = next(reader)
         except StopIteration:
             return
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             lineno = reader.line_num
             parsed.errors.append(RowError(label, start, f"unreadable CSV row ({exc})"))
-            if isinstance(exc, UnicodeDecodeError):
-                return   # the decoder cannot resynchronise: stop here, the error is reported
             continue
         lineno = reader.line_num
         if not any(v.strip() for v in values):

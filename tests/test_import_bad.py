@@ -367,3 +367,48 @@ def test_skip_invalid_imports_the_rest(seeded, src):
     ev = seeded.execute("SELECT after FROM events WHERE action = 'import' ORDER BY id DESC"
                         " LIMIT 1").fetchone()[0]
     assert json.loads(ev)["rejected"] == 2
+
+
+def test_zip_bomb_entry(seeded, tmp_path, monkeypatch):
+    import leaml.ingest_files
+    monkeypatch.setattr(leaml.ingest_files, "MAX_ZIP_BYTES", 1 << 20)
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", png_bytes())
+        zf.writestr("zeros.png", bytes(4 << 20))   # 4 MB of zeros: a few kB compressed
+    assert_rejected(seeded, z, "bomb.zip", 2, "'zeros.png'", "expands to more than")
+
+
+def test_parquet_image_path_escaping(seeded, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "kv").mkdir()
+    (tmp_path / "kv" / "a.png").write_bytes(png_bytes())
+    p = tmp_path / "kv" / "kv.parquet"
+    image = [{"bytes": None, "path": "a.png"}, {"bytes": None, "path": "../../etc/passwd"}]
+    pq.write_table(pa.table({"image": image, "question": ["q", "q"], "answer": ["a", "b"]}), p)
+    assert_rejected(seeded, p, "kv.parquet", 2, "escapes the parquet file's folder")
+
+
+def test_parquet_question_without_answer(seeded, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    p = tmp_path / "kv.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": png_bytes(), "path": "a.png"}],
+                             "question": ["Polyp?"], "answer": [" "]}), p)
+    assert_rejected(seeded, p, "kv.parquet", 1, "answer is empty")
+
+
+def test_csv_not_utf8(seeded, src):
+    m = src / "m.csv"
+    m.write_bytes(b"image,question,answer\nimages/a.png,q,a\nimages/b.jpg,caf\xe9?,a\n")
+    assert_rejected(seeded, m, "m.csv", 3, "not UTF-8")
+
+
+def test_folder_with_several_manifests(seeded, src):
+    write_jsonl(src / "one.jsonl", [GOOD])
+    write_jsonl(src / "two.jsonl", [GOOD])
+    before = dump(seeded)
+    with pytest.raises(ValueError, match="several manifests"):
+        import_path(seeded, src, "p")
+    assert dump(seeded) == before
