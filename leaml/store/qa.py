@@ -265,7 +265,7 @@ def _guard(db, before: dict, expected_version: int, user: str | None) -> None:
         who, when = _last_change(db, before["id"], before)
         raise ConflictError(f"QA {before['id']} was changed by {who} at {when} (version "
                             f"{before['version']}, you had {expected_version}); reload and try again")
-    if before["locked_by"] and before["locked_by"] != user and before["locked_until"] > now():
+    if before["locked_by"] not in (None, user) and (before["locked_until"] or "") > now():
         raise ConflictError(f"QA {before['id']} is being reviewed by {before['locked_by']} until "
                             f"{before['locked_until']}; pick another pair or try again later")
 
