@@ -106,3 +106,18 @@ ADDERS += [_add_users]
 from leaml.cli_data import _add_demo, _add_export, _add_import  # noqa: E402
 
 ADDERS += [_add_demo, _add_import, _add_export]
+
+# training and scoring: `run` and `evaluate` live in leaml/cli_runs.py (train/evaluate engineer)
+from leaml.cli_runs import _add_evaluate, _add_run  # noqa: E402
+
+ADDERS += [_add_run, _add_evaluate]
+
+# the embedded base model: `pretrain-tiny` lives in leaml/cli_pretrain.py (models engineer)
+from leaml.cli_pretrain import _add_pretrain_tiny  # noqa: E402
+
+ADDERS += [_add_pretrain_tiny]
+
+# LEAML's single stages: `generator`, `pseudo`, `finetune` live in leaml/cli_leaml.py (LEAML engineer)
+from leaml.cli_leaml import _add_finetune, _add_generator, _add_pseudo  # noqa: E402
+
+ADDERS += [_add_generator, _add_pseudo, _add_finetune]

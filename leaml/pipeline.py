@@ -324,7 +324,8 @@ def run_method(store, project: str | int, method: str, *, label_fraction: float 
                seed: int = 0, base_model: str | None = None, progress: Progress | None = None,
                should_stop: Callable[[], bool] | None = None, work_dir: str | Path | None = None,
                resume: bool = True, overrides: dict | None = None, job_id: int | None = None,
-               user: str | None = None) -> dict:
+               user: str | None = None, options: dict | None = None,
+               data_mix: dict | None = None, **stage_params) -> dict:
     """Run ``method`` on ``project`` end to end: train, evaluate, store a run and metrics.
 
     ``store`` is an open database or a data home. Only the seed QA of a seeded random
@@ -334,9 +335,23 @@ def run_method(store, project: str | int, method: str, *, label_fraction: float 
     outputs and checkpoints; with ``resume`` a folder from an interrupted attempt continues
     where it stopped. Returns the result JSON, or ``{"stopped": True, "stage": ...}`` when
     ``should_stop`` ended it early (run again with the same work_dir to resume).
+
+    LEAML (leaml/leaml_method.py): ``options`` (flat knobs: k, rho, keep_top ...) and
+    ``data_mix`` (which pairs train the target) become overrides; ``method`` may also be one
+    of its single stages ``generator``, ``pseudo``, ``finetune`` (the job kinds), which take
+    ``stage_params`` such as ``generator_run``, ``k``, ``keep_top``, ``min_confidence``.
     """
     from leaml.store.projects import get_project
     from leaml.store.runs import finish_run
+    if options or data_mix is not None:
+        overrides = _leaml().job_overrides(overrides, options, data_mix)
+    if method in ("generator", "pseudo", "finetune"):
+        return _leaml().STAGE_COMMANDS[method](
+            store, project, label_fraction=label_fraction, seed=seed, base_model=base_model,
+            progress=progress, should_stop=should_stop, work_dir=work_dir, resume=resume,
+            overrides=overrides, job_id=job_id, user=user, **stage_params)
+    if stage_params:
+        raise TypeError(f"run_method({method!r}): unexpected {', '.join(sorted(stage_params))}")
     t0 = time.monotonic()
     db = _open_db(store)
     proj = get_project(db, project)
@@ -422,10 +437,9 @@ class ProgressBar:
         if stage != self.stage:
             self.close()
             self.bar, self.stage = tqdm(total=total, desc=stage, unit="step", leave=True), stage
-        self.bar.n = step
         if loss == loss:  # not NaN
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        self.bar.refresh()
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
