@@ -8,7 +8,7 @@
    pseudo pairs carry.
 2. ``pseudo``: G writes K candidates per unlabeled image; parsed, filtered, de-duplicated
    pairs are stored as ``pending`` QA rows with their answer-token confidence (leaml/pseudo.py).
-3. ``target``: a fresh model from the base trains on the seed QA (oversampled by
+3. ``finetune``: the target, a fresh model from the base trains on the seed QA (oversampled by
    ``seed_weight``) + accepted/edited pseudo pairs + this generator's pending pairs at or
    above the confidence cut (top ``keep_top`` of them, or ``min_confidence``). Rejected pairs
    never train anything.
@@ -48,14 +48,15 @@ def default_options() -> dict:
     gen.pop("train")  # G's TrainConfig is the "generator" stage config
     return {"generator": gen,
             "pseudo": {k: v for k, v in PseudoConfig().__dict__.items() if k != "seed"},
-            "target": {"keep_top": 0.6, "min_confidence": None, "seed_weight": 2.0},
+            "finetune": {"keep_top": 0.6, "min_confidence": None, "seed_weight": 2.0,
+                         "use_seed": True, "use_reviewed": True, "use_pending": True},
             "generator_run": None,   # reuse this stored generator run (skip training G)
             "reuse_pseudo": False}   # use the pairs already stored for it (skip sampling)
 
 
 def default_config() -> MethodConfig:
     """MethodConfig of the ``leaml`` method (stage TrainConfigs + LEAML options)."""
-    return MethodConfig({"generator": default_train(), "target": _target_train()},
+    return MethodConfig({"generator": default_train(), "finetune": _target_train()},
                         options=default_options())
 
 
@@ -197,20 +198,25 @@ def _pseudo_stage() -> Stage:
 # --- stage 3: the target ----------------------------------------------------------------------
 
 def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
-                keep_top: float | None, min_confidence: float | None) -> tuple[list[dict], dict]:
+                keep_top: float | None, min_confidence: float | None, use_reviewed: bool = True,
+                use_pending: bool = True) -> tuple[list[dict], dict]:
     """The pseudo pairs that train the target, and a summary of the data.
 
-    Accepted and edited pseudo pairs of any generator run, plus ``gen_run_id``'s pending pairs
-    at or above the cut (computed over that run's pending pairs). Never a rejected pair
-    (``store.qa.training_pairs`` does not return them).
+    Accepted and edited pseudo pairs of any generator run (``use_reviewed``), plus
+    ``gen_run_id``'s pending pairs at or above the cut (``use_pending``; the cut is computed
+    over that run's pending pairs). Never a rejected pair (``store.qa.training_pairs`` does
+    not return them).
     """
     from leaml.pseudo import confidence_cut
     from leaml.store.qa import list_qa, training_pairs
     pending = [r["confidence"] for r in list_qa(db, project_id, origin="pseudo", status="pending")
                if r["gen_run_id"] == gen_run_id and r["confidence"] is not None]
     cut = confidence_cut(pending, keep_top=keep_top, min_confidence=min_confidence)
+    if not use_pending:
+        cut = math.inf
     rows = [r for r in training_pairs(db, project_id, include_pending_min_conf=None if math.isinf(cut) else cut)
-            if r["origin"] == "pseudo" and (r["status"] != "pending" or r["gen_run_id"] == gen_run_id)]
+            if r["origin"] == "pseudo" and (r["gen_run_id"] == gen_run_id if r["status"] == "pending"
+                                            else use_reviewed)]
     n_pending = sum(r["status"] == "pending" for r in rows)
     return rows, {"n_seed_qa": len(seed_rows), "n_pseudo_pending_kept": n_pending,
                   "n_pseudo_reviewed": len(rows) - n_pending, "n_pseudo_pending_total": len(pending),
@@ -221,12 +227,15 @@ def _target_stage() -> Stage:
     def run(ctx: RunContext) -> bool:
         from leaml import models
         from leaml.train import Stream, save_trained, train
-        opts = ctx.config.options["target"]
+        opts = ctx.config.options["finetune"]
         gen_id = _generator_of(ctx)
-        rows, summary = target_rows(ctx.db, ctx.project["id"], gen_id, ctx.data.seed_rows,
+        seed_rows = ctx.data.seed_rows if opts.get("use_seed", True) else []
+        rows, summary = target_rows(ctx.db, ctx.project["id"], gen_id, seed_rows,
                                     keep_top=opts.get("keep_top"),
-                                    min_confidence=opts.get("min_confidence"))
-        seed_ex = pipeline.qa_examples(ctx.db, ctx.data.seed_rows)
+                                    min_confidence=opts.get("min_confidence"),
+                                    use_reviewed=opts.get("use_reviewed", True),
+                                    use_pending=opts.get("use_pending", True))
+        seed_ex = pipeline.qa_examples(ctx.db, seed_rows)
         if not seed_ex and not rows:
             raise ValueError(f"project '{ctx.project['name']}': no seed QA and no usable pseudo QA "
                              "to train the target on; label some images or lower the cut")
@@ -234,19 +243,19 @@ def _target_stage() -> Stage:
         if rows:
             streams.append(Stream(pipeline.qa_examples(ctx.db, rows), weight=len(rows), name="pseudo"))
         model, processor = models.load(ctx.base_model)
-        result = train(model, processor, streams, ctx.config.stages["target"],
-                       work_dir=ctx.stage_dir("target"), progress=ctx.progress,
-                       should_stop=ctx.should_stop, stage="target")
+        result = train(model, processor, streams, ctx.config.stages["finetune"],
+                       work_dir=ctx.stage_dir("finetune"), progress=ctx.progress,
+                       should_stop=ctx.should_stop, stage="finetune")
         if result.stopped:
             return False
-        out = save_trained(result.model, processor, ctx.stage_dir("target") / "model")
-        shutil.rmtree(ctx.stage_dir("target") / "checkpoint", ignore_errors=True)
+        out = save_trained(result.model, processor, ctx.stage_dir("finetune") / "model")
+        shutil.rmtree(ctx.stage_dir("finetune") / "checkpoint", ignore_errors=True)
         summary.update(steps=result.step, seconds=round(result.seconds, 1))
-        _write_done(ctx, "target", {"model_dir": str(out), **summary})
+        _write_done(ctx, "finetune", {"model_dir": str(out), **summary})
         _merge_params(ctx.db, ctx.run_id, {"target_data": summary})
         ctx.model_dir = str(out)
         return True
-    return Stage("target", run)
+    return Stage("finetune", run)
 
 
 def stages() -> list[Stage]:
@@ -315,15 +324,18 @@ def generator_command(store, project, *, label_fraction: float = 1.0, seed: int 
             "seconds": run["seconds"], **data.summary(), **run["params"].get("generator", {})}
 
 
-def pseudo_command(store, project, *, generator_run: int, k: int | None = None,
+def pseudo_command(store, project, *, generator_run: int | None = None, k: int | None = None,
                    seed: int | None = None, overrides: dict | None = None, progress=None,
                    should_stop=None, user=None, **_ignored) -> dict:
-    """Stage 2 alone: pending pseudo QA for the generator run's unlabeled images. The
-    sampling seed defaults to the generator run's seed (as in the one-shot run)."""
+    """Stage 2 alone: pending pseudo QA for the generator run's unlabeled images (default:
+    the project's newest generator run). The sampling seed defaults to the generator run's
+    seed (as in the one-shot run)."""
     from leaml.pseudo_stage import generate_pseudo
     from leaml.store.projects import get_project
     db = _open(store)
-    run = check_generator_run(db, int(generator_run), get_project(db, project)["id"])
+    pid = get_project(db, project)["id"]
+    generator_run = latest_generator_run(db, pid) if generator_run is None else int(generator_run)
+    run = check_generator_run(db, generator_run, pid)
     seed = run["params"].get("seed", 0) if seed is None else seed
     cfg = pseudo_config(pipeline.method_config("leaml", seed, overrides), seed)
     if k is not None:
@@ -364,7 +376,7 @@ def finetune_command(store, project, *, generator_run: int | None = None,
         target["mode"] = mode
     ov = copy.deepcopy(overrides or {})
     ov.update(generator_run=gen_id, reuse_pseudo=True)
-    ov["target"] = {**ov.get("target", {}), **target}
+    ov["finetune"] = {**ov.get("finetune", {}), **target}
     return pipeline.run_method(db, pid, "leaml", label_fraction=gen["params"]["label_fraction"],
                                seed=gen["params"]["seed"], base_model=gen["base_model"],
                                progress=progress, should_stop=should_stop, work_dir=work_dir,
@@ -373,3 +385,27 @@ def finetune_command(store, project, *, generator_run: int | None = None,
 
 STAGE_COMMANDS = {"generator": generator_command, "pseudo": pseudo_command,
                   "finetune": finetune_command}
+
+
+def job_overrides(overrides: dict | None, options: dict | None = None,
+                  data_mix: dict | None = None) -> dict:
+    """Fold a job's flat ``options`` (k, rho, temperature, keep_top ...: each goes to the
+    LEAML option group that has it) and ``data_mix`` (``{"seed", "reviewed",
+    "pending_min_conf"}`` from the Training page) into run_method overrides."""
+    out = copy.deepcopy(overrides or {})
+    groups = default_options()
+    for key, value in (options or {}).items():
+        group = next((g for g in ("generator", "pseudo", "finetune") if key in groups[g]), None)
+        if group is None:
+            raise ValueError(f"option '{key}' is not a LEAML knob; use one of "
+                             f"{', '.join(sorted(k for g in ('generator', 'pseudo', 'finetune') for k in groups[g]))}")
+        out.setdefault(group, {})[key] = value
+    if data_mix is not None:
+        ft = out.setdefault("finetune", {})
+        ft.update(use_seed=bool(data_mix.get("seed", True)),
+                  use_reviewed=bool(data_mix.get("reviewed", True)))
+        if data_mix.get("pending_min_conf") is None:
+            ft["use_pending"] = False
+        else:
+            ft.update(use_pending=True, min_confidence=float(data_mix["pending_min_conf"]))
+    return out
