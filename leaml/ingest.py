@@ -91,6 +91,9 @@ def import_path(db: sqlite_utils.Database, path: str | Path, project: str, *,
     report = ImportReport(source=label or path.name, project=project)
     with tempfile.TemporaryDirectory(prefix="leaml-import-") as tmp:
         parsed = read_source(path, Path(tmp), limits, label or path.name)
+        if not parsed.rows and not parsed.errors:
+            raise ValueError(f"{report.source}: found nothing to import; a manifest needs rows,"
+                             " a folder image files (.png, .jpg, ...)")
         report.errors += parsed.errors
         report.notes += parsed.notes
         existing = _project_id(db, project)
@@ -101,8 +104,9 @@ def import_path(db: sqlite_utils.Database, path: str | Path, project: str, *,
         if report.errors and not skip_invalid:
             report.seconds = time.monotonic() - t0
             raise ImportRejected(report)
-        _write(db, project, checked, report, kept, user=user, base_model=base_model,
-               max_bytes=max_bytes)
+        if checked:   # with skip_invalid and nothing valid, nothing is written at all
+            _write(db, project, checked, report, kept, user=user, base_model=base_model,
+                   max_bytes=max_bytes)
     report.seconds = time.monotonic() - t0
     return report
 

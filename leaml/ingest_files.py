@@ -117,9 +117,17 @@ def extract_zip(path: Path, dest: Path, label: str) -> list[RowError]:
         for n, info in safe:
             try:
                 budget -= _copy_entry(zf, info, dest, budget)
+            except _TooBig:
+                errors.append(RowError(label, n, f"entry '{info.filename}': the archive expands"
+                                       f" to more than {human_bytes(MAX_ZIP_BYTES)}; split it"))
+                break   # nothing after this entry is extracted: the budget is spent
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
                 errors.append(RowError(label, n, f"entry '{info.filename}' is unreadable ({exc})"))
     return errors
+
+
+class _TooBig(Exception):
+    """A zip entry went past what the whole archive may expand to."""
 
 
 def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: int) -> int:
@@ -130,8 +138,7 @@ def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: 
         while chunk := src.read(1 << 20):
             written += len(chunk)
             if written > budget:
-                raise ValueError(f"the archive expands to more than {MAX_ZIP_BYTES >> 30} GB;"
-                                 " split it")
+                raise _TooBig()
             out.write(chunk)
     return written
 

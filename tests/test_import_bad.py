@@ -412,3 +412,21 @@ def test_folder_with_several_manifests(seeded, src):
     with pytest.raises(ValueError, match="several manifests"):
         import_path(seeded, src, "p")
     assert dump(seeded) == before
+
+
+def test_empty_sources(seeded, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    before = dump(seeded)
+    for path in (tmp_path / "empty", tmp_path / "empty.jsonl"):
+        with pytest.raises(ValueError, match="found nothing to import"):
+            import_path(seeded, path, "p")
+    assert dump(seeded) == before
+
+
+def test_skip_invalid_with_nothing_valid_writes_nothing(seeded, src):
+    m = write_jsonl(src / "m.jsonl", [{"image": "../x.png"}])
+    before = dump(seeded)
+    report = import_path(seeded, m, "new", skip_invalid=True)
+    assert report.rejected == 1 and report.images_added == 0
+    assert dump(seeded) == before
