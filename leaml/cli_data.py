@@ -99,6 +99,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from leaml.ingest import load_demo
     from leaml.store import connect
     cfg = DemoConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    print(f"demo data: {cfg.n_train} train + {cfg.n_test} test images (built and imported"
+          " unless project 'demo' has them already) ...", file=sys.stderr, flush=True)
     report = load_demo(connect(args.home), cfg, user=CLI_ACTOR)
     if report is None:
         print("project 'demo' already holds the demo data; nothing to do", flush=True)
