@@ -153,11 +153,11 @@ class TinyConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     vision_mlp: int = 384
-    text_hidden: int = 192        # Llama width
+    text_hidden: int = 128        # Llama width
     text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 2
-    text_mlp: int = 512
+    text_mlp: int = 384
     vocab_size: int = 2048        # byte-level BPE target size
     max_positions: int = 256
 
@@ -324,12 +324,18 @@ def _stop_ids(model, tok) -> set[int]:
     return ids | {tok.eos_token_id}
 
 
-def _generate_batch(model, processor, pv, instructions, gen_kwargs) -> list[list[Generation]]:
+def _generate_batch(model, processor, images_or_pv, instructions, gen_kwargs):
     tok = processor.tokenizer
-    batch = encode_text(processor, instructions, padding_side="left")
+    if isinstance(images_or_pv, torch.Tensor):  # cached pixel values (fixed-resolution models)
+        batch = {**encode_text(processor, instructions, padding_side="left"),
+                 "pixel_values": images_or_pv}
+    else:  # the processor's own outputs, whatever extra keys the model needs
+        batch = encode(processor, images_or_pv, instructions, padding_side="left")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     with torch.no_grad():
-        out = model.generate(**batch, pixel_values=pv.to(model.device, model.dtype),
-                             output_logits=True, return_dict_in_generate=True, **gen_kwargs)
+        out = model.generate(**batch, output_logits=True, return_dict_in_generate=True,
+                             **gen_kwargs)
     new = out.sequences[:, batch["input_ids"].shape[1]:]  # (B*R, T)
     # raw logits -> the model's own log-probabilities, whatever the sampling settings
     logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B*R, T, V)
@@ -355,11 +361,11 @@ def generate(model, processor, images_or_pixel_values, instructions, *, max_new_
     """
     if isinstance(instructions, str):
         instructions = [instructions]
-    pv_all = images_or_pixel_values
-    if not isinstance(pv_all, torch.Tensor):
-        pv_all = pixel_values(processor, pv_all)
-    if len(pv_all) != len(instructions):
-        raise ValueError(f"{len(pv_all)} images but {len(instructions)} instructions; "
+    items = images_or_pixel_values
+    if not isinstance(items, torch.Tensor):
+        items = list(items)
+    if len(items) != len(instructions):
+        raise ValueError(f"{len(items)} images but {len(instructions)} instructions; "
                          "pass one instruction per image")
     if seed is not None:
         torch.manual_seed(seed)
@@ -372,7 +378,7 @@ def generate(model, processor, images_or_pixel_values, instructions, *, max_new_
     model.eval()
     results = []
     for i in range(0, len(instructions), batch_size):
-        results += _generate_batch(model, processor, pv_all[i:i + batch_size],
+        results += _generate_batch(model, processor, items[i:i + batch_size],
                                    instructions[i:i + batch_size], kw)
     return results
 

@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -73,8 +74,9 @@ def _background(scene: Scene, size: int, rng: random.Random) -> Image.Image:
             f = 0.75 + 0.5 * y / size
             d.line([(0, y), (size, y)], fill=tuple(min(255, int(c * f + 10)) for c in base))
     elif scene.bg_style == "noisy":
-        noise = Image.effect_noise((size, size), 40).convert("RGB")
-        img = Image.blend(img, noise, 0.18)
+        gauss = np.random.default_rng(rng.randrange(2**32)).normal(128, 40, (size, size))
+        noise = Image.fromarray(gauss.clip(0, 255).astype(np.uint8)).convert("RGB")
+        img = Image.blend(img, noise, 0.18)  # seeded: PIL's effect_noise is not
     return img
 
 

@@ -1,0 +1,325 @@
+"""Pretrain the embedded tiny base (``python -m leaml pretrain-tiny``).
+
+Three stages on the general synthetic corpus (leaml/pretrain_data.py), as LLaVA does, with a
+vision stage first because a random CLIP tower learns shape far too slowly through the
+answer tokens alone:
+
+A. vision: the CLIP tower + throw-away linear heads predict, for every patch, the shape,
+   colour, size and texture of the object in its 3x3-grid cell (and the background from CLS).
+B. alignment: vision frozen; projector + Llama learn captions ("Describe the image.").
+C. instruction tuning: vision frozen; projector + Llama on QA (question types balanced),
+   captions and "Generate a question about this image and answer it." mixed.
+
+In B and C the frozen tower's features are computed once and cached, so a step costs only the
+projector and the language model. Stage lengths come from a time budget (steps are measured
+after a few timed steps and recorded), or are given exactly for a reproducible rerun.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from leaml import models
+from leaml import pretrain_data as D
+from leaml.pretrain_eval import evaluate_general
+
+
+@dataclass
+class PretrainConfig:
+    """Knobs of pretrain-tiny; defaults are the committed run."""
+    seed: int = 0                      # seeds scenes, init, sampling
+    minutes: float = 40.0              # wall-clock budget for the three stages (eval excluded)
+    n_train_scenes: int = 16000        # rendered once, tensors cached
+    n_eval_scenes: int = 400           # held-out scenes (different seed stream)
+    batch_size: int = 64
+    vision_share: float = 0.22         # budget shares of the stages A, B, C
+    align_share: float = 0.10
+    lr_vision: float = 2e-3            # stage A peak lr (warmup + cosine)
+    lr_lm: float = 3e-3                # stages B/C peak lr
+    warmup_steps: int = 30             # per stage; the pace is measured meanwhile
+    micro_batches: int = 2             # LM batch split by length (less padding)
+    bf16: bool = True                  # bf16 autocast for matmuls (fp32 weights/optimizer)
+    weight_decay: float = 0.01
+    steps: dict = field(default_factory=dict)  # {"vision": n, "align": n, "instruct": n}: exact
+    eval_per_type: int = 60            # held-out questions per question type
+    threads: int = 1                   # 1 beats 2 by 3-8x when other jobs share the 2 cores
+    tiny: dict = field(default_factory=dict)   # overrides of models.TinyConfig
+
+    def __post_init__(self):
+        if self.minutes <= 0 and not self.steps:
+            raise ValueError("minutes must be > 0 (or give exact steps)")
+        if self.warmup_steps < 2:
+            raise ValueError("warmup_steps must be >= 2 (the pace is measured over them)")
+        if not 0 < self.vision_share + self.align_share < 1:
+            raise ValueError("vision_share + align_share must be in (0, 1)")
+
+
+# --- data: rendered once, cached as tensors ---------------------------------------------------
+
+def _scenes(n: int, seed: int) -> list[D.Scene]:
+    rng = random.Random(seed)
+    return [D.random_scene(rng) for _ in range(n)]
+
+
+def _pixels(processor, scenes: list[D.Scene], chunk: int = 512) -> torch.Tensor:
+    out = [models.pixel_values(processor, [D.render(s) for s in scenes[i:i + chunk]])
+           for i in range(0, len(scenes), chunk)]
+    return torch.cat(out)  # (N, 3, H, W)
+
+
+def _patch_labels(scenes: list[D.Scene], grid: int) -> dict[str, torch.Tensor]:
+    """Per-patch class ids (grid x grid patches, each labelled by its 3x3 cell)."""
+    cell_of = torch.tensor([(r * 3 // grid) * 3 + (c * 3 // grid)
+                            for r in range(grid) for c in range(grid)])
+    labs = [D.cell_labels(s) for s in scenes]
+    out = {k: torch.tensor([lab[k] for lab in labs])[:, cell_of]
+           for k in ("shape", "color", "size", "texture")}
+    out["background"] = torch.tensor([lab["background"][0] for lab in labs])
+    return out
+
+
+# --- schedule and stage runner ---------------------------------------------------------------
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup over a fixed number of steps, then cosine down to 10% of peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _optimizer(params, lr: float, wd: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def _run_stage(name, step_fn, opt, peak, cfg, budget_s, progress, rng) -> dict:
+    """Run ``step_fn(rng) -> loss`` for cfg.steps[name] steps, or as many as fit budget_s.
+
+    Without exact steps the pace is measured over the first warmup steps, whose lr does not
+    depend on the total, so rerunning with the recorded steps reproduces the run exactly.
+    """
+    total = cfg.steps.get(name) or cfg.warmup_steps
+    t0, losses = time.time(), []
+    step = 0
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, total, peak, cfg.warmup_steps)
+        losses.append(step_fn(rng))
+        step += 1
+        if step == 1:  # the first step (allocations) is not timed
+            t_pace = time.time()
+        if not cfg.steps.get(name) and step == cfg.warmup_steps:
+            pace = (time.time() - t_pace) / (step - 1)
+            total = max(step, int(step + (budget_s - (time.time() - t0)) / pace))
+        if progress and step % 25 == 0:
+            progress(name, step, total, sum(losses[-25:]) / len(losses[-25:]))
+    secs = time.time() - t0
+    return {"steps": total, "seconds": round(secs, 1),
+            "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+            "samples_per_s": round(total * cfg.batch_size / secs, 1)}
+
+
+def _autocast(cfg):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+# --- stage A: vision tower with dense attribute heads -----------------------------------------
+
+class _VisionHeads(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.sizes = {"shape": len(D.SHAPES) + 1, "color": len(D.COLORS) + 1,
+                      "size": len(D.SIZES) + 1, "texture": len(D.TEXTURES) + 1}
+        self.patch = torch.nn.Linear(width, sum(self.sizes.values()))
+        self.background = torch.nn.Linear(width, len(D.BACKGROUNDS))
+
+    def loss(self, hidden: torch.Tensor, labels: dict, idx) -> tuple[torch.Tensor, dict]:
+        """hidden: (B, 1 + P, W) -> summed cross-entropies and per-attribute patch accuracy."""
+        logits = self.patch(hidden[:, 1:]).split(list(self.sizes.values()), dim=-1)
+        total, acc = F.cross_entropy(self.background(hidden[:, 0]), labels["background"][idx]), {}
+        for (k, _), lg in zip(self.sizes.items(), logits):
+            y = labels[k][idx]  # (B, P)
+            total = total + F.cross_entropy(lg.flatten(0, 1), y.flatten())
+            acc[k] = (lg.argmax(-1) == y).float().mean().item()
+        return total, acc
+
+
+def _vision_hidden(model, pv: torch.Tensor) -> torch.Tensor:
+    """The tower's output at config.vision_feature_layer (what LLaVA feeds the projector)."""
+    out = model.model.vision_tower(pv, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer]
+
+
+def _stage_vision(model, pix, labels, cfg, budget_s, progress, rng) -> dict:
+    tower = model.model.vision_tower
+    heads = _VisionHeads(model.config.vision_config.hidden_size)
+    opt = _optimizer(list(tower.parameters()) + list(heads.parameters()), cfg.lr_vision,
+                     cfg.weight_decay)
+    tower.train()
+
+    def step(r):
+        idx = torch.tensor(r.sample(range(len(pix)), cfg.batch_size))
+        with _autocast(cfg):
+            loss, _ = heads.loss(_vision_hidden(model, pix[idx]), labels, idx)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+    stats = _run_stage("vision", step, opt, cfg.lr_vision, cfg, budget_s, progress, rng)
+    tower.eval()
+    stats["heads"] = heads
+    return stats
+
+
+def _vision_eval(model, heads, pix, labels) -> dict:
+    with torch.no_grad():
+        idx = torch.arange(len(pix))
+        _, acc = heads.loss(_vision_hidden(model, pix), labels, idx)
+    return {k: round(v, 4) for k, v in acc.items()}
+
+
+@torch.no_grad()
+def _cache_features(model, pix: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Frozen tower features for every scene, CLS dropped ("default" strategy): (N, P, W)."""
+    return torch.cat([_vision_hidden(model, pix[i:i + chunk])[:, 1:]
+                      for i in range(0, len(pix), chunk)])
+
+
+# --- stages B and C: projector + language model on cached features ---------------------------
+
+def _lm_loss(model, feats: torch.Tensor, batch: dict) -> torch.Tensor:
+    """LLaVA's forward with cached tower features, loss averaged per sample (so one long
+    caption does not outweigh a batch of one-word answers)."""
+    embeds = model.get_input_embeddings()(batch["input_ids"])  # (B, T, H)
+    img = model.model.multi_modal_projector(feats).to(embeds.dtype)  # (B, P, H)
+    mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask.expand_as(embeds), img)
+    hidden = model.model.language_model(inputs_embeds=embeds,
+                                        attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != models.IGNORE_INDEX  # (B, T-1)
+    logits = model.lm_head(hidden[:, :-1][keep])  # only where a label is: (N, V)
+    tok_loss = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+    per_row = torch.zeros(len(labels)).index_add_(0, keep.nonzero()[:, 0], tok_loss)
+    return (per_row / keep.sum(1).clamp(min=1)).mean()
+
+
+def sample_task(scene: D.Scene, mix: dict[str, float], rng: random.Random) -> tuple[str, str]:
+    """One (instruction, target) for a scene: QA (type first, so rare types are not drowned),
+    a caption, or a generated question+answer."""
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
+    if kind == "caption":
+        return D.DESCRIBE, D.caption(scene)
+    qa = D.questions(scene, rng)
+    qtype = rng.choice(sorted({t for t, _, _ in qa}))
+    _, q, a = rng.choice([x for x in qa if x[0] == qtype])
+    if kind == "gen_qa":
+        return D.GENERATE_QA, f"Question: {q}\nAnswer: {a}"
+    return q, a
+
+
+ALIGN_MIX = {"caption": 0.8, "qa": 0.2}
+INSTRUCT_MIX = {"qa": 0.7, "caption": 0.15, "gen_qa": 0.15}
+
+
+def _stage_lm(name, model, processor, feats, scenes, mix, cfg, budget_s, progress, rng):
+    params = list(model.model.multi_modal_projector.parameters()) + \
+        list(model.model.language_model.parameters())
+    opt = _optimizer(params, cfg.lr_lm, cfg.weight_decay)
+    model.train()
+
+    def step(r):
+        idx = r.sample(range(len(scenes)), cfg.batch_size)
+        rows = sorted(((i, *sample_task(scenes[i], mix, r)) for i in idx),
+                      key=lambda x: len(x[1]) + len(x[2]))  # similar lengths together
+        opt.zero_grad()
+        total = 0.0  # (B,) split into micro-batches, per-sample mean loss overall
+        for k in range(cfg.micro_batches):
+            lo, hi = k * len(rows) // cfg.micro_batches, (k + 1) * len(rows) // cfg.micro_batches
+            part = rows[lo:hi]
+            batch = models.encode_text(processor, [p[1] for p in part], [p[2] for p in part])
+            with _autocast(cfg):
+                loss = _lm_loss(model, feats[[p[0] for p in part]], batch) * len(part) / len(rows)
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return total
+    stats = _run_stage(name, step, opt, cfg.lr_lm, cfg, budget_s, progress, rng)
+    model.eval()
+    return stats
+
+
+# --- the whole run ---------------------------------------------------------------------------
+
+def _print_progress(stage, step, total, loss):
+    print(f"[{stage}] step {step}/{total} loss {loss:.4f}", flush=True)
+
+
+def pretrain_tiny(out_dir=None, cfg: PretrainConfig | None = None, progress=_print_progress) -> dict:
+    """Build the tiny LLaVA from configs, pretrain it (stages A-C), evaluate it on held-out
+    general QA, save it to ``out_dir`` (default leaml/assets/tiny) with PRETRAIN.md/json.
+
+    Returns the metrics dict (also written to ``pretrain.json`` in ``out_dir``).
+    """
+    cfg = cfg or PretrainConfig()
+    out = Path(out_dir) if out_dir else models.TINY_DIR
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    model, processor = models.build_tiny(cfg.seed, **cfg.tiny)
+    rng = random.Random(cfg.seed)
+    train = _scenes(cfg.n_train_scenes, cfg.seed)
+    held = _scenes(cfg.n_eval_scenes, 10_000 + cfg.seed)  # disjoint seed stream
+    pix = _pixels(processor, train)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    labels, held_labels = _patch_labels(train, grid), _patch_labels(held, grid)
+    held_pix = _pixels(processor, held)
+    budget = cfg.minutes * 60 - (time.time() - t0)
+    metrics = {"config": asdict(cfg), "data_seconds": round(time.time() - t0, 1)}
+    vis = _stage_vision(model, pix, labels, cfg, budget * cfg.vision_share, progress, rng)
+    metrics["vision_cell_accuracy_heldout"] = _vision_eval(model, vis.pop("heads"), held_pix,
+                                                           held_labels)
+    metrics["stages"] = {"vision": vis}
+    feats = _cache_features(model, pix)
+    del pix
+    left = cfg.minutes * 60 - (time.time() - t0)
+    share_b = cfg.align_share / (1 - cfg.vision_share)
+    metrics["stages"]["align"] = _stage_lm("align", model, processor, feats, train, ALIGN_MIX,
+                                           cfg, left * share_b, progress, rng)
+    left = cfg.minutes * 60 - (time.time() - t0)
+    metrics["stages"]["instruct"] = _stage_lm("instruct", model, processor, feats, train,
+                                              INSTRUCT_MIX, cfg, left, progress, rng)
+    metrics["train_seconds"] = round(time.time() - t0, 1)
+    metrics["exact_steps"] = {k: v["steps"] for k, v in metrics["stages"].items()}
+    metrics["params"] = _param_counts(model)
+    models.save(model, processor, out)  # before evaluating: hours of work are not lost
+    metrics["eval"] = evaluate_general(model, processor, held, held_pix, cfg.eval_per_type,
+                                       seed=cfg.seed)
+    metrics["eval_seconds"] = round(time.time() - t0 - metrics["train_seconds"], 1)
+    _write_report(out, metrics)
+    return metrics
+
+
+def _param_counts(model) -> dict:
+    m = model.model
+    return {"total": models.count_params(model), "vision_tower": models.count_params(m.vision_tower),
+            "projector": models.count_params(m.multi_modal_projector),
+            "language_model": models.count_params(m.language_model)}
+
+
+def _write_report(out: Path, metrics: dict) -> None:
+    (out / "pretrain.json").write_text(json.dumps(metrics, indent=1, default=str))
+    from leaml.pretrain_eval import report_markdown
+    (out / "PRETRAIN.md").write_text(report_markdown(metrics))
