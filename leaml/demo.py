@@ -255,7 +255,8 @@ def _contents(rng, s: Scene, placer: _Placer) -> None:
         white = bool(rng.random() < 0.5)
         s.findings = [Finding(s.category, x, y, r, ("red", "white") if white else ("red",))]
         if s.category == "esophagitis":  # erosions radiate from the oesophageal lumen
-            s.lumen = (s.width / 2 + (x - s.width / 2) * 0.2, s.height / 2 + (y - s.height / 2) * 0.2)
+            cx, cy = s.width / 2, s.height / 2
+            s.lumen = (cx + (x - cx) * 0.2, cy + (y - cy) * 0.2)
     else:  # instrument, beside a polyp a third of the time
         if rng.random() < 0.35:
             s.findings = _polyps(rng, placer, side, 1)

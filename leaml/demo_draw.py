@@ -124,7 +124,8 @@ def _specular(img, s, rng, xx, yy) -> np.ndarray:
     for _ in range(int(rng.integers(2, 7))):
         r, a = s.fov_r * 0.8 * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
         sx, sy = rng.uniform(0.5, 1.6), rng.uniform(0.5, 1.2)
-        g = np.exp(-((xx - cx - r * math.cos(a)) / sx) ** 2 - ((yy - cy - r * math.sin(a)) / sy) ** 2)
+        px, py = cx + r * math.cos(a), cy + r * math.sin(a)
+        g = np.exp(-((xx - px) / sx) ** 2 - ((yy - py) / sy) ** 2)
         img = img + rng.uniform(0.5, 0.9) * g[..., None]
     return img
 
@@ -152,7 +153,7 @@ def _z_line(img, s, rng, xx, yy) -> np.ndarray:
     rb = r0 * (1 + sum(rng.uniform(0.03, 0.1) * np.sin(k * th + rng.uniform(0, 6.3))
                        for k in range(3, 7)))
     inner = np.clip(rb - d + 0.5, 0, 1)[..., None]
-    pale = img * 0.45 + np.array([0.52, 0.46, 0.44], np.float32)
+    pale = img * 0.5 + np.array([0.47, 0.36, 0.36], np.float32)  # pink-white squamous lining
     gastric = np.array([0.82, 0.30, 0.20], np.float32) * (img / img.mean(axis=2, keepdims=True))
     img = pale * (1 - inner) + np.clip(gastric, 0, 1) * inner
     return img * (1 - 0.75 * np.exp(-(d / (0.4 * r0)) ** 2))[..., None]
@@ -194,20 +195,25 @@ _LANDMARKS = {"z-line": _z_line, "pylorus": _pylorus, "cecum": _cecum}
 def _polyp(img, f, s, rng, xx, yy) -> np.ndarray:
     """A lit dome with a shadowed rim and a glint, lit from the upper left."""
     rot, ecc = rng.uniform(0, np.pi), rng.uniform(0.8, 1.0)
+    rgb = np.array(POLYP_RGB[f.colours[0]], np.float32) * rng.uniform(0.93, 1.05, 3)
+    m = int(f.r * 1.5) + 2  # the window holding the polyp and its shadow
+    win = (slice(max(0, int(f.y) - m), int(f.y) + m), slice(max(0, int(f.x) - m), int(f.x) + m))
+    xx, yy, sub = xx[win], yy[win], img[win]
     dx, dy = xx - f.x, yy - f.y
     u = (dx * math.cos(rot) + dy * math.sin(rot)) / f.r
     v = (-dx * math.sin(rot) + dy * math.cos(rot)) / (f.r * ecc)
     d = np.sqrt(u * u + v * v)
-    img = img * (1 - 0.35 * np.exp(-((d - 1.05) / 0.22) ** 2))[..., None]
+    sub = sub * (1 - 0.35 * np.exp(-((d - 1.05) / 0.22) ** 2))[..., None]
     cover = np.clip((1 - d) * f.r + 0.5, 0, 1)[..., None]
     z = np.sqrt(np.clip(1 - d * d, 0, 1))
     light = 0.62 + 0.38 * z - 0.18 * (dx + dy) / (f.r * 1.41)
-    rgb = np.array(POLYP_RGB[f.colours[0]], np.float32) * rng.uniform(0.93, 1.05, 3)
-    body = (0.8 * rgb + 0.2 * img) * light[..., None]  # a little of the mucosa shows through
-    img = img * (1 - cover) + body * cover
+    body = (0.8 * rgb + 0.2 * sub) * light[..., None]  # a little of the mucosa shows through
+    sub = sub * (1 - cover) + body * cover
     sig = max(0.7, 0.12 * f.r)
     glint = np.exp(-((xx - f.x + 0.35 * f.r) ** 2 + (yy - f.y + 0.35 * f.r) ** 2) / (2 * sig ** 2))
-    return img + 0.55 * glint[..., None] * cover
+    img = img.copy()
+    img[win] = sub + 0.5 * glint[..., None] * cover
+    return img
 
 
 def _streak(dr, x, y, a, length, width, fill):
@@ -261,7 +267,8 @@ _FINDINGS = {"polyp": _polyp, "esophagitis": _esophagitis, "ulcerative colitis":
 def _forceps(dr, ins, u, side, rng):
     tip = (ins.x - u[0] * side * 0.03, ins.y - u[1] * side * 0.03)
     w = side * 0.055
-    dr.line([_pt(ins.entry_x, ins.entry_y), _pt(*tip)], fill=(135, 136, 145, 255), width=int(w * SS))
+    dr.line([_pt(ins.entry_x, ins.entry_y), _pt(*tip)], fill=(135, 136, 145, 255),
+            width=int(w * SS))
     n = (-u[1], u[0])
     dr.line([_pt(ins.entry_x + n[0] * w * 0.2, ins.entry_y + n[1] * w * 0.2),
              _pt(tip[0] + n[0] * w * 0.2, tip[1] + n[1] * w * 0.2)],
@@ -304,7 +311,8 @@ def _needle(dr, ins, u, side, rng):
     dr.line([_pt(ins.entry_x, ins.entry_y), _pt(ins.x, ins.y)], fill=(45, 95, 205, 240),
             width=int(side * 0.035 * SS))
     end = (ins.x + u[0] * side * 0.06, ins.y + u[1] * side * 0.06)
-    dr.line([_pt(ins.x, ins.y), _pt(*end)], fill=(230, 230, 236, 255), width=max(2, int(side * 0.012 * SS)))
+    dr.line([_pt(ins.x, ins.y), _pt(*end)], fill=(230, 230, 236, 255),
+            width=max(2, int(side * 0.012 * SS)))
 
 
 _INSTRUMENTS = {"biopsy forceps": _forceps, "polyp snare": _snare, "metal clip": _clip,
@@ -338,7 +346,8 @@ def _video_overlays(im: Image.Image, s) -> None:
         dr.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill, outline=edge)
         bw, bh = x1 - x0, y1 - y0
         dr.line([(x0 + bw * 0.2, y0 + bh * 0.8), (x0 + bw * 0.35, y0 + bh * 0.3),
-                 (x0 + bw * 0.65, y0 + bh * 0.7), (x0 + bw * 0.8, y0 + bh * 0.2)], fill=line, width=2)
+                 (x0 + bw * 0.65, y0 + bh * 0.7), (x0 + bw * 0.8, y0 + bh * 0.2)],
+                fill=line, width=2)
     if s.text_rect:
         x0, y0, x1, y1 = s.text_rect
         font = _font(max(7, int(min(s.width, s.height) * 0.1)))

@@ -128,7 +128,7 @@ def check_answers(scene, answers: dict[str, str]) -> None:
         size = answers[q[10]]
         lo, hi = SIZE_BINS[size]
         side = min(scene.width, scene.height)
-        assert max(f.r for f in scene.polyps) / side == pytest.approx((lo + hi) / 2, abs=(hi - lo) / 2 + 1e-9)
+        assert lo <= max(f.r for f in scene.polyps) / side <= hi
     for k in (8, 9, 11, 12):
         if q[k] in answers:
             _multi(answers[q[k]], COLOURS if k == 8 else CELLS)
@@ -224,7 +224,8 @@ def test_caption_is_fluent_and_varied():
 
 def test_progress_and_stale_images(tmp_path):
     calls = []
-    build_demo_files(tmp_path, DemoConfig(n_train=6, n_test=2), progress=lambda d, t: calls.append((d, t)))
+    build_demo_files(tmp_path, DemoConfig(n_train=6, n_test=2),
+                     progress=lambda d, t: calls.append((d, t)))
     assert calls == [(k, 8) for k in range(1, 9)]
     (tmp_path / "images" / "notes.txt").write_text("keep me")
     rows = read_rows(build_demo_files(tmp_path, DemoConfig(n_train=3, n_test=1)))
@@ -233,7 +234,8 @@ def test_progress_and_stale_images(tmp_path):
     assert {r["image"] for r in rows} == {f"images/{n}" for n in names if n.endswith(".png")}
 
 
-@pytest.mark.parametrize("bad", [{"min_size": 32}, {"max_size": 200}, {"min_size": 100, "max_size": 90},
+@pytest.mark.parametrize("bad", [{"min_size": 32}, {"max_size": 200},
+                                 {"min_size": 100, "max_size": 90},
                                  {"caption_error": 1.5}, {"n_train": -1}, {"seed": -2}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
