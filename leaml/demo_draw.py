@@ -56,6 +56,12 @@ def _paint(img, lay: Image.Image, shadow: float = 0.0) -> np.ndarray:
     return img * (1 - a[..., 3:]) + a[..., :3]
 
 
+def _window(x, y, m, s) -> tuple[slice, slice]:
+    """Rows and columns within m px of (x, y): work on the pixels an object can touch."""
+    return (slice(max(0, int(y) - m), min(s.height, int(y) + m + 1)),
+            slice(max(0, int(x) - m), min(s.width, int(x) + m + 1)))
+
+
 def _pt(x, y):
     return (x * SS, y * SS)
 
@@ -120,13 +126,14 @@ def _vessels(img, s, rng, base) -> np.ndarray:
 
 def _specular(img, s, rng, xx, yy) -> np.ndarray:
     """Glints of the light source on wet mucosa."""
-    cx, cy = s.width / 2, s.height / 2
+    cx, cy, img = s.width / 2, s.height / 2, img.copy()
     for _ in range(int(rng.integers(2, 7))):
         r, a = s.fov_r * 0.8 * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
         sx, sy = rng.uniform(0.5, 1.6), rng.uniform(0.5, 1.2)
         px, py = cx + r * math.cos(a), cy + r * math.sin(a)
-        g = np.exp(-((xx - px) / sx) ** 2 - ((yy - py) / sy) ** 2)
-        img = img + rng.uniform(0.5, 0.9) * g[..., None]
+        win = _window(px, py, 6, s)
+        g = np.exp(-((xx[win] - px) / sx) ** 2 - ((yy[win] - py) / sy) ** 2)
+        img[win] += rng.uniform(0.5, 0.9) * g[..., None]
     return img
 
 
@@ -184,7 +191,7 @@ def _cecum(img, s, rng, xx, yy) -> np.ndarray:
     start = math.degrees(a0 + np.pi / 3)
     dr.arc([_pt(x - ro, y - ro), _pt(x + ro, y + ro)], start, start + 200,
            fill=(70, 15, 20, 255), width=max(2, int(side * 0.022 * SS)))
-    return _paint(img, lay.filter(ImageFilter.GaussianBlur(SS * 0.5)))
+    return _paint(img, lay.filter(ImageFilter.BoxBlur(SS // 2)))
 
 
 _LANDMARKS = {"z-line": _z_line, "pylorus": _pylorus, "cecum": _cecum}
@@ -196,8 +203,7 @@ def _polyp(img, f, s, rng, xx, yy) -> np.ndarray:
     """A lit dome with a shadowed rim and a glint, lit from the upper left."""
     rot, ecc = rng.uniform(0, np.pi), rng.uniform(0.8, 1.0)
     rgb = np.array(POLYP_RGB[f.colours[0]], np.float32) * rng.uniform(0.93, 1.05, 3)
-    m = int(f.r * 1.5) + 2  # the window holding the polyp and its shadow
-    win = (slice(max(0, int(f.y) - m), int(f.y) + m), slice(max(0, int(f.x) - m), int(f.x) + m))
+    win = _window(f.x, f.y, int(f.r * 1.5) + 2, s)  # the polyp and its shadow
     xx, yy, sub = xx[win], yy[win], img[win]
     dx, dy = xx - f.x, yy - f.y
     u = (dx * math.cos(rot) + dy * math.sin(rot)) / f.r
@@ -239,7 +245,7 @@ def _esophagitis(img, f, s, rng, xx, yy) -> np.ndarray:
         for _ in range(int(rng.integers(2, 5))):
             x, y = f.x + rng.uniform(-0.6, 0.6) * f.r, f.y + rng.uniform(-0.6, 0.6) * f.r
             _streak(dr, x, y, ang, side * 0.04, max(1.5, side * 0.025), (245, 240, 222, 245))
-    return _paint(img, lay.filter(ImageFilter.GaussianBlur(SS * 0.5)))
+    return _paint(img, lay.filter(ImageFilter.BoxBlur(SS // 2)))
 
 
 def _colitis(img, f, s, rng, xx, yy) -> np.ndarray:
