@@ -1,0 +1,105 @@
+"""pipeline.py: methods end to end on a very small imported project, runs + metrics rows."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from leaml import pipeline
+from leaml.demo import DemoConfig
+from leaml.ingest import load_demo
+from leaml.store.runs import get_metrics, get_run
+
+FAST = {"max_steps": 2, "min_steps": 0, "batch_size": 8}
+KEYS = {"method", "accuracy", "by_category", "by_question_type", "n_test", "seconds"}
+
+
+@pytest.fixture
+def project(db):
+    torch.set_num_threads(2)
+    load_demo(db, DemoConfig(n_train=8, n_test=2, seed=0))
+    return db
+
+
+def _fast(method: str) -> dict:
+    return {stage: FAST for stage in pipeline.method_config(method).stages}
+
+
+@pytest.mark.parametrize("method", ["seed-lora", "caption-then-seed"])
+def test_method_end_to_end_stores_json_run_and_metrics(project, method):
+    db = project
+    out = pipeline.run_method(db, "demo", method, label_fraction=0.5, seed=1,
+                              overrides=_fast(method))
+    assert KEYS <= set(out) and out["method"] == method and out["n_test"] > 0
+    run = get_run(db, out["run_id"])
+    assert run["status"] == "succeeded" and run["accuracy"] == out["accuracy"]
+    assert run["params"]["n_kept_images"] == 4 and run["params"]["label_fraction"] == 0.5
+    assert (Path(db.home) / run["model_dir"] / "predictions.jsonl").exists()
+    metrics = get_metrics(db, out["run_id"])
+    assert metrics[0] == {"scope": "overall", "key": "", "accuracy": out["accuracy"],
+                          "n": out["n_test"]}
+    assert {m["key"] for m in metrics if m["scope"] == "category"} == set(out["by_category"])
+    assert {m["key"] for m in metrics if m["scope"] == "question_type"} == set(out["by_question_type"])
+    again = pipeline.evaluate_run(db, out["run_id"])
+    assert again["accuracy"] == out["accuracy"]
+    if method == "seed-lora":
+        assert (Path(db.home) / run["model_dir"] / "adapter_config.json").exists()
+    assert not (Path(db.home) / "work" / f"run-{out['run_id']}").exists()
+
+
+def test_stopped_run_resumes_in_the_same_run_row(project, tmp_path):
+    db = project
+    calls = {"n": 0}
+
+    def stop_once():
+        calls["n"] += 1
+        return calls["n"] == 2  # let one step through, then stop
+    overrides = {"train": {**FAST, "max_steps": 3}}
+    first = pipeline.run_method(db, "demo", "seed-full", overrides=overrides,
+                                work_dir=tmp_path / "w", should_stop=stop_once)
+    assert first["stopped"] and first["stage"] == "train"
+    assert (tmp_path / "w" / "train" / "checkpoint" / "state.pt").exists()
+    seen = []
+    done = pipeline.run_method(db, "demo", "seed-full", overrides=overrides,
+                               work_dir=tmp_path / "w",
+                               progress=lambda stage, step, total, loss: seen.append((stage, step)))
+    assert ("train", 2) in seen and ("train", 1) not in seen  # went on from step 1
+    runs = list(db.query("SELECT id, status FROM runs"))
+    assert runs == [{"id": done["run_id"], "status": "succeeded"}]
+
+
+def test_label_fraction_keeps_a_seeded_subset_of_images():
+    ids = list(range(100, 300))
+    a = pipeline.keep_fraction(ids, 0.01, seed=0)
+    assert len(a) == 2 and a == pipeline.keep_fraction(ids, 0.01, seed=0)
+    assert a != pipeline.keep_fraction(ids, 0.01, seed=1)
+    assert pipeline.keep_fraction(ids[:10], 0.01, 0) != []  # never empty
+    with pytest.raises(ValueError, match="label fraction"):
+        pipeline.keep_fraction(ids, 0.0, 0)
+
+
+def test_unknown_method_and_bad_override_say_what_to_use():
+    with pytest.raises(ValueError, match="seed-lora"):
+        pipeline.method_config("seed-magic")
+    with pytest.raises(ValueError, match="not a stage"):
+        pipeline.method_config("seed-full", overrides={"align": {"lr": 1}})
+
+
+def test_cli_run_prints_the_json_result_last(project, home):
+    cmd = [sys.executable, "-m", "leaml", "run", "--home", str(home), "--project", "demo",
+           "--method", "seed-full", "--label-fraction", "0.5", "--json",
+           "--set", "train.max_steps=1", "--set", "train.min_steps=0", "--set", "train.batch_size=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(out) and out["method"] == "seed-full"
+    assert "train" in proc.stderr  # the progress bar
+    ev = subprocess.run([sys.executable, "-m", "leaml", "evaluate", "--home", str(home),
+                         "--run", str(out["run_id"]), "--json"], capture_output=True, text=True,
+                        timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert ev.returncode == 0 and json.loads(ev.stdout.strip().splitlines()[-1])["run_id"] == out["run_id"]

@@ -1,0 +1,192 @@
+"""train.py / batches.py: LoRA vs full, frozen weights, resume == uninterrupted, data paths."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from leaml import models
+from leaml.batches import EpochOrder, Example, augment, mentions_position
+from leaml.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
+                         stream_schedule, total_steps, train)
+
+
+# a smaller tiny LLaVA than the committed base: these tests check mechanics, not accuracy
+SMALL = dict(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2,
+             vision_mlp=64, text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1,
+             text_mlp=64, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(2)
+    return models.build_tiny(seed=0, **SMALL)
+
+
+@pytest.fixture
+def tiny(base):
+    model, proc = base
+    return copy.deepcopy(model), proc
+
+
+def _examples(n=8):
+    colours = [(200, 60, 60), (60, 60, 200)]
+    return [Example(Image.new("RGB", (72, 64), colours[i % 2]), "What color is it?",
+                    ["red", "blue"][i % 2], open=i % 4 == 0) for i in range(n)]
+
+
+def _cfg(**kw):
+    base = dict(lr=1e-2, batch_size=4, max_steps=3, warmup_ratio=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lora_trains_adapters_and_leaves_base_weights_bit_equal(tiny):
+    model, proc = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, proc, _examples(), _cfg(mode="lora", lora_r=4))
+    trained = dict(result.model.named_parameters())
+    lora = {n: p for n, p in trained.items() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in lora.items() if "lora_B" in n)
+    spec_prefix = models.arch_spec(result.model).language_model_prefix
+    assert all(spec_prefix in n for n in lora), "LoRA only on the language model"
+    for name, old in before.items():
+        peft_name = next(n for n in trained if n.endswith(name.replace(".weight", ".base_layer.weight"))
+                         or n.endswith(name))
+        assert torch.equal(trained[peft_name], old), name
+
+
+def test_full_finetuning_changes_weights_and_loss_goes_down(tiny):
+    model, proc = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, proc, _examples(), _cfg(mode="full", max_steps=6, lr=3e-3))
+    changed = [n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) > 0.9 * len(before)
+    assert result.losses[-1] < result.losses[0]
+    assert result.step == result.total_steps == 6 and not result.stopped
+
+
+def test_full_mode_can_freeze_the_vision_tower(tiny):
+    model, proc = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, proc, _examples(), _cfg(mode="full", train_vision=False))
+    after = dict(result.model.named_parameters())
+    vision = [n for n in before if "vision_tower" in n]
+    assert vision and all(torch.equal(after[n], before[n]) for n in vision)
+    assert any(not torch.equal(after[n], before[n]) for n in before if n not in vision)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(base, tmp_path, mode):
+    model, proc = base
+    # dropout and augmentation on: the checkpoint must carry RNG state and batch order
+    cfg = _cfg(mode=mode, max_steps=6, lr=3e-3, lora_r=4, lora_dropout=0.1, augment="flip",
+               weight_decay=0.01, warmup_ratio=0.3, batch_size=4, grad_accum=2)
+    data = _examples(10)
+    whole = train(copy.deepcopy(model), proc, data, cfg).model
+
+    calls = {"n": 0}
+
+    def stop_after_3():
+        calls["n"] += 1
+        return calls["n"] > 3
+    first = train(copy.deepcopy(model), proc, data, cfg, work_dir=tmp_path, should_stop=stop_after_3)
+    assert first.stopped and first.step == 3 and has_checkpoint(tmp_path)
+    resumed = train(copy.deepcopy(model), proc, data, cfg, work_dir=tmp_path)
+    assert resumed.step == 6 and not resumed.stopped
+    a, b = dict(whole.named_parameters()), dict(resumed.model.named_parameters())
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+
+def test_checkpoint_from_another_config_is_refused(base, tmp_path):
+    model, proc = base
+    train(copy.deepcopy(model), proc, _examples(), _cfg(mode="full"), work_dir=tmp_path,
+          should_stop=lambda: True)
+    with pytest.raises(ValueError, match="another config"):
+        train(copy.deepcopy(model), proc, _examples(), _cfg(mode="full", lr=1e-4),
+              work_dir=tmp_path)
+
+
+def test_lazy_images_train_exactly_like_the_tensor_cache(base):
+    model, proc = base
+    cached = train(copy.deepcopy(model), proc, _examples(), _cfg(mode="full"))
+    lazy = train(copy.deepcopy(model), proc, _examples(), _cfg(mode="full", image_cache_mb=0))
+    assert cached.image_cache and not lazy.image_cache
+    assert cached.losses == pytest.approx(lazy.losses, abs=1e-6)
+
+
+def test_lora_adapters_save_in_peft_format_and_reload(tiny, tmp_path):
+    from peft import PeftModel
+    model, proc = tiny
+    base_dir = models.save(copy.deepcopy(model), proc, tmp_path / "base")
+    result = train(model, proc, _examples(), _cfg(mode="lora", lora_r=4))
+    out = save_trained(result.model, proc, tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists()
+    base2, _ = models.load(str(base_dir))
+    assert isinstance(PeftModel.from_pretrained(base2, out), PeftModel)
+    merged, _ = load_trained(out, str(base_dir))
+    pv = models.pixel_values(proc, [_examples(1)[0].image])
+    batch = models.encode_text(proc, ["What color is it?"])
+    result.model.eval()
+    with torch.no_grad():
+        want = result.model(**batch, pixel_values=pv).logits
+        got = merged(**batch, pixel_values=pv).logits
+    assert torch.allclose(want, got, atol=1e-4)
+
+
+def test_streams_interleave_by_weight_and_masks_freeze_rows(tiny):
+    model, proc = tiny
+    name, p = next((n, p) for n, p in model.named_parameters() if n.endswith("down_proj.weight"))
+    rows = torch.zeros(p.shape[0], dtype=torch.bool)
+    rows[:3] = True
+    before = p.detach().clone()
+    streams = [Stream(_examples(4), weight=1, name="qa"),
+               Stream(_examples(4), weight=1, name="cap", grad_masks={name: rows})]
+    assert stream_schedule([1, 1], 4) == [0, 1, 0, 1]
+    assert stream_schedule([3, 1], 8).count(0) == 6
+    result = train(model, proc, streams, _cfg(mode="full", max_steps=2, weight_decay=0.1))
+    after = dict(result.model.named_parameters())[name]
+    assert not torch.equal(after, before)  # the unmasked qa step moved it
+
+
+def test_config_is_validated_with_a_message_naming_the_field():
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig(mode="half")
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(batch_size=10, grad_accum=3)
+    with pytest.raises(ValueError, match="augment"):
+        TrainConfig(augment="mixup")
+    assert TrainConfig.from_dict(TrainConfig(lr=0.5).to_dict()) == TrainConfig(lr=0.5)
+
+
+def test_steps_scale_with_data_and_respect_min_steps():
+    s = [Stream(_examples(8))]
+    assert total_steps(s, TrainConfig(batch_size=4, epochs=2)) == 4
+    assert total_steps(s, TrainConfig(batch_size=4, epochs=2, min_steps=50)) == 50
+    assert total_steps(s, TrainConfig(max_steps=7)) == 7
+
+
+def test_epoch_order_is_a_seeded_permutation_with_open_oversampling():
+    order = EpochOrder([False] * 6, seed=1, stream_id=0, oversample=1.0)
+    assert sorted(order.take(0, 6)) == list(range(6))
+    assert order.take(0, 14) == EpochOrder([False] * 6, 1, 0, 1.0).take(0, 14)
+    assert sorted(order.take(6, 6)) == list(range(6))
+    over = EpochOrder([True, False, False, False], seed=0, stream_id=0, oversample=3.0)
+    first_epoch = over.take(0, 6)
+    assert first_epoch.count(0) == 3 and sorted(set(first_epoch)) == [0, 1, 2, 3]
+
+
+def test_augmentation_never_touches_examples_about_position():
+    assert mentions_position("Where in the image is the polyp?", "upper-left")
+    assert mentions_position("Is it on the left?", "yes")
+    assert not mentions_position("What color is the abnormality?", "red")
+    pixels = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).reshape(2, 3, 4, 4)
+    for step in range(8):  # flips fire about half the time; the forbidden row never changes
+        out = augment(pixels, [True, False], "flip+rot90", seed=0, step=step)
+        assert torch.equal(out[1], pixels[1])
+    assert any(not torch.equal(augment(pixels, [True, False], "flip", 0, s)[0], pixels[0])
+               for s in range(8))
+    assert torch.equal(augment(pixels, [True, True], "none", 0, 0), pixels)
