@@ -167,7 +167,7 @@ def _stage_kind(name: str) -> Kind:
     def run(ctx: JobContext, params: dict) -> dict:
         """One LEAML stage alone (``leaml_method.STAGE_COMMANDS``), params = its keywords."""
         from leaml import leaml_method
-        ctx.plan = [name] if name != "finetune" else ["target", "evaluate"]
+        ctx.plan = [name] if name != "finetune" else ["finetune", "evaluate"]
         return leaml_method.STAGE_COMMANDS[name](ctx.db, ctx.job["project_id"],
                                                  **_engine_kwargs(ctx, params))
     return run

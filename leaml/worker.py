@@ -16,6 +16,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,6 +225,8 @@ def _execute(ctx: jobs.JobContext) -> None:
         return
     ctx.log.info("job %s succeeded: %s", job["id"], result)
     _end(ctx, "succeeded", _summary(result), result.get("run_id"))
+    # checkpoints and stage folders are for resuming; the result lives in models/run-<id>
+    shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
 
 
 def _end_stopped(ctx: jobs.JobContext) -> None:
