@@ -191,3 +191,96 @@ def _wait_gone(pid: int, timeout: float = 20) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"process {pid} did not exit")
+
+
+# --- jobs that train the tiny model -------------------------------------------------------------
+
+def quick(max_steps: int, **train) -> dict:
+    """A seed-only LoRA run of a few steps on a few images (the `run` kind's params)."""
+    return {"method": "seed-lora", "label_fraction": 0.5, "seed": 0,
+            "overrides": {"train": {"max_steps": max_steps, "min_steps": 0, "batch_size": 2,
+                                    **train}, "max_new_tokens": 6}}
+
+
+@pytest.fixture
+def demo(db):
+    from leaml.demo import DemoConfig
+    from leaml.ingest import load_demo
+    load_demo(db, DemoConfig(n_train=8, n_test=2))
+
+
+def wait_for(pred, what: str, timeout: float = 180, every: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := pred():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ts(stamp: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def test_running_job_reports_progress_and_cancels_within_a_step(home, db, demo):
+    job_id = jobs.enqueue(db, "run", "demo", quick(400), user=EXPERT)
+    w = start_worker(home, "--once")
+    try:
+        wait_for(lambda: len(jobs.train_log(db, job_id)) >= 3, "three loss rows")
+        job, info = jobs.get_job(db, job_id), jobs.job_progress(db, job_id)
+        assert job["status"] == "running" and job["stage"] == "train"
+        assert job["worker_pid"] != w.pid  # the job runs in a child process of the worker
+        assert 0 < info["progress"] < 1 and info["eta"] > 0 and info["heartbeat_age"] < 10
+        rows = jobs.train_log(db, job_id)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(r["total"] == 400 and r["loss"] > 0 for r in rows)
+
+        asked = time.time()
+        jobs.cancel(db, job_id, user=EXPERT)
+        wait_for(lambda: jobs.get_job(db, job_id)["status"] == "cancelled", "cancelled", 60)
+        rows = jobs.train_log(db, job_id)
+        step_s = (_ts(rows[-1]["ts"]) - _ts(rows[0]["ts"])) / max(1, len(rows) - 1)
+        assert _ts(rows[-1]["ts"]) - asked <= jobs.STOP_CACHE_S + 2 * step_s + 1.0
+        stopped_at = rows[-1]["step"]
+        assert stopped_at < 400
+        job = jobs.get_job(db, job_id)
+        assert f"cancelled at train step {stopped_at}/400" in job["message"]
+        ckpt = home / "jobs" / f"job-{job_id}" / "train" / "checkpoint"
+        assert json.loads((ckpt / "config.json").read_text())["step"] == stopped_at
+        assert w.wait(timeout=60) == 0  # --once: nothing queued or running any more
+
+        jobs.resume(db, job_id, user=EXPERT)  # goes on from the checkpoint
+        w = start_worker(home, "--once")
+        wait_for(lambda: len(jobs.train_log(db, job_id)) > stopped_at, "a step after resume")
+        assert jobs.train_log(db, job_id)[stopped_at]["step"] == stopped_at + 1
+        jobs.cancel(db, job_id)
+        wait_for(lambda: jobs.get_job(db, job_id)["status"] == "cancelled", "cancelled again", 60)
+        assert jobs.get_job(db, job_id)["attempts"] == 2
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
+
+
+def test_new_user_background_run_then_worker_once(home, db, demo):
+    """`run --background` (which also starts a detached worker), `worker --once`, `jobs show`."""
+    sets = ["--set", "train.max_steps=3", "--set", "train.min_steps=0",
+            "--set", "train.batch_size=2", "--set", "max_new_tokens=6"]
+    out = leaml(home, "run", "--project", "demo", "--method", "seed-lora",
+                "--label-fraction", "0.01", "--background", *sets)
+    job_id = int(out.stdout.strip().splitlines()[-1])
+    try:
+        leaml(home, "worker", "--once", timeout=300)
+        show = json.loads(leaml(home, "jobs", "show", str(job_id), "--json").stdout.splitlines()[-1])
+    finally:
+        for w in q.live_workers(db, 3600):  # the detached worker `run --background` started
+            os.kill(w["pid"], signal.SIGTERM)
+    assert show["status"] == "succeeded" and show["progress"] == 1, show
+    from leaml.store.runs import get_metrics, get_run
+    run = get_run(db, show["run_id"])
+    assert run["status"] == "succeeded" and run["job_id"] == job_id
+    assert run["method"] == "seed-lora" and run["params"]["label_fraction"] == 0.01
+    assert (home / run["model_dir"] / "adapter_config.json").exists()  # peft's own format
+    assert get_metrics(db, run["id"])
+    assert not (home / "jobs" / f"job-{job_id}").exists()  # checkpoints go once it succeeded
