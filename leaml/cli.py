@@ -121,3 +121,8 @@ ADDERS += [_add_pretrain_tiny]
 from leaml.cli_leaml import _add_finetune, _add_generator, _add_pseudo  # noqa: E402
 
 ADDERS += [_add_generator, _add_pseudo, _add_finetune]
+
+# serving and teacher captions: `serve`, `caption` live in leaml/cli_serve.py (serve engineer)
+from leaml.cli_serve import _add_caption, _add_serve  # noqa: E402
+
+ADDERS += [_add_serve, _add_caption]

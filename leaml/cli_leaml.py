@@ -82,11 +82,16 @@ def _add_pseudo(sub, common) -> None:
                    help="generator run id (printed by `generator`; default: the newest)")
     p.add_argument("-k", type=int, default=None, help="candidates sampled per image (default 4)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the generator's)")
+    from leaml.cli_serve import add_from_captions_args  # --from-captions (serve engineer)
+    add_from_captions_args(p)
     p.set_defaults(func=cmd_pseudo)
 
 
 def cmd_pseudo(args) -> int:
     from leaml import leaml_method
+    if args.from_captions:  # QA from teacher captions: leaml/caption_qa.py
+        from leaml.cli_serve import cmd_pseudo_from_captions
+        return cmd_pseudo_from_captions(args)
     result = _run(leaml_method.pseudo_command, args, generator_run=args.generator_run,
                   k=args.k, seed=args.seed)
     if args.json:

@@ -104,7 +104,8 @@ class JobContext:
         frac = step / total if total else 0.0
         self.report(stage, self._overall(stage, frac), None, rate * max(0, total - step))
         if step % 10 == 0 or step == total:
-            self.log.info("%s step %d/%d loss %s", stage, step, total, loss)
+            shown = f" loss {loss:.4f}" if loss is not None and loss == loss else ""
+            self.log.info("%s step %d/%d%s", stage, step, total, shown)
 
     def _overall(self, stage: str, frac: float) -> float:
         """Job progress over the stages of ``plan`` (stages not in it are appended)."""
@@ -175,6 +176,14 @@ def _stage_kind(name: str) -> Kind:
 
 for _name in ("generator", "pseudo", "finetune"):
     job_kind(_name)(_stage_kind(_name))
+
+
+@job_kind("caption")
+def _caption(ctx: JobContext, params: dict) -> dict:
+    """Teacher captions for the project's images without one (``leaml.captions``); params:
+    endpoint + model, or teacher (a local model ref), and optionally prompt, concurrency."""
+    from leaml import captions
+    return captions.caption_job(ctx, params)
 
 
 @job_kind("evaluate")

@@ -66,7 +66,13 @@ DEFAULTS: dict[str, Callable[[], MethodConfig]] = {
     "seed-full": lambda: MethodConfig({"train": _seed_full()}),
     "caption-then-seed": lambda: MethodConfig({"align": _align(), "train": _seed_full()}),
     "leaml": lambda: _leaml().default_config(),  # LEAML lives in leaml/leaml_method.py
+    "caption-qa": lambda: _caption_qa().default_config(),  # leaml/caption_qa.py
 }
+
+
+def _caption_qa():
+    from leaml import caption_qa  # QA from teacher captions (LLaVA-Med style), lazily too
+    return caption_qa
 
 
 def _leaml():
@@ -283,6 +289,7 @@ METHODS: dict[str, Callable[[], list[Stage]]] = {
         train_stage("train", lambda c: qa_examples(c.db, c.data.seed_rows)),
         evaluate_stage()],
     "leaml": lambda: _leaml().stages(),
+    "caption-qa": lambda: _caption_qa().stages(),
 }
 
 

@@ -1,0 +1,173 @@
+"""`leaml serve`: a real server process (tiny + LoRA run) on 127.0.0.1 over real HTTP.
+
+Good requests get OpenAI-shaped answers; every bad request a 4xx JSON error in OpenAI's
+shape, and the server keeps serving afterwards.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from servehelp import PROMPT, shared
+
+
+def png_url(size=(40, 30), color=(200, 40, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def post(path: str, body, *, method: str = "POST", raw: bytes | None = None):
+    """(status, JSON answer) of one request to the shared server."""
+    s = shared()
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(s["server"].url.removesuffix("/v1") + path, data=data,
+                                 method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def chat(**kw) -> dict:
+    body = {"model": shared()["model"], "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": png_url()}},
+                {"type": "text", "text": PROMPT}]}]}
+    body.update(kw)
+    return body
+
+
+def assert_error(status: int, answer: dict, expected: int, words: str = "") -> None:
+    assert status == expected, answer
+    err = answer["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert words.lower() in err["message"].lower(), err["message"]
+
+
+def test_models_lists_the_run():
+    status, answer = post("/v1/models", None, method="GET")
+    assert status == 200
+    assert answer["object"] == "list"
+    assert [m["id"] for m in answer["data"]] == [shared()["model"]]
+
+
+def test_chat_completion_has_the_openai_shape_with_logprobs():
+    status, answer = post("/v1/chat/completions", chat(n=2, temperature=0.9, seed=3,
+                                                       logprobs=True, top_logprobs=2))
+    assert status == 200, answer
+    assert answer["object"] == "chat.completion" and answer["id"].startswith("chatcmpl-")
+    assert answer["model"] == shared()["model"] and isinstance(answer["created"], int)
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    for c in answer["choices"]:
+        assert c["message"]["role"] == "assistant" and isinstance(c["message"]["content"], str)
+        assert c["finish_reason"] in ("stop", "length")
+        tokens = c["logprobs"]["content"]
+        assert 1 <= len(tokens) <= 4
+        for t in tokens:
+            assert t["logprob"] <= 0 and t["bytes"] == list(t["token"].encode())
+            assert len(t["top_logprobs"]) == 2
+            assert t["top_logprobs"][0]["logprob"] >= t["logprob"] - 1e-5  # top-1 is the max
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] > 36 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_greedy_is_deterministic_and_text_only_works():
+    a = post("/v1/chat/completions", chat())[1]["choices"][0]["message"]["content"]
+    b = post("/v1/chat/completions", chat())[1]["choices"][0]["message"]["content"]
+    assert a == b
+    status, answer = post("/v1/chat/completions", chat(messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello?"}]))
+    assert status == 200, answer
+    assert answer["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("body,expected,words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": "run-1"}, 400, "messages"),
+    ({"model": "run-1", "messages": []}, 400, "messages"),
+    ({"model": "run-1", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "run-1", "messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "'n'"),
+    ({"model": "run-1", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "run-1", "messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "stream"),
+])
+def test_bad_bodies_get_4xx(body, expected, words):
+    if isinstance(body, dict) and body.get("model") == "run-1":
+        body["model"] = shared()["model"]
+    raw = body if isinstance(body, bytes) else None
+    status, answer = post("/v1/chat/completions", None if raw else body, raw=raw)
+    assert_error(status, answer, expected, words)
+
+
+def image_body(url: str) -> dict:
+    return chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]}])
+
+
+def test_remote_image_urls_are_refused_never_fetched():
+    for url in ("http://127.0.0.1:9/secret.png", "https://example.org/a.png", "file:///etc/passwd"):
+        status, answer = post("/v1/chat/completions", image_body(url))
+        assert_error(status, answer, 400, "never fetches remote URLs")
+
+
+def test_corrupt_and_oversized_images_are_refused():
+    status, answer = post("/v1/chat/completions", image_body("data:image/png;base64,iVBORw0KGgoAAAAN"))
+    assert_error(status, answer, 400, "cannot be read")
+    status, answer = post("/v1/chat/completions", image_body("data:image/png;base64,@@@"))
+    assert_error(status, answer, 400, "base64")
+    # this server runs with --max-pixels 100000: 400 x 300 = 120000 pixels is over
+    status, answer = post("/v1/chat/completions", image_body(png_url((400, 300))))
+    assert_error(status, answer, 400, "over the limit")
+
+
+def test_body_over_the_limit_gets_413_without_being_read():
+    s = shared()["server"]
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
+        answer = sock.recv(65536).decode()
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413"), head
+    assert "over the limit" in json.loads(body)["error"]["message"]
+
+
+def test_unknown_route_404_and_wrong_method_405():
+    assert_error(*post("/v1/completions", chat()), 404, "no route")
+    assert_error(*post("/v1/chat/completions", None, method="GET"), 405, "not allowed")
+    assert_error(*post("/v1/models", None, method="DELETE"), 405, "not allowed")
+
+
+def test_the_server_survives_all_of_it():
+    assert post("/health", None, method="GET")[0] == 200
+    assert shared()["server"].proc.poll() is None
+    assert post("/v1/chat/completions", chat())[0] == 200
+
+
+def test_load_served_full_model_and_missing_folder(tmp_path):
+    from leaml import models
+    from leaml.serve import load_served
+    from leaml.store import connect
+    from leaml.store.projects import create_project
+    from leaml.store.runs import create_run, update_run
+    db = connect(tmp_path / "h")
+    pid = create_project(db, "p")["id"]
+    run_id = create_run(db, pid, method="seed-full", base_model="tiny", params={})
+    with pytest.raises(ValueError, match="no saved model"):
+        load_served(db, project="p", run_id=run_id)
+    models.save(*models.load("tiny"), db.home / "models" / "full")
+    update_run(db, run_id, model_dir="models/full")
+    served = load_served(db, project="p", run_id=run_id)
+    assert served.name == f"run-{run_id}" and "peft" not in type(served.model).__module__
+    other = create_project(db, "q")
+    with pytest.raises(ValueError, match="another project"):
+        load_served(db, project=other["name"], run_id=run_id)
