@@ -31,6 +31,8 @@ def _add_pretrain_tiny(sub, common) -> None:
                         "instead of a time budget: reproduces a run")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a "
                    "shared 2-core machine)")
+    p.add_argument("--init-from", default="",
+                   help="continue from a saved base folder (give its skipped stages 0 steps)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_pretrain_tiny)
 
@@ -38,7 +40,7 @@ def _add_pretrain_tiny(sub, common) -> None:
 def cmd_pretrain_tiny(args) -> int:
     from leaml.pretrain import PretrainConfig, pretrain_tiny
     cfg = PretrainConfig(seed=args.seed, minutes=args.minutes, steps=args.steps or {},
-                         threads=args.threads)
+                         threads=args.threads, init_from=args.init_from)
     metrics = pretrain_tiny(args.out, cfg)
     if args.json:
         print(json.dumps(metrics, default=str))

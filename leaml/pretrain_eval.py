@@ -108,19 +108,21 @@ def evaluate_general(model, processor, scenes, pix, per_type: int = 60, seed: in
 def report_markdown(metrics: dict) -> str:
     """PRETRAIN.md: how the committed base was made and how good it is."""
     ev, cfg = metrics["eval"], metrics["config"]
+    steps = ",".join(str(metrics["exact_steps"].get(k, 0)) for k in ("vision", "align", "instruct"))
+    init = f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""
     lines = ["# Tiny base: pretraining record", "",
              f"Command: `python -m leaml pretrain-tiny --seed {cfg['seed']} "
-             f"--minutes {cfg['minutes']}`", "",
-             f"Exact rerun: `--steps {','.join(str(v) for v in metrics['exact_steps'].values())}`"
-             f" (vision,align,instruct)", "",
-             f"Wall clock: {metrics['train_seconds']} s training + data; "
-             f"parameters: {metrics['params']}", "",
+             f"--minutes {cfg['minutes']}{init}`", "",
+             f"Exact rerun: `python -m leaml pretrain-tiny --seed {cfg['seed']} --steps {steps}"
+             f"{init}` (vision,align,instruct; threads={cfg['threads']})", "",
+             f"Wall clock: {metrics['train_seconds']} s data + training, "
+             f"{metrics.get('eval_seconds')} s evaluation; parameters: {metrics['params']}", "",
              "## Stages", "", "| stage | steps | seconds | samples/s | final loss |",
              "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['steps']} | {v['seconds']} | {v['samples_per_s']} | {v['final_loss']} |"
               for k, v in metrics["stages"].items()]
     lines += ["", "Vision tower, held-out per-patch cell accuracy: "
-              f"{metrics['vision_cell_accuracy_heldout']}", "",
+              f"{metrics.get('vision_cell_accuracy_heldout', 'n/a (no vision stage)')}", "",
               f"## Held-out general QA (exact match, {ev['n_questions']} questions)", "",
               "| question type | accuracy |", "|---|---|"]
     lines += [f"| {k} | {v:.1%} |" for k, v in ev["qa_accuracy"].items()]
@@ -132,3 +134,14 @@ def report_markdown(metrics: dict) -> str:
               f"- generated: {ev['caption_example'].get('generated')}", "",
               f"Generate-QA format: {ev['generate_qa']}", ""]
     return "\n".join(lines)
+
+
+def accuracy_on(model, processor, images, qa: list[tuple[str, str, str]],
+                max_new_tokens: int = 12) -> tuple[dict, list[str]]:
+    """Exact-match accuracy per type of (question, answer, type) triples, one image each
+    (e.g. the endoscopy demo: the base's zero-shot behaviour out of its domain)."""
+    gens = models.generate(model, processor, images, [q for q, _, _ in qa],
+                           max_new_tokens=max_new_tokens, batch_size=64)
+    preds = [g[0].text for g in gens]
+    items = [(0, t, q, a) for q, a, t in qa]
+    return _accuracy_by_type(items, preds), preds

@@ -129,3 +129,18 @@ def test_committed_tiny_loads_through_auto_classes():
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert models.count_params(model) < 5_000_000
     assert "<image>" in models.prompt_text(proc, "hi")
+
+
+def test_committed_tiny_answers_general_questions():
+    """The pretrained base reads generated scenes (seeds unseen in pretraining)."""
+    model, proc = models.load("tiny")
+    rng = random.Random(2026)
+    items = []
+    for _ in range(6):
+        scene = random_scene(rng)
+        qa = {t: (q, a) for t, q, a in questions(scene, rng)}
+        items += [(render(scene), *qa[t]) for t in ("background", "count") if t in qa]
+    gens = models.generate(model, proc, [i for i, _, _ in items], [q for _, q, _ in items],
+                           max_new_tokens=6)
+    right = sum(g[0].text == a for g, (_, _, a) in zip(gens, items))
+    assert right >= 0.8 * len(items), [(q, a, g[0].text) for g, (_, q, a) in zip(gens, items)]
