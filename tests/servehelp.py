@@ -38,24 +38,40 @@ def image_folder(folder: Path, n: int = 4) -> Path:
     return folder
 
 
-def make_lora_run(home: Path, project: str = "endo") -> int:
-    """A finished seed-lora run whose model folder holds fresh LoRA adapters on 'tiny'
-    (no training: adapters start as the identity, which is all serving needs)."""
-    from leaml import models
+def _save_run(home: Path, project: str, method: str, save) -> int:
     from leaml.store import connect
     from leaml.store.projects import get_project
     from leaml.store.runs import create_run, finish_run, update_run
-    from leaml.train import TrainConfig, prepare_model, save_trained
     db = connect(home)
-    pid = get_project(db, project)["id"]
-    run_id = create_run(db, pid, method="seed-lora", base_model="tiny", params={})
-    model, processor = models.load("tiny")
-    save_trained(prepare_model(model, TrainConfig(mode="lora", lora_r=4)), processor,
-                 home / "models" / f"run-{run_id}")
+    run_id = create_run(db, get_project(db, project)["id"], method=method, base_model="tiny",
+                        params={})
+    save(home / "models" / f"run-{run_id}")
     update_run(db, run_id, model_dir=f"models/run-{run_id}")
     finish_run(db, run_id, accuracy=None, seconds=0.0)
     db.conn.close()
     return run_id
+
+
+def make_lora_run(home: Path, project: str = "endo") -> int:
+    """A finished seed-lora run whose folder holds fresh LoRA adapters on 'tiny' (no
+    training: adapters start as the identity, which is all loading needs)."""
+    from leaml import models
+    from leaml.train import TrainConfig, prepare_model, save_trained
+    model, processor = models.load("tiny")
+    lora = prepare_model(model, TrainConfig(mode="lora", lora_r=4))
+    return _save_run(home, project, "seed-lora", lambda out: save_trained(lora, processor, out))
+
+
+def make_full_run(home: Path, project: str = "endo") -> int:
+    """A finished seed-full run: the tiny base saved whole, with a generation config that
+    never emits eos, padding or a whitespace-only token, so every answer has visible text
+    whatever the tiny's weights are (the embedded base is still being pretrained)."""
+    from leaml import models
+    model, processor = models.load("tiny")
+    tok = processor.tokenizer
+    blank = [i for i in range(len(tok)) if not tok.decode([i]).strip()]
+    model.generation_config.suppress_tokens = sorted(set(blank) | set(tok.all_special_ids))
+    return _save_run(home, project, "seed-full", lambda out: models.save(model, processor, out))
 
 
 class Server:
@@ -92,14 +108,14 @@ _SHARED: dict = {}
 
 
 def shared() -> dict:
-    """One data home with project 'endo' (a plain folder of 4 images), a LoRA run, and a
-    ``leaml serve --run`` process on it, for the whole test session (started on first use)."""
+    """One data home with project 'endo' (a plain folder of 4 images), a full-model run, and
+    a ``leaml serve --run`` process on it, for the whole test session (started on first use)."""
     if not _SHARED:
         root = Path(tempfile.mkdtemp(prefix="leaml-serve-"))
         home = root / "home"
         r = cli(home, "import", image_folder(root / "frames"), "--project", "endo")
         assert r.returncode == 0, r.stderr
-        run_id = make_lora_run(home)
+        run_id = make_full_run(home)
         server = Server(home, "--project", "endo", "--run", str(run_id), "--max-body-mb", "1",
                         "--max-pixels", "100000")
         atexit.register(server.stop)

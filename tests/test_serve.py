@@ -1,4 +1,4 @@
-"""`leaml serve`: a real server process (tiny + LoRA run) on 127.0.0.1 over real HTTP.
+"""`leaml serve`: a real server process (a full-model run of tiny) on 127.0.0.1 over real HTTP.
 
 Good requests get OpenAI-shaped answers; every bad request a 4xx JSON error in OpenAI's
 shape, and the server keeps serving afterwards.
@@ -153,21 +153,27 @@ def test_the_server_survives_all_of_it():
     assert post("/v1/chat/completions", chat())[0] == 200
 
 
-def test_load_served_full_model_and_missing_folder(tmp_path):
+def test_load_served_lora_run_full_run_and_missing_folder(tmp_path):
     from leaml import models
-    from leaml.serve import load_served
+    from leaml.serve import ChatRequest, ServeConfig, complete, load_served
     from leaml.store import connect
     from leaml.store.projects import create_project
-    from leaml.store.runs import create_run, update_run
+    from leaml.store.runs import create_run
+    from servehelp import make_lora_run
     db = connect(tmp_path / "h")
-    pid = create_project(db, "p")["id"]
-    run_id = create_run(db, pid, method="seed-full", base_model="tiny", params={})
+    create_project(db, "endo")
+    lora_run = make_lora_run(tmp_path / "h")
+    served = load_served(db, project="endo", run_id=lora_run)  # adapters merged into the base
+    assert served.name == f"run-{lora_run}" and "lora" not in str(dict(served.model.named_parameters()))
+    req = ChatRequest([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], [], 3,
+                      0.0, 1.0, 1, True, 1, None, [])
+    answer = complete(served, req, ServeConfig())
+    assert len(answer["choices"][0]["logprobs"]["content"]) <= 3
+    empty = create_run(db, 1, method="seed-full", base_model="tiny", params={})
     with pytest.raises(ValueError, match="no saved model"):
-        load_served(db, project="p", run_id=run_id)
-    models.save(*models.load("tiny"), db.home / "models" / "full")
-    update_run(db, run_id, model_dir="models/full")
-    served = load_served(db, project="p", run_id=run_id)
-    assert served.name == f"run-{run_id}" and "peft" not in type(served.model).__module__
+        load_served(db, project="endo", run_id=empty)
     other = create_project(db, "q")
     with pytest.raises(ValueError, match="another project"):
-        load_served(db, project=other["name"], run_id=run_id)
+        load_served(db, project=other["name"], run_id=lora_run)
+    assert load_served(db, base_model="tiny").name == "tiny"
+    del models
