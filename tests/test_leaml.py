@@ -1,0 +1,116 @@
+"""The LEAML method: which pairs train the target, and stage-by-stage == one-shot."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from leaml import leaml_method, pipeline
+from leaml.demo import DemoConfig
+from leaml.ingest import load_demo
+from leaml.store import connect
+from leaml.store.qa import add_qa_many, edit, get_qa, list_qa, reject
+from leaml.store.runs import create_run, finish_run, update_run
+
+# small and fast: a few steps per stage; equality must hold whatever G has learned by then
+FAST = {"generator": {"min_qa_steps": 4, "max_qa_steps": 4, "batch_size": 4, "caption_ratio": 0.5},
+        "pseudo": {"k": 2, "max_new_tokens": 24, "batch_size": 8, "chunk": 3},
+        "finetune": {"min_steps": 2, "max_steps": 2, "batch_size": 4},
+        "max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    torch.set_num_threads(2)
+    home = tmp_path_factory.mktemp("leaml") / "home"
+    db = connect(home)
+    load_demo(db, DemoConfig(n_train=8, n_test=1, seed=0))
+    db.conn.close()
+    return home
+
+
+@pytest.fixture
+def home(demo_home, tmp_path):
+    copy = tmp_path / "home"
+    shutil.copytree(demo_home, copy)
+    return copy
+
+
+def _pid(db):
+    return db.execute("SELECT id FROM projects WHERE name = 'demo'").fetchone()[0]
+
+
+def _fake_generator_run(db, pid):
+    run = create_run(db, pid, method="generator", base_model="tiny", params={"seed": 0})
+    update_run(db, run, model_dir="models/none")
+    finish_run(db, run, accuracy=None, seconds=0.0)
+    return run
+
+
+def test_rejected_pairs_never_train_and_the_cut_applies_to_pending_only(home):
+    db = connect(home)
+    pid = _pid(db)
+    gen, other = _fake_generator_run(db, pid), _fake_generator_run(db, pid)
+    img = db.execute("SELECT id FROM images WHERE split = 'train' ORDER BY id").fetchone()[0]
+    confs = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    ids = add_qa_many(db, [{"project_id": pid, "image_id": img, "question": f"q{i}?", "answer": "a",
+                            "origin": "pseudo", "confidence": c, "gen_run_id": gen}
+                           for i, c in enumerate(confs)])
+    foreign = add_qa_many(db, [{"project_id": pid, "image_id": img, "question": "x?", "answer": "b",
+                                "origin": "pseudo", "confidence": 0.99, "gen_run_id": other}])[0]
+    reject(db, ids[0], expected_version=1, user="ann")        # most confident, rejected
+    edit(db, ids[9], expected_version=1, user="ann", answer="c")  # least confident, edited
+    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None)
+    got = {r["id"] for r in rows}
+    assert ids[0] not in got and foreign not in got
+    # the cut ranks the 8 pending pairs of this generator run: the top 4 train, + the edited one
+    assert got == {ids[1], ids[2], ids[3], ids[4], ids[9]}
+    assert info["n_pseudo_pending_kept"] == 4 and info["n_pseudo_reviewed"] == 1
+    everything, _ = leaml_method.target_rows(db, pid, gen, [], keep_top=None, min_confidence=0.0)
+    assert ids[0] not in {r["id"] for r in everything} and len(everything) == 9
+    reviewed_only, _ = leaml_method.target_rows(db, pid, gen, [], keep_top=0.6, min_confidence=None,
+                                                use_pending=False)
+    assert [r["id"] for r in reviewed_only] == [ids[9]]
+    assert get_qa(db, ids[0])["status"] == "rejected"
+
+
+def _pseudo_pairs(db, gen):
+    return sorted((r["image_id"], r["question"], r["answer"], round(r["confidence"], 6))
+                  for r in list_qa(db, _pid(db), origin="pseudo") if r["gen_run_id"] == gen)
+
+
+def _predictions(db, run_id):
+    model_dir = Path(db.home) / f"models/run-{run_id}"
+    return (model_dir / "predictions.jsonl").read_text()
+
+
+def _weights(db, run_id):
+    from safetensors.torch import load_file
+    return load_file(str(Path(db.home) / f"models/run-{run_id}/model.safetensors"))
+
+
+def _params(db, run_id):
+    return json.loads(db.execute("SELECT params FROM runs WHERE id = ?", [run_id]).fetchone()[0])
+
+
+@pytest.mark.slow
+def test_stage_by_stage_equals_one_shot_with_the_same_seed(home):
+    db = connect(home)
+    one = pipeline.run_method(db, "demo", "leaml", label_fraction=0.25, seed=1, overrides=FAST)
+    gen_one = _params(db, one["run_id"])["generator_run"]
+    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
+    p = leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=FAST)
+    staged = leaml_method.finetune_command(db, "demo", generator_run=g["generator_run"], overrides=FAST)
+    assert p["images"] == 6 and p["sampled"] == 6 * 2  # 8 train images, 2 labeled -> 6 unlabeled
+    w_one, w_staged = _weights(db, gen_one), _weights(db, g["generator_run"])
+    assert w_one.keys() == w_staged.keys() and all(torch.equal(w_one[k], w_staged[k]) for k in w_one)
+    first, second = _params(db, gen_one)["pseudo"][0], _params(db, g["generator_run"])["pseudo"][0]
+    for key in ("sampled", "stored", "malformed", "truncated", "special", "duplicate"):
+        assert first[key] == second[key], key
+    assert _pseudo_pairs(db, gen_one) == _pseudo_pairs(db, g["generator_run"])
+    for key in ("accuracy", "by_category", "by_question_type", "n_test"):
+        assert one[key] == staged[key], key
+    assert _predictions(db, one["run_id"]) == _predictions(db, staged["run_id"])
+    assert _params(db, staged["run_id"])["target_data"] == _params(db, one["run_id"])["target_data"] | {
+        "seconds": _params(db, staged["run_id"])["target_data"]["seconds"]}
