@@ -56,7 +56,8 @@ def qa_prompt(caption: str, examples: list[tuple[str, str]], questions: list[str
     """The request text for one caption (see :data:`QA_PROMPT`)."""
     style = ""
     if questions:
-        style = " Prefer questions like: " + "; ".join(questions[:12]) + "."
+        asked = [q.strip() if q.strip().endswith(("?", ".")) else q.strip() + "?" for q in questions[:12]]
+        style = " Prefer questions like these: " + " ".join(asked)
     shown = "".join(f"\n{format_qa(q, a)}\n" for q, a in examples)
     return QA_PROMPT.format(n=n, style=style, examples=f"\nExamples:{shown}" if shown else "",
                             caption=caption.strip())
