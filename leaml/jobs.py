@@ -161,7 +161,8 @@ def _run(ctx: JobContext, params: dict) -> dict:
                          "caption-then-seed)")
     from leaml import pipeline  # the engine: imported only inside the job's own process
     ctx.plan = pipeline.stage_names(method)
-    return pipeline.run_method(ctx.db, ctx.job["project_id"], method, **_engine_kwargs(ctx, params))
+    return pipeline.run_method(ctx.db, ctx.job["project_id"], method,
+                               **_engine_kwargs(ctx, params))
 
 
 def _stage_kind(name: str) -> Kind:
@@ -169,8 +170,8 @@ def _stage_kind(name: str) -> Kind:
         """One LEAML stage alone (``leaml_method.STAGE_COMMANDS``), params = its keywords."""
         from leaml import leaml_method
         ctx.plan = [name] if name != "finetune" else ["finetune", "evaluate"]
-        return leaml_method.STAGE_COMMANDS[name](ctx.db, ctx.job["project_id"],
-                                                 **_engine_kwargs(ctx, params))
+        command = leaml_method.STAGE_COMMANDS[name]
+        return command(ctx.db, ctx.job["project_id"], **_engine_kwargs(ctx, params))
     return run
 
 

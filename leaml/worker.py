@@ -156,6 +156,7 @@ def _child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("TQDM_DISABLE", "1")  # progress bars belong in the database, not the log
     return env
 
 
@@ -254,8 +255,8 @@ def _end(ctx: jobs.JobContext, status: str, message: str, run_id: int | None = N
 def _summary(result: dict) -> str:
     if result.get("accuracy") is not None:
         return f"{result.get('method', 'run')}: accuracy {result['accuracy']:.1f}% " \
-               f"on {result.get('n_test', '?')} test questions"
-    return "done"
+               f"on {result.get('n_test', '?')} test questions (run {result.get('run_id')})"
+    return f"done (run {result['run_id']})" if result.get("run_id") else "done"
 
 
 # --- starting a worker from the app --------------------------------------------------------

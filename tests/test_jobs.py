@@ -206,10 +206,10 @@ def quick(max_steps: int, **train) -> dict:
 def demo(db):
     from leaml.demo import DemoConfig
     from leaml.ingest import load_demo
-    load_demo(db, DemoConfig(n_train=8, n_test=2))
+    load_demo(db, DemoConfig(n_train=8, n_test=1))
 
 
-def wait_for(pred, what: str, timeout: float = 180, every: float = 0.05):
+def wait_for(pred, what: str, timeout: float = 600, every: float = 0.05):  # shared CPUs
     deadline = time.time() + timeout
     while time.time() < deadline:
         if value := pred():
@@ -271,7 +271,7 @@ def test_new_user_background_run_then_worker_once(home, db, demo):
                 "--label-fraction", "0.01", "--background", *sets)
     job_id = int(out.stdout.strip().splitlines()[-1])
     try:
-        leaml(home, "worker", "--once", timeout=300)
+        leaml(home, "worker", "--once", timeout=600)
         show = json.loads(leaml(home, "jobs", "show", str(job_id), "--json").stdout.splitlines()[-1])
     finally:
         for w in q.live_workers(db, 3600):  # the detached worker `run --background` started

@@ -109,12 +109,14 @@ def requeue(db: sqlite_utils.Database, job_id: int, *, user: str | None) -> dict
 def mark_stale(db: sqlite_utils.Database, timeout_s: float) -> list[int]:
     """Running jobs whose heartbeat is older than ``timeout_s`` become ``interrupted``."""
     cutoff = _ago(timeout_s)
+    stale = "status = 'running' AND COALESCE(heartbeat_at, started_at, created_at) < ?"
+    if not row(db, f"SELECT 1 FROM jobs WHERE {stale} LIMIT 1", [cutoff]):
+        return []  # the common case (pages poll this): no write lock taken
     with transaction(db):
         ids = [r[0] for r in db.execute(
             "UPDATE jobs SET status = 'interrupted', worker_pid = NULL, finished_at = ?,"
             " message = 'worker stopped sending heartbeats (crashed or killed); resume it'"
-            " WHERE status = 'running' AND COALESCE(heartbeat_at, started_at, created_at) < ?"
-            " RETURNING id", [now(), cutoff]).fetchall()]
+            f" WHERE {stale} RETURNING id", [now(), cutoff]).fetchall()]
         for job_id in ids:
             log_event(db, user=None, action="job.interrupted", entity="job", entity_id=job_id)
     return sorted(ids)
