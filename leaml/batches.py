@@ -110,16 +110,19 @@ class TextCache:
 
     def __init__(self, processor, examples: Sequence[Example], chunk: int = 256):
         self.pad_id = _pad_id(processor)
-        self.ids: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-        for i in range(0, len(examples), chunk):
-            part = examples[i:i + chunk]
-            enc = models.encode_text(processor, [e.instruction for e in part],
-                                     [e.target for e in part])
+        # VQA sets repeat the same few questions and answers: tokenise each distinct pair once
+        pairs = list(dict.fromkeys((e.instruction, e.target) for e in examples))
+        ids, labels = [], []
+        for i in range(0, len(pairs), chunk):
+            part = pairs[i:i + chunk]
+            enc = models.encode_text(processor, [p[0] for p in part], [p[1] for p in part])
             for row in range(len(part)):
                 keep = enc["attention_mask"][row].bool()
-                self.ids.append(enc["input_ids"][row][keep].clone())
-                self.labels.append(enc["labels"][row][keep].clone())
+                ids.append(enc["input_ids"][row][keep].clone())
+                labels.append(enc["labels"][row][keep].clone())
+        where = {p: i for i, p in enumerate(pairs)}
+        self.ids = [ids[where[(e.instruction, e.target)]] for e in examples]
+        self.labels = [labels[where[(e.instruction, e.target)]] for e in examples]
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, labels (B, T) for example indices, right-padded."""
