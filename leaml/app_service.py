@@ -261,19 +261,21 @@ def bulk_accept(db: sqlite_utils.Database, user: dict, project_id: int, min_conf
 # --- jobs ---------------------------------------------------------------------------------
 
 METHODS = ("leaml", "seed-lora", "seed-full", "caption-then-seed")
-# The main knobs per job kind with the engine's defaults (TrainConfig, PseudoConfig,
-# neurons): mirrored here so the app never imports torch; tests/test_app_service.py checks
-# that they match. (name, default, help)
-_TRAIN_HP = [("mode", "lora", "'lora' (adapters) or 'full' finetuning"),
-             ("lr", 1e-3, "peak learning rate of AdamW"),
-             ("epochs", 3.0, "passes over the data"),
-             ("batch_size", 32, "examples per optimizer step"),
-             ("lora_r", 16, "LoRA rank"),
-             ("max_steps", 0, "optimizer steps; 0 = derive from epochs")]
-_PSEUDO_HP = [("k", 4, "candidates sampled per unlabeled image"),
-              ("temperature", 1.0, "sampling temperature"),
-              ("max_images", 0, "sample at most this many unlabeled images (0 = all)")]
-_NEURON_HP = [("rho", 0.1, "share of neurons per layer updated by caption distillation")]
+# The main knobs per job kind: (name, type, help). Left empty in the form, a knob keeps the
+# method's own default (pipeline.DEFAULTS, which differ per method); the names are those of
+# TrainConfig / PseudoConfig (tests/test_app_service.py checks), mirrored so the app never
+# imports torch.
+_TRAIN_HP = [("mode", str, "'lora' (adapters) or 'full' finetuning"),
+             ("lr", float, "peak learning rate of AdamW"),
+             ("epochs", float, "passes over the data"),
+             ("batch_size", int, "examples per optimizer step"),
+             ("lora_r", int, "LoRA rank"),
+             ("max_steps", int, "optimizer steps (0 = derive from epochs)"),
+             ("min_steps", int, "at least this many steps")]
+_PSEUDO_HP = [("k", int, "candidates sampled per unlabeled image"),
+              ("temperature", float, "sampling temperature"),
+              ("max_images", int, "sample at most this many unlabeled images (0 = all)")]
+_NEURON_HP = [("rho", float, "share of neurons per layer updated by caption distillation")]
 JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP,
                        "finetune": _TRAIN_HP, "leaml": _TRAIN_HP + _NEURON_HP + _PSEUDO_HP}
 
@@ -312,8 +314,8 @@ def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
     return params
 
 
-def job_hyperparameters(kind: str) -> list[tuple[str, object, str]]:
-    """(name, default, help) of the main hyperparameters of a job kind, for the form."""
+def job_hyperparameters(kind: str) -> list[tuple[str, type, str]]:
+    """(name, type, help) of the main hyperparameters of a job kind, for the form."""
     return list(JOB_HYPERPARAMETERS.get(kind, _TRAIN_HP))
 
 

@@ -47,9 +47,17 @@ def project_ui(db) -> dict | None:
     names = [p["name"] for p in projects]
     wanted = st.session_state.get("project_name", "demo")
     index = names.index(wanted) if wanted in names else 0
-    name = st.sidebar.selectbox("Project", names, index=index, key="project_picker")
+    # a new key after select_project(): the browser's remembered choice must not win
+    key = f"project_picker_{st.session_state.get('project_picker_n', 0)}"
+    name = st.sidebar.selectbox("Project", names, index=index, key=key)
     st.session_state["project_name"] = name
     return projects[names.index(name)]
+
+
+def select_project(name: str) -> None:
+    """Make ``name`` the current project (e.g. right after creating it)."""
+    st.session_state["project_name"] = name
+    st.session_state["project_picker_n"] = st.session_state.get("project_picker_n", 0) + 1
 
 
 def no_project_stop() -> None:

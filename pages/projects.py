@@ -4,7 +4,8 @@ import streamlit as st
 
 from leaml import app_service, auth
 from leaml.store import projects as projects_store
-from pages._common import get_db, project_ui, require_page, show_flash, user_errors
+from pages._common import (get_db, project_ui, require_page, select_project, show_flash,
+                           user_errors)
 
 user = require_page("view")
 db = get_db()
@@ -78,7 +79,7 @@ if auth.can(user, "import"):
         if go:
             with user_errors():
                 made = app_service.create_project(db, user, name, base, target or None)
-                st.session_state["project_name"] = made["name"]
+                select_project(made["name"])
                 st.rerun()
     with right:
         if project is not None:

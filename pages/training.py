@@ -17,23 +17,22 @@ show_flash()
 
 
 def hyperparameters_ui(kind: str) -> dict:
-    """The main hyperparameters of ``kind`` with their defaults; only changed values returned."""
-    spec = app_service.job_hyperparameters(kind)
+    """The main hyperparameters of ``kind``; only the filled-in ones are returned (an empty
+    field keeps the method's own default)."""
     out = {}
-    with st.expander("Hyperparameters", expanded=False):
+    with st.expander("Hyperparameters (empty = the method's default)", expanded=False):
         cols = st.columns(3)
-        for i, (name, default, help_text) in enumerate(spec):
-            col = cols[i % 3]
-            if isinstance(default, bool):
-                value = col.checkbox(name, default, help=help_text, key=f"hp_{kind}_{name}")
-            elif isinstance(default, (int, float)):
-                value = col.number_input(name, value=default, help=help_text,
-                                         key=f"hp_{kind}_{name}",
-                                         format="%g" if isinstance(default, float) else "%d")
+        for i, (name, typ, help_text) in enumerate(app_service.job_hyperparameters(kind)):
+            col, key = cols[i % 3], f"hp_{kind}_{name}"
+            if typ is str:
+                value = col.text_input(name, help=help_text, key=key, placeholder="default")
             else:
-                value = col.text_input(name, str(default), help=help_text, key=f"hp_{kind}_{name}")
-            if value != default:
-                out[name] = value
+                value = col.number_input(name, value=None, help=help_text, key=key,
+                                         placeholder="default", min_value=0 if typ is int else None,
+                                         step=1 if typ is int else None,
+                                         format="%d" if typ is int else "%g")
+            if value not in (None, ""):
+                out[name] = typ(value)
     return out
 
 

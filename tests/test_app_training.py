@@ -26,6 +26,7 @@ def test_start_run_job_then_cancel_and_resume(monkeypatch, home, tmp_path):
     assert not at.exception
     at.selectbox(key="run_method").set_value("seed-lora").run()
     at.number_input(key="hp_seed-lora_epochs").set_value(1.0).run()
+    assert at.number_input(key="hp_seed-lora_lr").value is None  # empty: the method's default
     button(at, "Start job").click().run()
     assert not at.exception
     job = jobs.list_jobs(db)[0]

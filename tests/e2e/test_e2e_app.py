@@ -1,0 +1,231 @@
+"""End to end in a real browser: admin, import, seed labels, jobs, keyboard review, dashboard,
+and an annotator who cannot reach the training page. Saves a screenshot of every page into
+docs/screenshots/.
+
+Generator and pseudo-QA jobs run when the engine offers them (``generator``/``pseudo`` in
+leaml.pipeline.METHODS); otherwise a quick ``seed-lora`` run job stands in for training and
+the pending pairs to review are written through the store, as a generator would.
+"""
+from __future__ import annotations
+
+import io
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/apphelp.py
+from browser import CHROMIUM_ARGS, shot, streamlit_server, wait_idle  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+PW = "correct-horse"
+QUICK = {"max_steps": "2", "min_steps": "0", "batch_size": "4"}  # a few small steps
+
+
+def engine_has(stage: str) -> bool:
+    from leaml import jobs, pipeline
+    return stage in jobs.KINDS and stage in pipeline.METHODS
+
+
+def upload_zip(tmp: Path) -> Path:
+    """A zip of 16 unlabeled train images and 4 labeled test images (demo style)."""
+    from apphelp import small_manifest
+    src = small_manifest(tmp / "src", n_train=16, n_test=4, labeled=0)
+    out = tmp / "endo.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in sorted(src.parent.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(src.parent).as_posix())
+    return out
+
+
+def nav(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    heading = {"Review": "Review pseudo QA"}.get(title, title)
+    page.get_by_role("heading", name=heading, exact=True).wait_for()
+    wait_idle(page)
+
+
+def pick(page, label: str, text: str) -> None:
+    """Type into a selectbox (quick picks + free text) and take the typed value."""
+    box = page.get_by_label(label, exact=True).first
+    box.click()
+    box.fill(text)
+    page.keyboard.press("Enter")
+    wait_idle(page)
+
+
+def sign_in(page, url: str, name: str) -> None:
+    page.goto(url)
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(PW)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_test_id("stSidebarNav").wait_for()
+    wait_idle(page)
+
+
+def wait_job_done(db, kind: str | None = None, timeout: float = 420) -> dict:
+    from leaml import jobs
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = jobs.list_jobs(db)[0]
+        if job["status"] in ("succeeded", "failed", "cancelled", "interrupted"):
+            assert job["status"] == "succeeded", (job["status"], job["message"])
+            return job
+        time.sleep(2)
+    raise AssertionError(f"job did not finish in {timeout} s: {jobs.list_jobs(db)[0]}")
+
+
+def start_job(page, kind_label: str, method: str | None = None) -> None:
+    nav(page, "Training")
+    page.get_by_text(kind_label).click()
+    wait_idle(page)
+    if method:
+        pick(page, "Method", method)
+    page.get_by_text("Hyperparameters").click()
+    for name, value in QUICK.items():
+        box = page.get_by_role("spinbutton", name=name)
+        box.fill(value)
+        box.press("Enter")
+        wait_idle(page)
+    page.get_by_role("button", name="Start job").click()
+    page.get_by_text("queued").first.wait_for()
+
+
+def test_whole_product_in_a_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from leaml.store import connect, projects, qa
+    home = tmp_path / "home"
+    home.mkdir()
+    with streamlit_server(home) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 950})
+        try:
+            walk_through(page, url, home, tmp_path)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print(f"screenshot of the failure: {tmp_path / 'failure.png'}")
+            raise
+        finally:
+            browser.close()
+
+
+def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
+    from leaml.store import connect, projects, qa
+    if True:
+
+        # 1. first start: create the admin account (the demo project is built meanwhile)
+        page.goto(url)
+        page.get_by_text("Welcome to LEAML Studio").wait_for(timeout=180_000)
+        shot(page, "01-create-admin")
+        page.get_by_label("Admin user name").fill("admin")
+        page.get_by_label("Password (at least 8 characters)").fill(PW)
+        page.get_by_label("Repeat password").fill(PW)
+        page.get_by_role("button", name="Create admin account").click()
+        page.get_by_test_id("stSidebarNav").wait_for()
+        db = connect(home)
+        assert projects.get_project(db, "demo")
+
+        # 2. a project from an uploaded zip
+        nav(page, "Projects")
+        page.get_by_label("Name").fill("endo")
+        page.get_by_role("button", name="Create project").click()
+        page.get_by_text("Import into endo").wait_for()
+        page.locator("input[type=file]").set_input_files(str(upload_zip(tmp_path)))
+        wait_idle(page)
+        page.get_by_role("button", name="Import").click()
+        page.get_by_text("Import done.").wait_for(timeout=60_000)
+        wait_idle(page)
+        shot(page, "02-projects")
+        pid = projects.get_project(db, "endo")["id"]
+        assert projects.project_counts(db, pid)["unlabeled_images"] == 16
+
+        # 3. three seed pairs, saved with Ctrl+Enter
+        nav(page, "Seed labeling")
+        for i, (q, a) in enumerate([("How many polyps are in the image?", "1"),
+                                    ("Is there text?", "no"),
+                                    ("What type of procedure is the image taken from?",
+                                     "colonoscopy")]):
+            pick(page, "Question", q)
+            pick(page, "Answer", a)
+            if i == 0:
+                shot(page, "03-seed-labeling")
+            page.keyboard.press("Control+Enter")
+            page.get_by_text(f"Saved: {q}").wait_for()
+            wait_idle(page)
+        assert len(qa.list_qa(db, pid, origin="seed")) == 3
+
+        # 4. generator + pseudo-QA jobs when the engine has them, else a quick run job
+        if engine_has("generator") and engine_has("pseudo"):
+            start_job(page, "1 · Train the QA generator")
+            wait_job_done(db)
+            start_job(page, "2 · Generate pseudo QA")
+            wait_job_done(db)
+        else:
+            start_job(page, "Whole run", "seed-lora")
+            page.get_by_text("stage").first.wait_for()
+            wait_job_done(db)
+            from apphelp import add_pending
+            add_pending(db, projects.get_project(db, "endo"), 6)
+        page.reload()
+        page.get_by_role("heading", name="Training", exact=True).wait_for()
+        wait_idle(page)
+        shot(page, "04-training")
+
+        # 5. review with the keyboard: a accept, r reject, e edit + Ctrl+Enter
+        nav(page, "Review")
+        shot(page, "05-review")
+        before = {r["id"]: r["status"] for r in qa.list_qa(db, pid, origin="pseudo")}
+        page.keyboard.press("a")
+        page.get_by_text("Accepted pair").wait_for()
+        wait_idle(page)
+        page.keyboard.press("r")
+        page.get_by_text("Rejected pair").wait_for()
+        wait_idle(page)
+        page.keyboard.press("e")
+        answer = page.get_by_label("Answer")
+        answer.wait_for()
+        answer.fill("two polyps")
+        page.keyboard.press("Control+Enter")
+        page.get_by_text("Edited and accepted pair").wait_for()
+        wait_idle(page)
+        after = {r["id"]: r["status"] for r in qa.list_qa(db, pid, origin="pseudo")}
+        changed = sorted(after[i] for i in after if after[i] != before.get(i))
+        assert changed == ["accepted", "edited", "rejected"]
+
+        # 6. a quick finetune (the engine's finetune stage, else another quick run)
+        if engine_has("finetune"):
+            start_job(page, "3 · Finetune the target model")
+        else:
+            start_job(page, "Whole run", "seed-full")
+        wait_job_done(db)
+
+        # 7. the dashboard's charts
+        nav(page, "Dashboard")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+        shot(page, "06-dashboard")
+
+        # 8. users: add an annotator, who then cannot reach the training page
+        nav(page, "Users")
+        page.get_by_label("User name").fill("ann")
+        page.get_by_label("Initial password (at least 8 characters)").fill(PW)
+        pick(page, "Role", "annotator")
+        page.get_by_role("button", name="Add user").click()
+        page.get_by_text("User 'ann' added as annotator").wait_for()
+        shot(page, "07-users")
+        page.get_by_role("button", name="Sign out").click()
+        page.get_by_role("button", name="Sign in").wait_for()
+        shot(page, "08-sign-in")
+        sign_in(page, url, "ann")
+        sidebar = page.get_by_test_id("stSidebarNav")
+        assert sidebar.get_by_text("Review", exact=True).is_visible()
+        assert sidebar.get_by_text("Training", exact=True).count() == 0
+        page.goto(url + "/training")
+        page.get_by_test_id("stSidebarNav").wait_for()
+        wait_idle(page)
+        assert page.get_by_role("heading", name="Training", exact=True).count() == 0
+        shot(page, "09-annotator")
