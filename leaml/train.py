@@ -277,9 +277,13 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     every step); with ``resume`` an existing checkpoint there is loaded and training goes on
     from its step. ``progress(stage, step, total, loss)`` is called after every step.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     streams = _as_streams(data)
-    acc = Accelerator(mixed_precision=config.mixed_precision)
+    # Full finetuning has parameters no loss reaches (e.g. the vision tower's last layer when
+    # features come from an earlier one); under DDP (accelerate launch, >1 process) the
+    # gradient reduction fails unless told. No effect in a single process.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.mode == "full")
+    acc = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
     model = prepare_model(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
