@@ -3,7 +3,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from leaml import app_service, jobs
+from leaml import app_service, captions, jobs
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page, show_flash,
                            user_errors)
 
@@ -105,6 +105,30 @@ if picked:
     with user_errors():
         job_id = app_service.start_job(db, user, picked[0], project["name"], picked[1])
         flash(f"Job #{job_id} queued; the worker picks it up in a moment.")
+        st.rerun()
+
+
+def captions_ui() -> dict | None:
+    """Teacher captions for the images without one (a background job); the form when clicked."""
+    missing = captions.missing_count(db, pid)
+    with st.expander(f"Teacher captions · {missing} image(s) without a caption"):
+        c1, c2 = st.columns(2)
+        endpoint = c1.text_input("OpenAI-compatible endpoint (blank: a local teacher model)",
+                                 key="cap_endpoint", placeholder="http://127.0.0.1:8000/v1")
+        model = c2.text_input("Model (the endpoint's model name, or a local model ref)",
+                              key="cap_model")
+        if st.button("Caption images without captions", disabled=missing == 0,
+                     icon=":material/subtitles:"):
+            return {"endpoint": endpoint, "model": model}
+    return None
+
+
+caption_form = captions_ui()
+if caption_form:
+    with user_errors():
+        job_id = app_service.start_job(db, user, "caption", project["name"],
+                                       captions.caption_job_params(**caption_form))
+        flash(f"Caption job #{job_id} queued; the worker picks it up in a moment.")
         st.rerun()
 
 st.subheader("Running")

@@ -155,3 +155,30 @@ def test_caption_job_kind_runs_in_the_worker(project, teacher):
     assert not images_without_caption(db, get_project(db, "p")["id"])
     with pytest.raises(ValueError, match="model name"):
         captions.caption_job_params(endpoint=t.url)
+
+
+def test_training_page_button_queues_a_caption_job(monkeypatch, home, tmp_path):
+    import os
+    import socket
+
+    from apphelp import add_users, button, home_db, page
+
+    from leaml import ingest
+    from leaml.store import jobs as jobs_store
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    ingest.import_path(db, image_folder(tmp_path / "frames"), "p", user="test")
+    jobs_store.register_worker(db, os.getpid(), socket.gethostname())  # no real worker started
+    at = page("pages/training.py", users["expert"], "p")
+    assert not at.exception
+    assert any("4 image(s) without a caption" in e.label for e in at.expander)
+    button(at, "Caption images without captions").click().run()
+    assert at.error and "endpoint URL and model name" in at.error[0].value  # nothing given
+    at.text_input(key="cap_endpoint").set_value("http://127.0.0.1:8000/v1")
+    at.text_input(key="cap_model").set_value("qwen-vl")
+    button(at, "Caption images without captions").click().run()
+    assert not at.exception
+    job = jobs.list_jobs(db)[0]
+    assert job["kind"] == "caption" and job["status"] == "queued"
+    assert job["params"] == {"endpoint": "http://127.0.0.1:8000/v1", "model": "qwen-vl",
+                             "concurrency": 4}
