@@ -17,12 +17,18 @@ st.title("Review pseudo QA")
 show_flash()
 
 
+@st.cache_data(ttl=30, show_spinner=False)
+def filter_options(project_id: int) -> dict:
+    """Filter choices; cached briefly so each keypress does not recompute them."""
+    return app_service.review_filter_options(get_db(), user, project_id)
+
+
 def filters_ui() -> dict:
     """Queue order and filters from the sidebar, as claim_next keyword arguments."""
     sb = st.sidebar
     order = sb.radio("Order", ["high-first", "low-first"], horizontal=True, key="rv_order",
                      help="high-first: confident pairs (fast accepts); low-first: doubtful ones")
-    opts = app_service.review_filter_options(db, user, pid)
+    opts = filter_options(pid)
     category = sb.selectbox("Category", ["(any)", *opts["categories"]], key="rv_cat")
     qtype = sb.selectbox("Question type", ["(any)", *opts["question_types"]], key="rv_qtype")
     runs = {r["id"]: r["label"] for r in opts["gen_runs"]}

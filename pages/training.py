@@ -72,15 +72,18 @@ def start_ui() -> tuple[str, dict] | None:
 
 @st.fragment(run_every=2)
 def live_ui() -> None:
-    """The newest active job of the project, refreshed every 2 s without reloading the page."""
+    """The newest active job of the project (else the last one), refreshed every 2 s without
+    reloading the page."""
     fdb = get_db()
-    active = [j for j in jobs.list_jobs(fdb, pid, limit=20)
-              if j["status"] in ("queued", "running")]
-    if not active:
-        st.caption("No job running. Start one above; it runs in the background and "
-                   "survives a reload of this page.")
+    recent = jobs.list_jobs(fdb, pid, limit=20)
+    active = [j for j in recent if j["status"] in ("queued", "running")]
+    if not recent:
+        st.caption("No job yet. Start one above; it runs in the background, whatever "
+                   "happens to this page.")
         return
-    job = active[0]
+    job = (active or recent)[0]
+    if not active:
+        st.caption("No job running; the last one:")
     p = jobs.job_progress(fdb, job["id"])
     eta = f" · about {p['eta']:.0f} s left" if p.get("eta") else ""
     st.markdown(f"**Job #{job['id']} · {job['kind']}** · {p['status']} · stage "
@@ -94,7 +97,7 @@ def live_ui() -> None:
         st.plotly_chart(fig, width="stretch")
     with st.expander("Log", expanded=False):
         st.code(jobs.log_tail(fdb.home, job, 30) or "(no output yet)", language=None)
-    if st.button("Cancel job", key=f"cancel_{job['id']}", icon=":material/stop:"):
+    if active and st.button("Cancel job", key=f"cancel_{job['id']}", icon=":material/stop:"):
         with user_errors():
             app_service.cancel_job(fdb, user, job["id"])
             st.rerun()
@@ -131,7 +134,7 @@ if caption_form:
         flash(f"Caption job #{job_id} queued; the worker picks it up in a moment.")
         st.rerun()
 
-st.subheader("Running")
+st.subheader("Current job")
 live_ui()
 
 st.subheader("Past jobs")

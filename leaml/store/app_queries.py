@@ -8,21 +8,25 @@ import sqlite_utils
 
 
 def queue_facets(db: sqlite_utils.Database, project_id: int) -> dict:
-    """Distinct categories, question types and generator runs of the pending pseudo pairs.
+    """Filter choices of the review queue: categories of the pending pairs, question types
+    of the project's labeled (seed/test) pairs and its generator runs.
 
-    ``gen_runs`` is a list of {id, label}; the label names the run's method and date.
+    Kept cheap at 100,000 pending pairs: categories walk the covering index qa_review_cat;
+    question types come from the (small) labeled set through qa_origin_status, since pseudo
+    pairs take their types from the same vocabulary; runs are the project's newest 50 (a
+    scan of gen_run_id over 100,000 rows would cost seconds).
+    ``gen_runs`` is a list of {id, label}.
     """
-    def distinct(column: str) -> list:
-        return [r["v"] for r in db.query(
-            f"SELECT DISTINCT {column} AS v FROM qa WHERE project_id = ? AND status = 'pending'"
-            f" AND {column} IS NOT NULL ORDER BY v", [project_id])]
-    runs = []
-    for run_id in distinct("gen_run_id"):
-        r = next(iter(db.query("SELECT method, created_at FROM runs WHERE id = ?", [run_id])), None)
-        label = f"run {run_id}" + (f" · {r['method']} · {r['created_at'][:16]}" if r else "")
-        runs.append({"id": run_id, "label": label})
-    return {"categories": distinct("category"), "question_types": distinct("question_type"),
-            "gen_runs": runs}
+    categories = [r["v"] for r in db.query(
+        "SELECT DISTINCT category AS v FROM qa WHERE project_id = ? AND status = 'pending'"
+        " AND category IS NOT NULL ORDER BY v", [project_id])]
+    qtypes = [r["v"] for r in db.query(
+        "SELECT DISTINCT question_type AS v FROM qa WHERE project_id = ? AND origin IN"
+        " ('seed', 'test') AND question_type IS NOT NULL ORDER BY v", [project_id])]
+    runs = [{"id": r["id"], "label": f"run {r['id']} · {r['method']} · {r['created_at'][:16]}"}
+            for r in db.query("SELECT id, method, created_at FROM runs WHERE project_id = ?"
+                              " ORDER BY id DESC LIMIT 50", [project_id])]
+    return {"categories": categories, "question_types": qtypes, "gen_runs": runs}
 
 
 def image_categories(db: sqlite_utils.Database, project_id: int) -> list[str]:

@@ -171,9 +171,9 @@ def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
             wait_job_done(db)
             from apphelp import add_pending
             add_pending(db, projects.get_project(db, "endo"), 6)
-        page.reload()
-        page.get_by_role("heading", name="Training", exact=True).wait_for()
-        wait_idle(page)
+        nav(page, "Projects")  # (a reload would start a new session: signed out)
+        nav(page, "Training")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # a loss curve
         shot(page, "04-training")
 
         # 5. review with the keyboard: a accept, r reject, e edit + Ctrl+Enter
