@@ -135,3 +135,20 @@ def cmd_finetune(args) -> int:
         _report(result, False)
     _print_json(result)  # the contract: the result object is the last line
     return 0
+
+
+def cmd_demo_all(args) -> int:
+    """``demo`` without --data-only: every method at 1% labels, the table, results files."""
+    import torch
+
+    from leaml import report
+    from leaml.pipeline import ProgressBar
+    torch.set_num_threads(max(1, args.threads))
+    seeds = tuple(int(s) for s in str(args.seeds).split(",") if s.strip())
+    bar = ProgressBar()
+    try:
+        report.run_demo(args.home, quick=args.quick, out=args.out, seeds=seeds, progress=bar,
+                        log=lambda line: print(line, flush=True))  # bars go to stderr
+    finally:
+        bar.close()
+    return 0

@@ -38,8 +38,7 @@ GENERATOR_METHOD = "generator"
 
 def _target_train() -> TrainConfig:
     """The target's optimiser settings: seed-lora's, so that only the data differs."""
-    return TrainConfig(mode="lora", lr=3e-3, batch_size=32, epochs=2.0, min_steps=300,
-                       warmup_ratio=0.05, lora_r=16, lora_alpha=32.0)
+    return pipeline.DEFAULTS["seed-lora"]().stages["train"]
 
 
 def default_options() -> dict:
