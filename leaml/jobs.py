@@ -146,9 +146,34 @@ def job_kind(name: str) -> Callable[[Kind], Kind]:
 
 def _engine_kwargs(ctx: JobContext, params: dict) -> dict:
     """The job's params plus what every engine entry point takes from the job."""
-    p = {k: v for k, v in params.items() if k not in ("stages", "method")}
+    p = {k: v for k, v in params.items() if k not in ("stages", "method", "requested_overrides")}
     return dict(p, progress=ctx.progress, should_stop=ctx.should_stop,
                 work_dir=ctx.checkpoint_dir, job_id=ctx.job_id, user=ctx.user)
+
+
+def pin_config(ctx: JobContext, params: dict, method: str) -> dict:
+    """Fix the job's full hyperparameters at its first start: ``params['overrides']`` becomes
+    every field of the method's config (defaults included, seeds excepted: they follow the
+    run's seed), the asked-for overrides stay in ``params['requested_overrides']``. A resume
+    after the code's defaults changed, or a rerun from the stored params, trains with exactly
+    the same config (a checkpoint refuses to resume under another one)."""
+    if "requested_overrides" in params:
+        return params  # pinned by an earlier attempt
+    from leaml import pipeline
+    asked = params.get("overrides") or {}
+    cfg = pipeline.method_config(method, 0, asked)
+    pinned = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.options.items()}
+    for stage, tc in cfg.stages.items():
+        fields = {k: v for k, v in tc.to_dict().items() if k != "seed"}
+        pinned[stage] = {**pinned.get(stage, {}), **fields}
+    pinned.update(eval_batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+    if pipeline.method_config(method, 0, pinned).to_dict() != cfg.to_dict():
+        ctx.log.warning("could not pin the config of %s; a resume uses the code's defaults", method)
+        return params
+    params = dict(params, overrides=pinned, requested_overrides=asked)
+    q.update_params(ctx.db, ctx.job_id, ctx.pid, params)
+    ctx.job["params"] = params
+    return params
 
 
 @job_kind("run")
@@ -161,6 +186,7 @@ def _run(ctx: JobContext, params: dict) -> dict:
                          "caption-then-seed)")
     from leaml import pipeline  # the engine: imported only inside the job's own process
     ctx.plan = pipeline.stage_names(method)
+    params = pin_config(ctx, params, method)
     return pipeline.run_method(ctx.db, ctx.job["project_id"], method,
                                **_engine_kwargs(ctx, params))
 
@@ -171,6 +197,7 @@ def _stage_kind(name: str) -> Kind:
         from leaml import leaml_method
         ctx.plan = [name] if name != "finetune" else ["finetune", "evaluate"]
         command = leaml_method.STAGE_COMMANDS[name]
+        params = pin_config(ctx, params, "leaml")  # the stage commands read LEAML's config
         return command(ctx.db, ctx.job["project_id"], **_engine_kwargs(ctx, params))
     return run
 

@@ -193,6 +193,27 @@ def _wait_gone(pid: int, timeout: float = 20) -> None:
     raise AssertionError(f"process {pid} did not exit")
 
 
+def test_job_pins_its_full_config_so_resume_survives_new_defaults(db, project):
+    """Regression: a job resumed after an upgrade changed pipeline defaults (lr, epochs)
+    failed with "checkpoint ... was written by another config"; jobs now pin every field."""
+    import logging
+
+    from leaml import pipeline
+    asked = {"train": {"max_steps": 5}}
+    job_id = jobs.enqueue(db, "run", "demo", {"method": "seed-lora", "seed": 2, "overrides": asked})
+    job = q.claim_next(db, os.getpid())
+    ctx = jobs.JobContext(db=db, home=db.home, job=job, user=None, checkpoint_dir=db.home,
+                          resume=None, log=logging.getLogger("test"))
+    params = jobs.pin_config(ctx, job["params"], "seed-lora")
+    stored = jobs.get_job(db, job_id)["params"]
+    assert stored == params and stored["requested_overrides"] == asked
+    assert stored["overrides"]["train"]["lr"] == pipeline.method_config("seed-lora").stages["train"].lr
+    assert "seed" not in stored["overrides"]["train"]  # seeds follow the job's seed
+    assert (pipeline.method_config("seed-lora", 2, stored["overrides"]).to_dict()
+            == pipeline.method_config("seed-lora", 2, asked).to_dict())
+    assert jobs.pin_config(ctx, stored, "seed-lora") == stored  # a resume keeps the pin
+
+
 # --- jobs that train the tiny model -------------------------------------------------------------
 
 def quick(max_steps: int, **train) -> dict:

@@ -155,6 +155,11 @@ def set_pid(db: sqlite_utils.Database, job_id: int, old_pid: int, new_pid: int) 
                            [new_pid, now()])
 
 
+def update_params(db: sqlite_utils.Database, job_id: int, pid: int, params: dict) -> bool:
+    """Replace a running job's params (the job pins its full config on its first start)."""
+    return _update_running(db, job_id, pid, "params = ?", [to_json(params)])
+
+
 def heartbeat(db: sqlite_utils.Database, job_id: int, pid: int) -> dict | None:
     """Refresh the heartbeat; returns {cancel_requested} or None if the job is no longer ours."""
     with transaction(db):
