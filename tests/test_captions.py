@@ -182,3 +182,37 @@ def test_training_page_button_queues_a_caption_job(monkeypatch, home, tmp_path):
     assert job["kind"] == "caption" and job["status"] == "queued"
     assert job["params"] == {"endpoint": "http://127.0.0.1:8000/v1", "model": "qwen-vl",
                              "concurrency": 4}
+
+
+def test_folder_project_gets_captions_from_leaml_serve_then_leaml_runs(home, tmp_path):
+    """The issue's acceptance path: a plain folder of images (no captions) next to a few
+    labeled ones, captioned by `caption --endpoint` against `leaml serve`, then the whole
+    LEAML method (tiny sizes) trains its generator on those captions."""
+    import json
+
+    from PIL import Image
+
+    from leaml.store.runs import get_run
+    s = shared()
+    assert cli(home, "import", image_folder(tmp_path / "frames"), "--project", "p").returncode == 0
+    lab = tmp_path / "labeled"
+    lab.mkdir()
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (56, 44), (200, 40 + 40 * i, 60)).save(lab / f"l{i}.png")
+        rows.append({"image": f"l{i}.png", "question": "Is there a polyp?",
+                     "answer": "yes" if i % 2 else "no", "split": "test" if i >= 2 else "train"})
+    (lab / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(home, "import", lab / "m.jsonl", "--project", "p").returncode == 0
+    r = cli(home, "caption", "--project", "p", "--endpoint", s["server"].url, "--model", s["model"],
+            "--prompt", PROMPT, "--max-tokens", "8")
+    assert r.returncode == 0 and "captioned 8 of 8" in r.stdout, r.stderr
+    small = [f"{stage}.{k}={v}" for stage in ("generator", "finetune")
+             for k, v in (("max_steps", 3), ("min_steps", 0), ("batch_size", 4))]
+    small += ["pseudo.k=2", "pseudo.max_new_tokens=16", "max_new_tokens=4"]
+    r = cli(home, "run", "--project", "p", "--method", "leaml", "--json",
+            *[a for kv in small for a in ("--set", kv)], timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["method"] == "leaml" and result["n_test"] == 2
+    assert get_run(connect(home), result["run_id"])["params"]["n_captions"] == 4
