@@ -48,6 +48,8 @@ def _add_serve(sub, common) -> None:
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="largest image (width * height) a request may hold")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (a GPU when there is one, default), 'cpu', 'cuda', 'cuda:1' ...")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.set_defaults(func=cmd_serve)
 
@@ -61,7 +63,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     db = connect(args.home)
     served = serve.load_served(db, project=args.project, run_id=args.run, base=args.base,
-                               base_model=args.base_model, name=args.name)
+                               base_model=args.base_model, name=args.name, device=args.device)
     db.conn.close()
     config = serve.ServeConfig(max_body_bytes=int(args.max_body_mb * 2**20),
                                max_pixels=args.max_pixels)
