@@ -21,7 +21,8 @@ def _print_json(obj) -> None:
 def _add_worker(sub, common) -> None:
     text = "run queued background jobs (each in a child process); Ctrl-C stops after a checkpoint"
     p = sub.add_parser("worker", help=text, description=text, parents=[common])
-    p.add_argument("--once", action="store_true", help="drain: exit when no job is queued or running (waits for jobs other "
+    p.add_argument("--once", action="store_true",
+                   help="drain: exit when no job is queued or running (waits for jobs other "
                         "workers run)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between queue polls")
     p.add_argument("--idle-exit", type=float, default=None, metavar="S",
@@ -119,7 +120,8 @@ def _jobs_show(db, args) -> int:
 
 # --- run --background -------------------------------------------------------------------------
 
-def queue_background(home, kind: str, project: str, params: dict, *, start_worker: bool = False) -> int:
+def queue_background(home, kind: str, project: str, params: dict, *,
+                     start_worker: bool = False) -> int:
     """What ``run --background`` does: queue the job, say how it will run, print its id as
     the last line of stdout."""
     from leaml import jobs

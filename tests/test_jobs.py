@@ -207,7 +207,8 @@ def test_job_pins_its_full_config_so_resume_survives_new_defaults(db, project):
     params = jobs.pin_config(ctx, job["params"], "seed-lora")
     stored = jobs.get_job(db, job_id)["params"]
     assert stored == params and stored["requested_overrides"] == asked
-    assert stored["overrides"]["train"]["lr"] == pipeline.method_config("seed-lora").stages["train"].lr
+    default_lr = pipeline.method_config("seed-lora").stages["train"].lr
+    assert stored["overrides"]["train"]["lr"] == default_lr
     assert "seed" not in stored["overrides"]["train"]  # seeds follow the job's seed
     assert (pipeline.method_config("seed-lora", 2, stored["overrides"]).to_dict()
             == pipeline.method_config("seed-lora", 2, asked).to_dict())
@@ -293,7 +294,8 @@ def test_new_user_background_run_then_worker_once(home, db, demo):
     job_id = int(out.stdout.strip().splitlines()[-1])
     try:
         leaml(home, "worker", "--once", timeout=600)
-        show = json.loads(leaml(home, "jobs", "show", str(job_id), "--json").stdout.splitlines()[-1])
+        shown = leaml(home, "jobs", "show", str(job_id), "--json").stdout
+        show = json.loads(shown.splitlines()[-1])
     finally:
         for w in q.live_workers(db, 3600):  # the detached worker `run --background` started
             os.kill(w["pid"], signal.SIGTERM)
