@@ -40,7 +40,7 @@ def _f(default, help: str):
 
 def default_train() -> TrainConfig:
     """G's optimiser settings (full finetuning; the step count comes from GeneratorConfig)."""
-    return TrainConfig(mode="full", lr=5e-4, batch_size=32, warmup_ratio=0.05,
+    return TrainConfig(mode="full", lr=1e-3, batch_size=32, warmup_ratio=0.05,
                        weight_decay=0.0)
 
 

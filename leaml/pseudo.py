@@ -34,13 +34,15 @@ def _f(default, help: str):
 class PseudoConfig:
     """How pseudo QA is sampled from the generator and which pairs may train the target."""
     k: int = _f(4, "candidates sampled per unlabeled image")
-    temperature: float = _f(1.0, "sampling temperature")
+    temperature: float = _f(0.7, "sampling temperature")
     top_p: float = _f(0.95, "nucleus sampling mass")
     max_new_tokens: int = _f(48, "generation budget; a candidate that hits it is dropped as cut off")
     batch_size: int = _f(32, "images per generate() call (each yields k sequences)")
     seed: int = _f(0, "sampling seed (each chunk of images reseeds from it, so resumes match)")
     chunk: int = _f(128, "images per stored chunk (the unit of progress, cancel and resume)")
     max_images: int = _f(0, "sample at most this many unlabeled images (0 = all), seeded choice")
+    known_questions: bool = _f(True, "keep only questions the project already asks (seed/test/"
+                               "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
 
     def __post_init__(self):
         for ok, msg in [(self.k >= 1, "k must be >= 1"), (self.temperature > 0, "temperature must be > 0"),
@@ -71,6 +73,7 @@ class ParseStats:
     malformed: int = 0
     truncated: int = 0
     special: int = 0
+    unknown_question: int = 0
     duplicate: int = 0
 
     def to_dict(self) -> dict:
@@ -184,22 +187,31 @@ def dedup(cands: Iterable[Candidate], stats: ParseStats | None = None) -> list[C
 
 
 def candidates_from_generations(tokenizer, generations: Sequence[Sequence], image_indices: Sequence[int],
-                                max_new_tokens: int, stats: ParseStats) -> list[Candidate]:
-    """Parse, filter and de-duplicate the K generations of each image."""
+                                max_new_tokens: int, stats: ParseStats,
+                                known: dict[str, str] | None = None) -> list[Candidate]:
+    """Parse, filter and de-duplicate the K generations of each image. With ``known``
+    (question_key -> wording), other questions are dropped and known ones take that wording."""
     parsed = []
     for idx, gens in zip(image_indices, generations):
         for g in gens:
             c = score_generation(tokenizer, g, idx, max_new_tokens, stats)
+            if c is not None and known is not None:
+                wording = known.get(question_key(c.question))
+                if wording is None:
+                    stats.unknown_question += 1
+                    continue
+                c.question = wording
             if c is not None:
                 parsed.append(c)
     return dedup(parsed, stats)
 
 
 def sample(model, processor, pixel_values, image_indices: Sequence[int], cfg: PseudoConfig,
-           seed: int, stats: ParseStats) -> list[Candidate]:
+           seed: int, stats: ParseStats, known: dict[str, str] | None = None) -> list[Candidate]:
     """K sampled candidates per image (batched generate()), parsed, filtered, de-duplicated.
 
-    ``pixel_values`` (N, C, H, W) holds the images of ``image_indices`` in order.
+    ``pixel_values`` (N, C, H, W) holds the images of ``image_indices`` in order; ``known``
+    restricts the questions (see :func:`candidates_from_generations`).
     """
     from leaml import models
     gens = models.generate(model, processor, pixel_values, [QA_INSTRUCTION] * len(image_indices),
@@ -207,7 +219,7 @@ def sample(model, processor, pixel_values, image_indices: Sequence[int], cfg: Ps
                            temperature=cfg.temperature, top_p=cfg.top_p,
                            num_return_sequences=cfg.k, seed=seed, batch_size=cfg.batch_size)
     return candidates_from_generations(processor.tokenizer, gens, image_indices,
-                                       cfg.max_new_tokens, stats)
+                                       cfg.max_new_tokens, stats, known)
 
 
 # --- the confidence cut ---------------------------------------------------------------------

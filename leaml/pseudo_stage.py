@@ -34,6 +34,15 @@ def known_question_types(db, project_id: int) -> dict[str, str]:
     return {k: c.most_common(1)[0][0] for k, c in votes.items()}
 
 
+def known_questions(db, project_id: int) -> dict[str, str]:
+    """question_key -> its most frequent wording among seed, test, accepted and edited pairs."""
+    votes: dict[str, Counter] = {}
+    for r in db.query("SELECT question FROM qa WHERE project_id = ? AND (origin != 'pseudo'"
+                      " OR status IN ('accepted', 'edited'))", [project_id]):
+        votes.setdefault(question_key(r["question"]), Counter())[r["question"]] += 1
+    return {k: c.most_common(1)[0][0] for k, c in votes.items()}
+
+
 def _done_images(db, gen_run_id: int) -> set[int]:
     return {r["image_id"] for r in db.query(
         "SELECT DISTINCT image_id FROM qa WHERE gen_run_id = ? AND origin = 'pseudo'", [gen_run_id])}
@@ -66,6 +75,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
                          "import images without labels or use a label fraction below 1")
     model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
+    known = known_questions(db, run["project_id"]) if cfg.known_questions else None
     stats, t0, stored = ParseStats(), time.monotonic(), 0
     chunks = [images[i:i + cfg.chunk] for i in range(0, len(images), cfg.chunk)]
     for index, chunk in enumerate(chunks):
@@ -75,7 +85,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
             return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
         pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
         cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
-                              _chunk_seed(cfg.seed, index), stats)
+                              _chunk_seed(cfg.seed, index), stats, known)
         rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
                  "question": c.question, "answer": c.answer, "origin": "pseudo", "status": "pending",
                  "confidence": c.confidence, "question_type": qtypes.get(question_key(c.question)),

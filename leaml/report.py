@@ -58,7 +58,7 @@ def full_plan(seeds=(0,)) -> DemoPlan:
 
 
 def quick_plan(seeds=(0,)) -> DemoPlan:
-    return DemoPlan("demo-quick", 400, 30, 0.01, tuple(seeds), _budget(30, 25, 60, 30, 20, 16))
+    return DemoPlan("demo-quick", 400, 30, 0.01, tuple(seeds), _budget(30, 50, 60, 30, 20, 16))
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -69,7 +69,8 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=(0,),
-             progress=None, log: Log = print) -> dict:
+             progress=None, log: Log = print, base_model: str | None = None,
+             rows=ROWS) -> dict:
     """Build the demo project if needed, run every method, write results.json + results.html.
 
     Returns the results dict (rows per method and seed, the mean table, pseudo precision).
@@ -84,9 +85,9 @@ def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=
     log(f"demo project '{plan.project}': {plan.n_train} train / {plan.n_test} test images "
         f"(built in {time.monotonic() - t0:.0f} s); label fraction {plan.label_fraction}")
     runs, precision = [], {}
-    for label, method, extra in ROWS:
+    for label, method, extra in rows:
         for seed in plan.seeds:
-            runs.append(_one(db, plan, label, method, extra, seed, progress, log))
+            runs.append(_one(db, plan, label, method, extra, seed, progress, log, base_model))
             if label == "LEAML":
                 precision[seed] = _precision(db, runs[-1]["run_id"])
     results = {"plan": {k: v for k, v in plan.__dict__.items()}, "runs": runs,
@@ -104,11 +105,12 @@ def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=
     return results
 
 
-def _one(db, plan: DemoPlan, label, method, extra, seed, progress, log) -> dict:
+def _one(db, plan: DemoPlan, label, method, extra, seed, progress, log, base_model) -> dict:
     from leaml.pipeline import run_method
     t = time.monotonic()
     r = run_method(db, plan.project, method, label_fraction=plan.label_fraction, seed=seed,
-                   overrides=_merge(plan.overrides.get(method, {}), extra), progress=progress)
+                   overrides=_merge(plan.overrides.get(method, {}), extra), progress=progress,
+                   base_model=base_model)
     log(f"{label:<22} seed {seed}: {r['accuracy']:.1f}% ({time.monotonic() - t:.0f} s)")
     return {"label": label, "seed": seed, **r}
 

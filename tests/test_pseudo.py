@@ -115,3 +115,14 @@ def test_precision_by_bin_counts_hallucinated_questions_as_wrong():
     assert [b["n"] for b in bins] == [2, 3]
     assert bins[0]["precision"] == 0.0 and bins[1]["precision"] == pytest.approx(2 / 3)
     assert bins[1]["precision_known"] == 1.0 and bins[1]["n_known"] == 2
+
+
+def test_known_questions_only_keeps_and_rewords_known_ones(tiny):
+    _, proc = tiny
+    tok, stats = proc.tokenizer, pseudo.ParseStats()
+    gens = [[_gen(tok, "Question: is there TEXT\nAnswer: no"),
+             _gen(tok, "Question: Is there a made-up thing?\nAnswer: yes")]]
+    known = {pseudo.question_key("Is there text?"): "Is there text?"}
+    out = pseudo.candidates_from_generations(tok, gens, [0], 48, stats, known)
+    assert [(c.question, c.answer) for c in out] == [("Is there text?", "no")]
+    assert stats.unknown_question == 1 and stats.kept == 1
