@@ -77,6 +77,7 @@ def test_two_processes_train_as_well_as_one(tmp_path):
               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
               str(script), str(two)]
     multi = _run(launch, two, ACCELERATE_USE_CPU="1")
+    print("one process:", single, "\ntwo processes:", multi)  # shown with pytest -s
     assert single["world"] == 1 and multi["world"] == 2
     assert single["steps"] == multi["steps"] == 16
     assert multi["loss"] < multi["first_loss"] - 3.0, (single, multi)  # it learned

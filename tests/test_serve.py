@@ -147,6 +147,15 @@ def test_unknown_route_404_and_wrong_method_405():
     assert_error(*post("/v1/models", None, method="DELETE"), 405, "not allowed")
 
 
+def test_parallel_requests_are_all_answered():
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: post("/v1/chat/completions", chat()), range(4)))
+    assert [status for status, _ in results] == [200] * 4
+    texts = {a["choices"][0]["message"]["content"] for _, a in results}
+    assert len(texts) == 1  # greedy, same input: the lock keeps calls from interfering
+
+
 def test_the_server_survives_all_of_it():
     assert post("/health", None, method="GET")[0] == 200
     assert shared()["server"].proc.poll() is None
