@@ -62,9 +62,11 @@ def decision_ui(editing: bool) -> str | None:
         if c2.button("Cancel edit", shortcut="Esc", width="stretch"):
             return "cancel"
         return None
-    c1, c2, c3, c4, c5 = st.columns(5)
+    c1, c2, c3 = st.columns(3)
+    c4, c5, _ = st.columns(3)
     actions = {"accept": c1.button("Accept", type="primary", shortcut="A", width="stretch"),
-               "reject": c2.button("Reject  R", width="stretch"),
+               # 'R' is reserved by Streamlit (rerun): mapped by key_to_button below
+               "reject": c2.button("Reject · R", width="stretch"),
                "edit": c3.button("Edit", shortcut="E", width="stretch"),
                "skip": c4.button("Skip", shortcut="S", width="stretch"),
                "undo": c5.button("Undo", shortcut="U", width="stretch")}
