@@ -148,7 +148,7 @@ def _configure_padding(processor) -> None:
 class TinyConfig:
     """Shape of the tiny LLaVA. Defaults are the committed base (~3M parameters)."""
     image_size: int = 96          # input resolution (pixels, square)
-    patch_size: int = 16          # 96/16 -> 6x6 = 36 image tokens, 2x2 per 3x3-grid cell
+    patch_size: int = 32          # 96/32 -> 3x3 = 9 image tokens, one per 3x3-grid cell
     vision_hidden: int = 128      # CLIP width
     vision_layers: int = 4
     vision_heads: int = 4

@@ -39,7 +39,7 @@ class PretrainConfig:
     n_train_scenes: int = 16000        # rendered once, tensors cached
     n_eval_scenes: int = 400           # held-out scenes (different seed stream)
     batch_size: int = 64
-    vision_share: float = 0.22         # budget shares of the stages A, B, C
+    vision_share: float = 0.15         # budget shares of the stages A, B, C
     align_share: float = 0.10
     lr_vision: float = 2e-3            # stage A peak lr (warmup + cosine)
     lr_lm: float = 3e-3                # stages B/C peak lr
@@ -148,7 +148,10 @@ class _VisionHeads(torch.nn.Module):
     def loss(self, hidden: torch.Tensor, labels: dict, idx) -> tuple[torch.Tensor, dict]:
         """hidden: (B, 1 + P, W) -> summed cross-entropies and per-attribute patch accuracy."""
         logits = self.patch(hidden[:, 1:]).split(list(self.sizes.values()), dim=-1)
-        total, acc = F.cross_entropy(self.background(hidden[:, 0]), labels["background"][idx]), {}
+        bg = labels["background"][idx]  # every patch token, not just CLS (which LLaVA drops)
+        total = F.cross_entropy(self.background(hidden).flatten(0, 1),
+                                bg[:, None].expand(-1, hidden.shape[1]).flatten())
+        acc = {}
         for (k, _), lg in zip(self.sizes.items(), logits):
             y = labels[k][idx]  # (B, P)
             total = total + F.cross_entropy(lg.flatten(0, 1), y.flatten())
@@ -232,7 +235,7 @@ def sample_task(scene: D.Scene, mix: dict[str, float], rng: random.Random) -> tu
 
 
 ALIGN_MIX = {"caption": 0.8, "qa": 0.2}
-INSTRUCT_MIX = {"qa": 0.7, "caption": 0.15, "gen_qa": 0.15}
+INSTRUCT_MIX = {"qa": 0.8, "caption": 0.1, "gen_qa": 0.1}
 
 
 def _stage_lm(name, model, processor, feats, scenes, mix, cfg, budget_s, progress, rng):
