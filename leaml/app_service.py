@@ -15,10 +15,10 @@ from pathlib import Path, PurePosixPath
 
 import sqlite_utils
 
-from leaml import auth, diversity
+from leaml import auth, diversity, ingest, jobs
 from leaml.store import app_queries
 from leaml.store import images as images_store
-from leaml.store import qa
+from leaml.store import qa, runs
 from leaml.store import projects as projects_store
 from leaml.store import users as users_store
 
@@ -96,7 +96,6 @@ def import_upload(db: sqlite_utils.Database, user: dict, project: str, filename:
     row) when rows are bad and ``skip_invalid`` is off, ValueError for a wrong file type
     or a file over :data:`MAX_UPLOAD_MB`.
     """
-    from leaml import ingest
     auth.require(user, "import")
     suffix = PurePosixPath(filename or "").suffix.lower().lstrip(".")
     if suffix not in UPLOAD_TYPES:
@@ -126,16 +125,13 @@ def ensure_demo(db: sqlite_utils.Database, n_train: int = 300, n_test: int = 60)
     """The bundled ``demo`` project, built (small, seconds) if the data home lacks it.
 
     The full set is ``python -m leaml demo --data-only``; this small one makes the first
-    start of the app quick. Returns None when the demo builder has not landed.
+    start of the app quick.
     """
     try:
         return projects_store.get_project(db, DEMO_PROJECT)
     except LookupError:
         pass
-    try:
-        from leaml import demo, ingest
-    except ImportError:  # the demo builder or the importer has not landed in this version
-        return None
+    from leaml import demo  # numpy drawing code: only needed on a first start
     ingest.load_demo(db, demo.DemoConfig(n_train=n_train, n_test=n_test), project=DEMO_PROJECT,
                      user="demo")
     return projects_store.get_project(db, DEMO_PROJECT)
@@ -322,7 +318,6 @@ def job_hyperparameters(kind: str) -> list[tuple[str, type, str]]:
 def start_job(db: sqlite_utils.Database, user: dict, kind: str, project: str | int,
               params: dict) -> int:
     """Queue a background job (needs 'train') and make sure a worker runs; returns its id."""
-    from leaml import jobs
     auth.require(user, "train")
     job_id = jobs.enqueue(db, kind, project, params, user=user)
     jobs.ensure_worker(db.home)
@@ -330,13 +325,11 @@ def start_job(db: sqlite_utils.Database, user: dict, kind: str, project: str | i
 
 
 def cancel_job(db: sqlite_utils.Database, user: dict, job_id: int):
-    from leaml import jobs
     auth.require(user, "train")
     return jobs.cancel(db, job_id, user=user)
 
 
 def resume_job(db: sqlite_utils.Database, user: dict, job_id: int):
-    from leaml import jobs
     auth.require(user, "train")
     result = jobs.resume(db, job_id, user=user)
     jobs.ensure_worker(db.home)
@@ -360,7 +353,6 @@ def results(db: sqlite_utils.Database, user: dict, project_id: int) -> list[dict
     """Evaluated runs of a project as long-form rows (one per run x metric), newest first:
     run_id, method, base_model, label_fraction, created_at, finished_at, scope, key,
     accuracy (percent), n. Needs 'view'. Runs without metrics (stages) are left out."""
-    from leaml.store import runs
     auth.require(user, "view")
     out = []
     for r in runs.list_runs(db, project_id):

@@ -57,3 +57,11 @@ def test_first_admin_only_once(db):
     app_service.create_first_admin(db, "root", "long-enough-pw")
     with pytest.raises(PermissionError):
         app_service.create_first_admin(db, "root2", "long-enough-pw")
+
+
+def test_the_app_process_never_imports_torch():
+    import subprocess
+    import sys
+    code = ("import sys; import leaml.app_service, pages._common; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("apphelp").ROOT))
