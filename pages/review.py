@@ -111,6 +111,10 @@ pair = current_pair(filters)
 if pair is None:
     st.info("No pending pairs match. Start a generator job and a pseudo-QA job on the "
             "**Training** page, or widen the filters in the sidebar.")
+    if state.get("rv_skipped"):
+        if st.button(f"Show the {len(state['rv_skipped'])} pair(s) I skipped again"):
+            state["rv_skipped"] = []
+            st.rerun()
 else:
     left, right = st.columns([3, 2])
     with left:

@@ -196,6 +196,9 @@ def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
         after = {r["id"]: r["status"] for r in qa.list_qa(db, pid, origin="pseudo")}
         changed = sorted(after[i] for i in after if after[i] != before.get(i))
         assert changed == ["accepted", "edited", "rejected"]
+        page.get_by_text("Reviewers").first.scroll_into_view_if_needed()
+        page.locator(".js-plotly-plot").first.wait_for()  # the calibration chart
+        shot(page, "05b-review-after-decisions")
 
         # 6. a quick finetune (the engine's finetune stage, else another quick run)
         if engine_has("finetune"):
