@@ -164,6 +164,8 @@ with right:
         cal["confidence"] = [f"{lo:.1f}–{hi:.1f}" for lo, hi in zip(cal["lo"], cal["hi"])]
         fig = px.bar(cal, x="confidence", y="acceptance_rate", hover_data=["n", "edited"],
                      labels={"acceptance_rate": "accepted (share)"}, range_y=[0, 1])
+        fig.update_traces(text=[f"n={n}" if n else "" for n in cal["n"]],
+                          textposition="outside")  # a 0% bin still shows it was reviewed
         fig.update_layout(height=260, margin=dict(l=0, r=0, t=10, b=0))
         st.plotly_chart(fig, width="stretch")
 
