@@ -50,8 +50,8 @@ class TrainConfig:
     batch_size: int = _f(32, "examples per optimizer step, over all processes and accumulation")
     grad_accum: int = _f(1, "micro-batches per optimizer step (batch_size must divide evenly)")
     epochs: float = _f(3.0, "passes over the data (all streams together), if max_steps is 0")
-    max_steps: int = _f(0, "optimizer steps; 0 = derive from epochs")
-    min_steps: int = _f(0, "at least this many steps (tiny label fractions still train)")
+    max_steps: int = _f(0, "optimizer steps, overriding epochs and min_steps; 0 = from epochs")
+    min_steps: int = _f(0, "with epochs: at least this many steps (tiny label fractions still train)")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
     seed: int = _f(0, "seeds weights of new adapters, batch order, augmentation, dropout")
     lora_r: int = _f(16, "LoRA rank")
@@ -215,9 +215,10 @@ def lr_lambda(total: int, config: TrainConfig) -> Callable[[int], float]:
 
 
 def total_steps(streams: Sequence[Stream], config: TrainConfig) -> int:
-    """Optimizer steps of a run: max_steps, else epochs over all streams, at least min_steps."""
+    """Optimizer steps of a run: max_steps if set, else epochs over all streams but at least
+    min_steps."""
     if config.max_steps:
-        return max(config.max_steps, config.min_steps)
+        return config.max_steps
     n = sum(len(s.examples) for s in streams)
     return max(config.min_steps, math.ceil(config.epochs * n / config.batch_size), 1)
 
