@@ -41,6 +41,8 @@ class PseudoConfig:
     seed: int = _f(0, "sampling seed (each chunk of images reseeds from it, so resumes match)")
     chunk: int = _f(128, "images per stored chunk (the unit of progress, cancel and resume)")
     max_images: int = _f(0, "sample at most this many unlabeled images (0 = all), seeded choice")
+    question_mode: str = _f("sample", "'sample': G writes question and answer; 'known': G "
+                            "answers k known questions per image (drawn by seed frequency)")
     known_questions: bool = _f(True, "keep only questions the project already asks (seed/test/"
                                "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
 
@@ -49,7 +51,8 @@ class PseudoConfig:
                         (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                         (self.max_new_tokens >= 4, "max_new_tokens must be >= 4"),
                         (self.batch_size >= 1 and self.chunk >= 1, "batch_size and chunk must be >= 1"),
-                        (self.max_images >= 0, "max_images must be >= 0")]:
+                        (self.max_images >= 0, "max_images must be >= 0"),
+                        (self.question_mode in ("sample", "known"), "question_mode: 'sample' or 'known'")]:
             if not ok:
                 raise ValueError(f"PseudoConfig: {msg}")
 
@@ -271,3 +274,57 @@ def _norm(text: str) -> str:
     t = re.sub(r"[^\w\s<>,-]", " ", text.lower())
     t = re.sub(r"\b(a|an|the)\b", " ", t)
     return ", ".join(sorted({w.strip() for w in re.sub(r"\s+", " ", t).split(",") if w.strip()}))
+
+
+# --- 'known' mode: G answers known questions -------------------------------------------------
+
+def _prefixed_batch(processor, prefixes: Sequence[str]) -> dict:
+    """The generation prompt + ``prefix`` (the start of G's own answer), left padded."""
+    import torch
+
+    from leaml import models
+    enc = models.encode_text(processor, [QA_INSTRUCTION] * len(prefixes))
+    tok = processor.tokenizer
+    rows = [ids[m.bool()].tolist() + tok(p, add_special_tokens=False)["input_ids"]
+            for ids, m, p in zip(enc["input_ids"], enc["attention_mask"], prefixes)]
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
+                 questions: Sequence[Sequence[str]], cfg: PseudoConfig,
+                 stats: ParseStats) -> list[Candidate]:
+    """G's greedy answer to each given question per image, after "Question: q\nAnswer:";
+    confidence = geometric mean probability of the answer tokens (as in 'sample' mode)."""
+    import torch
+    tok = processor.tokenizer
+    flat = [(i, q) for i, qs in zip(range(len(image_indices)), questions) for q in qs]
+    out = []
+    for start in range(0, len(flat), cfg.batch_size * cfg.k):
+        part = flat[start:start + cfg.batch_size * cfg.k]
+        batch = _prefixed_batch(processor, [f"Question: {q}\nAnswer:" for _, q in part])
+        pv = pixel_values[torch.tensor([i for i, _ in part])]
+        with torch.no_grad():
+            gen = model.generate(**batch, pixel_values=pv.to(model.device, model.dtype),
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=tok.pad_token_id)
+        new = gen.sequences[:, batch["input_ids"].shape[1]:]
+        logp = torch.stack(gen.logits, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1))[..., 0]
+        for (i, q), ids, lps in zip(part, new.tolist(), logp.tolist()):
+            stats.sampled += 1
+            end = next((j for j, t in enumerate(ids) if t == tok.eos_token_id), None)
+            if end is None:
+                stats.truncated += 1
+                continue
+            answer = tok.decode(ids[:end]).strip()
+            if not answer or "\n" in answer or "Question:" in answer:
+                stats.malformed += 1
+            elif holds_special(tok, ids[:end], [answer]):
+                stats.special += 1
+            else:
+                out.append(Candidate(image_indices[i], q, answer, geometric_mean_prob(lps[:end]), end, 1.0))
+    return dedup(out, stats)

@@ -43,6 +43,24 @@ def known_questions(db, project_id: int) -> dict[str, str]:
     return {k: c.most_common(1)[0][0] for k, c in votes.items()}
 
 
+def _draw_questions(db, gen_run: dict, n: int, cfg: PseudoConfig, seed: int) -> list[list[str]]:
+    """Per image, ``cfg.k`` distinct known questions drawn by their frequency in the seed QA
+    the generator was trained on (the run's labeled images only)."""
+    import json
+
+    import torch
+    counts = Counter(r["question"] for r in db.query(
+        "SELECT question FROM qa WHERE origin = 'seed' AND image_id IN (SELECT value FROM json_each(?))",
+        [json.dumps(gen_run["params"].get("kept_images") or [])]))
+    if not counts:
+        raise ValueError("question_mode 'known' needs seed QA to draw questions from")
+    qs, w = list(counts), torch.tensor([float(c) for c in counts.values()])
+    g = torch.Generator().manual_seed(seed)
+    k = min(cfg.k, len(qs))
+    return [[qs[j] for j in torch.multinomial(w, k, replacement=False, generator=g).tolist()]
+            for _ in range(n)]
+
+
 def _done_images(db, gen_run_id: int) -> set[int]:
     return {r["image_id"] for r in db.query(
         "SELECT DISTINCT image_id FROM qa WHERE gen_run_id = ? AND origin = 'pseudo'", [gen_run_id])}
@@ -84,8 +102,12 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
         if should_stop and should_stop():
             return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
         pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
-        cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
-                              _chunk_seed(cfg.seed, index), stats, known)
+        if cfg.question_mode == "known":
+            qs = _draw_questions(db, run, len(chunk), cfg, _chunk_seed(cfg.seed, index))
+            cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs, cfg, stats)
+        else:
+            cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
+                                  _chunk_seed(cfg.seed, index), stats, known)
         rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
                  "question": c.question, "answer": c.answer, "origin": "pseudo", "status": "pending",
                  "confidence": c.confidence, "question_type": qtypes.get(question_key(c.question)),
