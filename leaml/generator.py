@@ -151,7 +151,8 @@ def streams(model, processor, qa: Sequence[Example], captions: Sequence[Example]
     masks = None
     if cfg.rho < 1.0:
         _, selected = select_neurons(model, processor, qa, cfg.rho, cfg.importance_batch_size)
-        masks = neurons.row_masks(model, selected)
+        # every parameter: train_generator froze them all for scoring, train() unfreezes them
+        masks = neurons.row_masks(model, selected, trainable_only=False)
         info["neurons"] = {k: v for k, v in neurons.summary(selected).items() if k != "per_layer"}
     cap_stream = Stream(list(captions), weight=cfg.caption_ratio, name="caption", grad_masks=masks)
     return [qa_stream, cap_stream], info

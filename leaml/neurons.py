@@ -101,17 +101,20 @@ def _owner(param_name: str) -> tuple[str, str]:
     return module.removeprefix("base_model.model."), leaf
 
 
-def row_masks(model: torch.nn.Module, selected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def row_masks(model: torch.nn.Module, selected: dict[str, torch.Tensor], *,
+              trainable_only: bool = True) -> dict[str, torch.Tensor]:
     """Gradient row masks for ``train.Stream.grad_masks``: only the selected neurons train.
 
     Covers every trainable parameter of ``model`` (the model as it will be trained, plain or
     LoRA-wrapped): a selected module's weight and bias get its row mask (for LoRA, the rows of
     ``lora_B``, whose rows are the output neurons of the merged delta; ``lora_A`` is shared by
     all rows and stays frozen); every other trainable parameter gets an all-False mask.
+    ``trainable_only=False`` covers every parameter (for a model whose ``requires_grad``
+    flags are set later, e.g. by ``train.prepare_model`` in full mode).
     """
     masks = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if trainable_only and not p.requires_grad:
             continue
         module, role = _owner(name)
         rows = selected.get(module)

@@ -96,3 +96,19 @@ def test_train_generator_interleaves_steps_and_reports(tiny):
     with pytest.raises(ValueError, match="seed QA"):
         generator.train_generator(model, proc, [], caps, cfg)
     assert neurons.summary(neurons.select_top({"x": torch.ones(10)}, 0.1))["kept"] == 1
+
+
+def test_regression_masks_survive_the_freeze_for_scoring(tiny_once):
+    """Bug: train_generator froze every parameter before scoring, row_masks skipped frozen
+    parameters, so caption steps ran unmasked and rho=0.1 trained exactly like rho=1.0."""
+    model0, proc = tiny_once
+    qa, caps = _examples()
+    weights = {}
+    for rho in (0.1, 1.0):
+        cfg = GeneratorConfig(train=TrainConfig(mode="full", batch_size=4, lr=1e-3), min_qa_steps=1,
+                              max_qa_steps=1, caption_ratio=1.0, rho=rho)
+        model = copy.deepcopy(model0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        res = generator.train_generator(model, proc, qa, caps, cfg)
+        weights[rho] = {n: p.detach().clone() for n, p in res.train.model.named_parameters()}
+    assert any(not torch.equal(weights[0.1][n], weights[1.0][n]) for n in before)
