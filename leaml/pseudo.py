@@ -41,8 +41,8 @@ class PseudoConfig:
     seed: int = _f(0, "sampling seed (each chunk of images reseeds from it, so resumes match)")
     chunk: int = _f(128, "images per stored chunk (the unit of progress, cancel and resume)")
     max_images: int = _f(0, "sample at most this many unlabeled images (0 = all), seeded choice")
-    question_mode: str = _f("sample", "'sample': G writes question and answer; 'known': G "
-                            "answers k known questions per image (drawn by seed frequency)")
+    question_mode: str = _f("known", "'known': G answers k known questions per image (drawn by "
+                            "seed frequency; fixed-template sets); 'sample': G writes both")
     known_questions: bool = _f(True, "keep only questions the project already asks (seed/test/"
                                "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
 
