@@ -103,13 +103,17 @@ def test_failures_name_the_image_and_the_run_goes_on(home, tmp_path):
     assert get_run(connect(home), info["run_id"])["status"] == "failed"
 
 
-def test_pseudo_from_captions_cli_against_leaml_serve():
+def test_pseudo_from_captions_cli_against_leaml_serve(tmp_path):
     s = shared()
+    # a project of its own in the shared home: the shared 'endo' images must stay uncaptioned
+    # for the caption tests, whatever order the tests run in
+    r = cli(s["home"], "import", image_folder(tmp_path / "frames"), "--project", "capqa")
+    assert r.returncode == 0, r.stderr
     db = connect(s["home"])
-    pid = get_project(db, "endo")["id"]
+    pid = get_project(db, "capqa")["id"]
     for row in list_images(db, pid)[:2]:
         set_caption(db, row["id"], "A small pink polyp.", source="import")
-    r = cli(s["home"], "pseudo", "--project", "endo", "--from-captions", "--endpoint",
+    r = cli(s["home"], "pseudo", "--project", "capqa", "--from-captions", "--endpoint",
             s["server"].url, "--model", s["model"], "--per-image", "2", "--max-tokens", "24",
             "--limit", "2", "--json")
     assert r.returncode == 0, r.stderr
