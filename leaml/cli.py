@@ -88,41 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# Every _add_<name> function above, in the order --help lists them. Commands not listed yet
-# are answered by _add_placeholders.
-ADDERS: list[Callable] = []
-
-# background jobs: `worker` and `jobs` live in leaml/cli_jobs.py (owned by the jobs engineer)
-from leaml.cli_jobs import _add_jobs, _add_worker  # noqa: E402  (after the helpers above)
-
-ADDERS += [_add_worker, _add_jobs]
-
-# accounts: `users` lives in leaml/cli_users.py (owned by the store engineer)
+# The subcommands live in one leaml/cli_<area>.py module per area; this list is the order
+# --help shows them in. Commands not listed are answered by _add_placeholders.
+from leaml.cli_data import _add_demo, _add_export, _add_import  # noqa: E402
+from leaml.cli_jobs import _add_jobs, _add_worker  # noqa: E402
+from leaml.cli_leaml import _add_finetune, _add_generator, _add_pseudo  # noqa: E402
+from leaml.cli_pretrain import _add_pretrain_tiny  # noqa: E402
+from leaml.cli_runs import _add_evaluate, _add_run  # noqa: E402
+from leaml.cli_serve import _add_caption, _add_serve  # noqa: E402
 from leaml.cli_users import _add_users  # noqa: E402
 
-ADDERS += [_add_users]
-
-# data in and out: `import`, `export`, `demo --data-only` live in leaml/cli_data.py (ingest engineer)
-from leaml.cli_data import _add_demo, _add_export, _add_import  # noqa: E402
-
-ADDERS += [_add_demo, _add_import, _add_export]
-
-# training and scoring: `run` and `evaluate` live in leaml/cli_runs.py (train/evaluate engineer)
-from leaml.cli_runs import _add_evaluate, _add_run  # noqa: E402
-
-ADDERS += [_add_run, _add_evaluate]
-
-# the embedded base model: `pretrain-tiny` lives in leaml/cli_pretrain.py (models engineer)
-from leaml.cli_pretrain import _add_pretrain_tiny  # noqa: E402
-
-ADDERS += [_add_pretrain_tiny]
-
-# LEAML's single stages: `generator`, `pseudo`, `finetune` live in leaml/cli_leaml.py (LEAML engineer)
-from leaml.cli_leaml import _add_finetune, _add_generator, _add_pseudo  # noqa: E402
-
-ADDERS += [_add_generator, _add_pseudo, _add_finetune]
-
-# serving and teacher captions: `serve`, `caption` live in leaml/cli_serve.py (serve engineer)
-from leaml.cli_serve import _add_caption, _add_serve  # noqa: E402
-
-ADDERS += [_add_serve, _add_caption]
+ADDERS: list[Callable] = [
+    _add_demo, _add_import, _add_export,                # data in and out
+    _add_run, _add_evaluate,                            # methods end to end, scoring
+    _add_generator, _add_pseudo, _add_finetune,         # LEAML's single stages
+    _add_worker, _add_jobs,                             # background jobs
+    _add_caption, _add_serve,                           # teacher captions, serving
+    _add_users, _add_pretrain_tiny,                     # accounts, the embedded base
+]
