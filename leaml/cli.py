@@ -25,41 +25,12 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"error: '{name}' is not yet available in this version", file=sys.stderr)
-        return 1
-    return run
-
-
 def print_json(obj) -> None:
     """The machine-readable result: one JSON object on the last line of stdout."""
     print(json.dumps(obj, sort_keys=False, default=str), flush=True)
 
 
 # --- subcommands: one _add_<name>(sub, common) + cmd_<name>(args) pair each, listed in ADDERS -
-
-def _add_placeholders(sub, common) -> None:
-    """Subcommands whose implementation has not landed yet say so instead of failing oddly."""
-    helps = {
-        "demo": "build the bundled demo project (and run every method on it)",
-        "import": "import a manifest (JSONL/CSV), a Kvasir-VQA parquet file, a folder or a zip",
-        "export": "export the curated QA of a project as JSONL + images and parquet",
-        "run": "run a method (leaml, seed-lora, seed-full, caption-then-seed) end to end",
-        "evaluate": "re-evaluate a stored run on the test split",
-        "worker": "run queued background jobs",
-        "jobs": "list, show, cancel or resume background jobs",
-        "users": "add, list, set-role, passwd",
-        "pretrain-tiny": "rebuild and pretrain the embedded tiny base model",
-        "generator": "LEAML stage: train the QA generator",
-        "pseudo": "LEAML stage: generate pseudo QA for the unlabeled images",
-        "finetune": "LEAML stage: finetune the target on seed + reviewed pseudo QA",
-    }
-    for name, text in helps.items():
-        if name not in sub.choices:
-            p = sub.add_parser(name, help=text, description=text, parents=[common])
-            p.set_defaults(func=_not_yet(name))
-
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
@@ -69,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in ADDERS:
         add(sub, common)
-    _add_placeholders(sub, common)
     return parser
 
 
@@ -89,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The subcommands live in one leaml/cli_<area>.py module per area; this list is the order
-# --help shows them in. Commands not listed are answered by _add_placeholders.
+# --help shows them in.
 from leaml.cli_data import _add_demo, _add_export, _add_import  # noqa: E402
 from leaml.cli_jobs import _add_jobs, _add_worker  # noqa: E402
 from leaml.cli_leaml import _add_finetune, _add_generator, _add_pseudo  # noqa: E402
