@@ -197,6 +197,10 @@ def _stage_kind(name: str) -> Kind:
         from leaml import leaml_method
         ctx.plan = [name] if name != "finetune" else ["finetune", "evaluate"]
         command = leaml_method.STAGE_COMMANDS[name]
+        params = dict(params)  # the page's flat options (k, max_images, rho ...) + data mix
+        options, mix = params.pop("options", None), params.pop("data_mix", None)
+        if options or mix is not None:  # would be swallowed by the commands' **_ignored
+            params["overrides"] = leaml_method.job_overrides(params.get("overrides"), options, mix)
         params = pin_config(ctx, params, "leaml")  # the stage commands read LEAML's config
         return command(ctx.db, ctx.job["project_id"], **_engine_kwargs(ctx, params))
     return run

@@ -2,13 +2,13 @@
 and an annotator who cannot reach the training page. Saves a screenshot of every page into
 docs/screenshots/.
 
-Generator and pseudo-QA jobs run when the engine offers them (``generator``/``pseudo`` in
-leaml.pipeline.METHODS); otherwise a quick ``seed-lora`` run job stands in for training and
-the pending pairs to review are written through the store, as a generator would.
+The LEAML stage jobs run for real, started on the Training page with quick settings: a
+generator of a few steps, pseudo QA for a few images, then a finetune on seed + reviewed pairs;
+the pairs reviewed are those the pseudo job produced.
 """
 from __future__ import annotations
 
-import io
+import re
 import sys
 import time
 import zipfile
@@ -23,11 +23,7 @@ from browser import CHROMIUM_ARGS, shot, streamlit_server, wait_idle  # noqa: E4
 pytestmark = pytest.mark.e2e
 PW = "correct-horse"
 QUICK = {"max_steps": "2", "min_steps": "0", "batch_size": "4"}  # a few small steps
-
-
-def engine_has(stage: str) -> bool:
-    from leaml import jobs, pipeline
-    return stage in jobs.KINDS and stage in pipeline.METHODS
+QUICK_PSEUDO = {"max_images": "6", "k": "3"}  # 6 unlabeled images x 3 known questions
 
 
 def upload_zip(tmp: Path) -> Path:
@@ -67,27 +63,29 @@ def sign_in(page, url: str, name: str) -> None:
     wait_idle(page)
 
 
-def wait_job_done(db, kind: str | None = None, timeout: float = 420) -> dict:
+def wait_job_done(page, db, kind: str, timeout: float = 120) -> dict:
+    """Wait in the Training page's live job view (refreshed every 2 s) until the newest
+    ``kind`` job has ended; it must have succeeded."""
     from leaml import jobs
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = jobs.list_jobs(db)[0]
-        if job["status"] in ("succeeded", "failed", "cancelled", "interrupted"):
-            assert job["status"] == "succeeded", (job["status"], job["message"])
-            return job
-        time.sleep(2)
-    raise AssertionError(f"job did not finish in {timeout} s: {jobs.list_jobs(db)[0]}")
+    ended = page.get_by_text(re.compile(
+        rf"Job #\d+ · {kind} · (succeeded|failed|cancelled|interrupted)")).first
+    t0 = time.monotonic()
+    ended.wait_for(timeout=timeout * 1000)
+    job = jobs.list_jobs(db)[0]
+    assert job["kind"] == kind and job["status"] == "succeeded", (job["status"], job["message"])
+    assert "succeeded" in ended.inner_text()
+    print(f"{kind} job #{job['id']}: {time.monotonic() - t0:.0f} s after queued")
+    return job
 
 
-def start_job(page, kind_label: str, method: str | None = None) -> None:
+def start_job(page, kind_label: str, hyperparameters: dict) -> None:
+    """Start a job on the Training page with the given hyperparameter fields filled in."""
     nav(page, "Training")
     page.get_by_text(kind_label).click()
     wait_idle(page)
-    if method:
-        pick(page, "Method", method)
     page.get_by_text("Hyperparameters").click()
-    for name, value in QUICK.items():
-        box = page.get_by_role("spinbutton", name=name)
+    for name, value in hyperparameters.items():
+        box = page.get_by_role("spinbutton", name=name, exact=True)
         box.fill(value)
         box.press("Enter")
         wait_idle(page)
@@ -159,22 +157,18 @@ def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
             wait_idle(page)
         assert len(qa.list_qa(db, pid, origin="seed")) == 3
 
-        # 4. generator + pseudo-QA jobs when the engine has them, else a quick run job
-        if engine_has("generator") and engine_has("pseudo"):
-            start_job(page, "1 · Train the QA generator")
-            wait_job_done(db)
-            start_job(page, "2 · Generate pseudo QA")
-            wait_job_done(db)
-        else:
-            start_job(page, "Whole run", "seed-lora")
-            page.get_by_text("stage").first.wait_for()
-            wait_job_done(db)
-            from apphelp import add_pending
-            add_pending(db, projects.get_project(db, "endo"), 6)
-        nav(page, "Projects")  # (a reload would start a new session: signed out)
-        nav(page, "Training")
-        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # a loss curve
+        # 4. a quick generator job, then pseudo QA from it (the newest generator run)
+        start_job(page, "1 · Train the QA generator", QUICK)
+        gen = wait_job_done(page, db, "generator")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # G's loss curve
         shot(page, "04-training")
+        start_job(page, "2 · Generate pseudo QA", QUICK_PSEUDO)
+        pseudo = wait_job_done(page, db, "pseudo")
+        assert pseudo["params"]["requested_overrides"]["pseudo"] == {"max_images": 6, "k": 3}
+        pending = qa.list_qa(db, pid, origin="pseudo")
+        assert {r["gen_run_id"] for r in pending} == {gen["run_id"]}, pending[:1]
+        assert len({r["image_id"] for r in pending}) <= 6, pseudo["message"]
+        assert len(pending) >= 3, (pseudo["message"], pending)
 
         # 5. review with the keyboard: a accept, r reject, e edit + Ctrl+Enter
         nav(page, "Review")
@@ -200,12 +194,9 @@ def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
         page.locator(".js-plotly-plot").first.wait_for()  # the calibration chart
         shot(page, "05b-review-after-decisions")
 
-        # 6. a quick finetune (the engine's finetune stage, else another quick run)
-        if engine_has("finetune"):
-            start_job(page, "3 · Finetune the target model")
-        else:
-            start_job(page, "Whole run", "seed-full")
-        wait_job_done(db)
+        # 6. a quick finetune of the target on seed + accepted/edited pairs
+        start_job(page, "3 · Finetune the target model", QUICK)
+        wait_job_done(page, db, "finetune")
 
         # 7. the dashboard's charts
         nav(page, "Dashboard")
