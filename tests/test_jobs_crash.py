@@ -3,7 +3,7 @@ is stale, ``jobs resume`` queues it again, and a new worker finishes it from the
 checkpoint with the same model and the same metrics as an uninterrupted run (same seed).
 
 Real processes (``python -m leaml worker --once``), real SQLite, the real tiny model.
-The method is seed-only LoRA today; set METHOD = "leaml" to run the same test on LEAML.
+The job is a quick LEAML run (generator, pseudo QA, target); the kill lands in the target's training.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from leaml.ingest import load_demo
 from leaml.store.runs import get_metrics, get_run
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD = "seed-lora"
+METHOD = "leaml"
 _TRAIN = {"max_steps": 8, "min_steps": 0, "batch_size": 2, "checkpoint_every": 2}
 QUICK = {  # a few steps, a checkpoint every 2, short answers: seconds, not minutes
     "seed-lora": {"train": _TRAIN, "max_new_tokens": 6},
