@@ -142,9 +142,9 @@ def test_export_is_audited(db, project, tmp_path):
 
 
 def test_hf_datasets_reads_the_parquet(db, project, tmp_path, monkeypatch):
-    """Runs where `datasets` is installed (it is not a requirement; checked by hand with
-    datasets 5.2.0: image decodes to a PIL image, all columns are strings)."""
-    datasets = pytest.importorskip("datasets")
+    """What users do with an export: `datasets.load_dataset("parquet", ...)` reads it back
+    (image decodes to a PIL image, the text columns are strings)."""
+    import datasets
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     export_project(db, "p", tmp_path / "out", with_test=True)
