@@ -6,7 +6,6 @@ tiny model are at the end (and the SIGKILL/resume one in test_jobs_crash.py).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -87,25 +86,30 @@ def test_cancel_and_resume_rules(db, project):
         jobs.get_job(db, 99)
 
 
-def _claim_all(home: str, out) -> None:
-    db = connect(home)
-    mine = []
-    while (job := q.claim_next(db, os.getpid())) is not None:
-        mine.append(job["id"])
-    out.put(mine)
+# Each claimer is a fresh interpreter (not multiprocessing's spawn: after an AppTest run in
+# the same session, spawn re-runs the last page script as the children's __main__).
+CLAIM_ALL = """
+import json, os, sys
+from leaml.store import connect
+from leaml.store import jobs as q
+db = connect(sys.argv[1])
+mine = []
+while (job := q.claim_next(db, os.getpid())) is not None:
+    mine.append(job["id"])
+print(json.dumps(mine))
+"""
 
 
 def test_concurrent_claims_never_share_a_job(home, db, project):
     ids = [jobs.enqueue(db, "run", "demo", {"method": "seed-lora", "i": i}) for i in range(40)]
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(str(home), out)) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_ALL, str(home)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    claimed = []
     for p in procs:
-        p.start()
-    # generous: four fresh interpreters start slowly on a loaded 2-core machine
-    claimed = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        claimed.append(json.loads(out.strip().splitlines()[-1]))
     flat = [i for mine in claimed for i in mine]
     assert sorted(flat) == ids  # every job claimed, none twice
     assert all(j["attempts"] == 1 and j["status"] == "running" for j in jobs.list_jobs(db))
