@@ -18,10 +18,9 @@ import math
 import random
 import re
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable
 
-from leaml.captions import EndpointClient, EndpointError, image_name, open_db
+from leaml.captions import EndpointClient, bounded_map, image_name, open_db
 from leaml.pseudo import format_qa, geometric_mean_prob, parse_qa, question_key
 
 Progress = Callable[[str, int, int, float], None]
@@ -223,28 +222,19 @@ class _Pass:
         self.counts["stored"] += len(pairs)
 
     def run(self, rows, concurrency, progress, should_stop) -> bool:
-        todo, running, finished_n, stopped = list(reversed(rows)), {}, 0, False
-        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="capqa") as ex:
-            while todo or running:
-                if should_stop and should_stop() and todo:
-                    stopped, todo = True, []
-                while todo and len(running) < concurrency:
-                    row = todo.pop()
-                    running[ex.submit(self.ask, row)] = row
-                if not running:
-                    break
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    row = running.pop(fut)
-                    try:
-                        self.store(row, fut.result())
-                    except EndpointError as exc:
-                        self.failed.append({"image_id": row["id"], "name": image_name(row),
-                                            "error": str(exc)})
-                    finished_n += 1
-                    if progress:
-                        progress("qa", finished_n, len(rows), math.nan)
-        return stopped
+        finished = 0
+
+        def done(row, answer, error):
+            nonlocal finished
+            if error is None:
+                self.store(row, answer)
+            else:
+                self.failed.append({"image_id": row["id"], "name": image_name(row), "error": error})
+            finished += 1
+            if progress:
+                progress("qa", finished, len(rows), math.nan)
+
+        return bounded_map(rows, self.ask, done, concurrency=concurrency, should_stop=should_stop)
 
 
 # --- the caption-qa method -------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
+from leaml.store.images import image_file
+
 Progress = Callable[[str, int, int, float], None]
 
 DEFAULT_CAPTION_PROMPT = (
@@ -270,42 +272,49 @@ def _store(db, report: CaptionReport, row: dict, text: str | None, error: str | 
 
 
 def _ask(db_home, client: EndpointClient, row: dict, prompt: str, max_tokens: int) -> str:
-    url = image_data_url(image_path_from(db_home, row))
+    url = image_data_url(image_file(db_home, row["sha256"], row["ext"]))
     answer = client.chat(caption_messages(prompt, url), max_tokens=max_tokens, temperature=0.0)
     return answer["choices"][0]["message"]["content"]
 
 
-def image_path_from(home, row: dict):
-    """The image file of a row (sha256 + ext) under a data home; no database needed."""
-    from pathlib import Path
-    return Path(home) / "images" / row["sha256"][:2] / f"{row['sha256']}{row['ext']}"
-
-
-def _from_endpoint(db, client, rows, prompt, max_tokens, concurrency, report, progress,
-                   should_stop, user) -> None:
-    """Requests in a thread pool (at most ``concurrency`` in flight); results stored here,
-    in the calling thread, as they arrive."""
-    todo, running = list(reversed(rows)), {}
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="caption") as pool:
+def bounded_map(rows: list, ask: Callable, on_done: Callable, *, concurrency: int,
+                should_stop: Callable | None = None) -> bool:
+    """Call ``ask(row)`` for every row in a thread pool, at most ``concurrency`` in flight,
+    and ``on_done(row, result, error)`` in the calling thread as each finishes (``error`` is
+    an EndpointError's text, else None), so database writes stay on one connection. Stops
+    submitting once ``should_stop()`` is true; returns whether rows were left undone."""
+    todo, running, stopped = list(reversed(rows)), {}, False
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         while todo or running:
-            stop = bool(should_stop and should_stop())
-            report.stopped |= stop and bool(todo)
-            while todo and not stop and len(running) < concurrency:
+            if should_stop and todo and should_stop():
+                stopped, todo = True, []
+            while todo and len(running) < concurrency:
                 row = todo.pop()
-                running[pool.submit(_ask, db.home, client, row, prompt, max_tokens)] = row
-            if stop:
-                todo = []
+                running[pool.submit(ask, row)] = row
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 row = running.pop(fut)
                 try:
-                    _store(db, report, row, fut.result(), None, user)
+                    on_done(row, fut.result(), None)
                 except EndpointError as exc:
-                    _store(db, report, row, None, str(exc), user)
-                if progress:
-                    progress("caption", report.done + len(report.failed), report.total, math.nan)
+                    on_done(row, None, str(exc))
+    return stopped
+
+
+def _from_endpoint(db, client, rows, prompt, max_tokens, concurrency, report, progress,
+                   should_stop, user) -> None:
+    """Requests in a thread pool (at most ``concurrency`` in flight); results stored here,
+    in the calling thread, as they arrive."""
+    def done(row, text, error):
+        _store(db, report, row, text, error, user)
+        if progress:
+            progress("caption", report.done + len(report.failed), report.total, math.nan)
+
+    report.stopped |= bounded_map(
+        rows, lambda row: _ask(db.home, client, row, prompt, max_tokens), done,
+        concurrency=concurrency, should_stop=should_stop)
 
 
 def _from_model(db, teacher, rows, prompt, max_tokens, report, progress, should_stop, user,

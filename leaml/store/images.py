@@ -27,12 +27,16 @@ def normalize_ext(ext: str) -> str:
     return ext
 
 
+def image_file(home: str | os.PathLike, sha256: str, ext: str) -> Path:
+    """The content-addressed place of an image under a data home (no database needed)."""
+    return Path(home) / "images" / sha256[:2] / f"{sha256}{ext}"
+
+
 def image_path(db: sqlite_utils.Database, image: dict | int) -> Path:
     """Where the file of ``image`` (a row dict with sha256 and ext, or an image id) lives."""
     if not isinstance(image, dict):
         image = get_image(db, int(image))
-    sha = image["sha256"]
-    return Path(db.home) / "images" / sha[:2] / f"{sha}{image['ext']}"
+    return image_file(db.home, image["sha256"], image["ext"])
 
 
 def store_image_file(home: str | os.PathLike, data: bytes, ext: str) -> str:
@@ -43,7 +47,7 @@ def store_image_file(home: str | os.PathLike, data: bytes, ext: str) -> str:
     """
     ext = normalize_ext(ext)
     sha = hashlib.sha256(data).hexdigest()
-    path = Path(home) / "images" / sha[:2] / f"{sha}{ext}"
+    path = image_file(home, sha, ext)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{sha}.{uuid.uuid4().hex}.tmp")
