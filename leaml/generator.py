@@ -18,7 +18,7 @@ caption distillation (no masks at all); ``captions=False`` trains on the seed QA
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,14 +28,9 @@ from leaml import models, neurons
 from leaml.batches import Example, ImageSource, TextCache
 from leaml.pseudo import QA_INSTRUCTION, format_qa
 from leaml.train import Stream, TrainConfig, TrainResult, train
+from leaml.config import option as _f
 
 CAPTION_INSTRUCTION = "Describe the image."
-
-
-def _f(default, help: str):
-    if isinstance(default, TrainConfig):
-        return field(default_factory=lambda: replace(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 def default_train() -> TrainConfig:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
+from leaml.config import option as _f
 
 QA_INSTRUCTION = "Generate a question about this image and answer it."
 _QA = re.compile(r"\A\s*Question:[ \t]*(?P<q>[^\n]*?)[ \t]*\n[ \t]*Answer:[ \t]*(?P<a>[^\n]*?)\s*\Z")
@@ -24,10 +25,6 @@ _QA = re.compile(r"\A\s*Question:[ \t]*(?P<q>[^\n]*?)[ \t]*\n[ \t]*Answer:[ \t]*
 def format_qa(question: str, answer: str) -> str:
     """The generator's training target for one QA pair."""
     return f"Question: {question.strip()}\nAnswer: {answer.strip()}"
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,16 +27,10 @@ import torch
 
 from leaml import models
 from leaml.batches import EpochOrder, Example, ImageSource, TextCache, augment, mentions_position
+from leaml.config import option as _f
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 CHECKPOINT = "checkpoint"
-
-
-def _f(default, help: str, **kw):
-    """A dataclass field with a help text (shown by ``describe_config``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass
