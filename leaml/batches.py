@@ -136,6 +136,89 @@ class TextCache:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def image_groups(image_index: Sequence[int], augmentable: Sequence[bool]) -> list[list[int]]:
+    """Example indices grouped by (image, augmentable), in order of first appearance: the
+    examples that may share one packed sequence (augmentation acts on the whole image)."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, (img, aug) in enumerate(zip(image_index, augmentable)):
+        groups.setdefault((img, bool(aug)), []).append(i)
+    return list(groups.values())
+
+
+class PackedText:
+    """Several examples of one image in one sequence, exactly as if each trained alone.
+
+    The shared prefix (the longest common token prefix of the group, which must hold every
+    image token and no supervised token) is computed once; each example's remaining tokens
+    follow as a block that attends to the prefix and causally to itself only, with position
+    ids restarting where the prefix ends. So a block's loss equals that example's loss in its
+    own sequence, while the vision tower and the prefix run once per image instead of once per
+    question. Groups that cannot share a prefix are split into one row per example.
+    """
+
+    def __init__(self, text: TextCache, image_token_id: int):
+        self.text, self.image_token_id = text, image_token_id
+
+    def _prefix_len(self, rows: Sequence[int]) -> int:
+        seqs = [self.text.ids[i] for i in rows]
+        first = seqs[0]
+        n = min(len(s) for s in seqs)
+        for s in seqs[1:]:
+            diff = (s[:n] != first[:n]).nonzero()
+            n = int(diff[0]) if len(diff) else n
+        for i in rows:  # no supervised token in the shared part
+            sup = (self.text.labels[i][:n] != -100).nonzero()
+            n = int(sup[0]) if len(sup) else n
+        images = [(s == self.image_token_id).nonzero() for s in seqs]
+        if any(len(im) and int(im[-1]) >= n for im in images):
+            return 0
+        return n
+
+    def rows(self, groups: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each group as one packed row, or as one row per example where it cannot pack."""
+        out = []
+        for g in groups:
+            if len(g) > 1 and self._prefix_len(g) > 0:
+                out.append(list(g))
+            else:
+                out.extend([i] for i in g)
+        return out
+
+    def batch(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """input_ids, labels, position_ids (B, T) and a boolean 4-D attention mask
+        (B, 1, T, T), right-padded; ``rows`` as from :meth:`rows`."""
+        seqs, labs, pos, seg = [], [], [], []
+        for row in rows:
+            p = self._prefix_len(row) if len(row) > 1 else len(self.text.ids[row[0]])
+            ids = [self.text.ids[row[0]][:p]]
+            lab = [self.text.labels[row[0]][:p]]
+            ps, sg = [torch.arange(p)], [torch.zeros(p, dtype=torch.long)]
+            for k, i in enumerate(row if len(row) > 1 else []):
+                tail = self.text.ids[i][p:]
+                ids.append(tail)
+                lab.append(self.text.labels[i][p:])
+                ps.append(torch.arange(p, p + len(tail)))
+                sg.append(torch.full((len(tail),), k + 1, dtype=torch.long))
+            seqs.append(torch.cat(ids)), labs.append(torch.cat(lab))
+            pos.append(torch.cat(ps)), seg.append(torch.cat(sg))
+        length = max(len(s) for s in seqs)
+        B = len(rows)
+        input_ids = torch.full((B, length), self.text.pad_id, dtype=torch.long)
+        labels = torch.full((B, length), -100, dtype=torch.long)
+        position_ids = torch.zeros((B, length), dtype=torch.long)
+        segment = torch.full((B, length), -1, dtype=torch.long)  # -1 = padding
+        for b in range(B):
+            n = len(seqs[b])
+            input_ids[b, :n], labels[b, :n] = seqs[b], labs[b]
+            position_ids[b, :n], segment[b, :n] = pos[b], seg[b]
+        q, k = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = causal & (k >= 0) & ((k == 0) | (k == q))
+        mask |= torch.eye(length, dtype=torch.bool) & (q < 0)  # padding attends to itself
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "attention_mask": mask[:, None]}
+
+
 def _pad_id(processor) -> int:
     tok = getattr(processor, "tokenizer", processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

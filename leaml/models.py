@@ -46,11 +46,16 @@ class ArchEntry:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                      "gate_proj", "up_proj", "down_proj")
     neuron_modules: tuple[str, ...] = ("o_proj", "down_proj")  # attention-out + MLP-out
+    # Several questions about one image may share one sequence (image prefix computed once,
+    # each QA block masked off from the others, 1-D positions restarting after the prefix).
+    # Only where positions are plain 1-D and pixel_values one tensor per image.
+    packable: bool = False
 
 
 _LLAMA_LIKE = ArchEntry(("model.language_model", "language_model", "model.text_model"))
 ARCH_SPECS: dict[str, ArchEntry] = {
-    "llava": _LLAMA_LIKE, "llava_next": _LLAMA_LIKE, "llava_onevision": _LLAMA_LIKE,
+    "llava": ArchEntry(_LLAMA_LIKE.language_model, packable=True),
+    "llava_next": _LLAMA_LIKE, "llava_onevision": _LLAMA_LIKE,
     "qwen2_vl": _LLAMA_LIKE, "qwen2_5_vl": _LLAMA_LIKE, "qwen3_vl": _LLAMA_LIKE,
     "paligemma": _LLAMA_LIKE, "gemma3": _LLAMA_LIKE, "mistral3": _LLAMA_LIKE,
     "idefics3": ArchEntry(("model.text_model",)), "smolvlm": ArchEntry(("model.text_model",)),
@@ -72,6 +77,12 @@ class ArchSpec:
     language_model_prefix: str
     lora_targets: list[str] = field(default_factory=list)
     neuron_modules: list[str] = field(default_factory=list)
+
+
+def packable(model) -> bool:
+    """True when several QA pairs of one image may train in one packed sequence."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    return ARCH_SPECS.get(getattr(base.config, "model_type", ""), _DEFAULT_ENTRY).packable
 
 
 def _get_path(model: torch.nn.Module, path: str):

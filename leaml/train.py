@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import torch
 
 from leaml import models
-from leaml.batches import EpochOrder, Example, ImageSource, TextCache, augment, mentions_position
+from leaml.batches import (EpochOrder, Example, ImageSource, PackedText, TextCache, augment,
+                           image_groups, mentions_position)
 from leaml.config import option as _f
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
@@ -59,6 +60,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on stop)")
     mixed_precision: str = _f("no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'")
     gradient_checkpointing: bool = _f(False, "trade compute for memory on large models")
+    pack: bool = _f(True, "train all questions of an image in one sequence (same loss, "
+                    "vision and prefix once); where the architecture allows")
 
     def __post_init__(self):
         checks = [
@@ -233,27 +236,54 @@ def stream_schedule(weights: Sequence[float], steps: int) -> list[int]:
 # --- the loop ------------------------------------------------------------------------------
 
 class _Data:
-    """Streams with their caches and orders, serving the micro-batches of a step."""
+    """Streams with their caches and orders, serving the micro-batches of a step.
 
-    def __init__(self, processor, streams: Sequence[Stream], config: TrainConfig):
+    With ``pack`` the unit of a stream's order is a packed row (the examples of one image,
+    see :class:`leaml.batches.PackedText`) and a micro-batch of ``size`` examples takes as
+    many rows as hold that many examples on average, so ``batch_size`` and ``epochs`` keep
+    their meaning.
+    """
+
+    def __init__(self, processor, streams: Sequence[Stream], config: TrainConfig,
+                 pack: bool = False):
         everything = [e for s in streams for e in s.examples]
         self.images = ImageSource(processor, [e.image for e in everything], config.image_cache_mb)
         self.text = TextCache(processor, everything)
-        self.offsets, self.orders, start = [], [], 0
-        for sid, s in enumerate(streams):
-            self.offsets.append(start)
-            self.orders.append(EpochOrder([e.open for e in s.examples], config.seed, sid,
-                                          config.oversample_open))
-            start += len(s.examples)
         self.image_index = [self.images.index(e.image) for e in everything]
         self.augmentable = [e.augment and not mentions_position(e.instruction, e.target)
                             for e in everything]
+        image_token = getattr(processor, "image_token_id", None)
+        self.packed = PackedText(self.text, image_token) if pack and image_token is not None \
+            else None
+        self.units, self.orders, self.per_unit, start = [], [], [], 0
+        for sid, s in enumerate(streams):
+            idx = list(range(start, start + len(s.examples)))
+            if self.packed:
+                # without augmentation, position questions may share their image's row
+                aug = [self.augmentable[i] or config.augment == "none" for i in idx]
+                units = self.packed.rows(image_groups([self.image_index[i] for i in idx], aug))
+                units = [[idx[i] for i in u] for u in units]
+            else:
+                units = [[i] for i in idx]
+            self.units.append(units)
+            self.per_unit.append(len(idx) / len(units))
+            self.orders.append(EpochOrder([any(everything[i].open for i in u) for u in units],
+                                          config.seed, sid, config.oversample_open))
+            start += len(s.examples)
 
     def micro_batch(self, stream: int, position: int, size: int, rank: int, world: int,
                     config: TrainConfig, aug_key: int) -> dict[str, torch.Tensor]:
-        local = self.orders[stream].take(position, size)[rank::world]
-        rows = [self.offsets[stream] + i for i in local]
-        batch = self.text.batch(rows)
+        if self.packed is None:
+            local = self.orders[stream].take(position, size)[rank::world]
+            rows = [self.units[stream][i][0] for i in local]
+            batch = self.text.batch(rows)
+        else:
+            per = self.per_unit[stream]
+            start, stop = round(position / per), round((position + size) / per)
+            local = self.orders[stream].take(start, max(stop - start, world))[rank::world]
+            units = [self.units[stream][i] for i in local]
+            batch = self.packed.batch(units)
+            rows = [u[0] for u in units]
         pixels = self.images.batch([self.image_index[r] for r in rows])
         batch["pixel_values"] = augment(pixels, [self.augmentable[r] for r in rows],
                                         config.augment, config.seed, aug_key)
@@ -286,7 +316,8 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     optimizer = _optimizer(model, config)
     total = total_steps(streams, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config))
-    batches = _Data(processor, streams, config)
+    batches = _Data(processor, streams, config,
+                    pack=config.pack and models.packable(model))
     model, optimizer = acc.prepare(model, optimizer)
     ckpt = Path(work_dir) / CHECKPOINT if work_dir else None
     step = 0

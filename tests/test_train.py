@@ -190,3 +190,50 @@ def test_augmentation_never_touches_examples_about_position():
     assert any(not torch.equal(augment(pixels, [True, False], "flip", 0, s)[0], pixels[0])
                for s in range(8))
     assert torch.equal(augment(pixels, [True, True], "none", 0, 0), pixels)
+
+
+def _shared_image_examples():
+    """Three images, each asked several questions of different lengths (one pair twice)."""
+    imgs = [Image.new("RGB", (64, 64), c) for c in ((200, 60, 60), (60, 60, 200), (60, 200, 60))]
+    qa = [("What color is it?", "red"), ("Is there an object in this picture?", "yes"),
+          ("How many?", "1"), ("How many?", "1")]
+    return [Example(im, q, a) for im in imgs for q, a in qa]
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_separate_sequences(tiny):
+    from leaml.batches import ImageSource, PackedText, TextCache, image_groups
+    model, proc = tiny
+    model.train()
+    ex = _shared_image_examples()
+    images = ImageSource(proc, [e.image for e in ex], budget_mb=64)
+    text = TextCache(proc, ex)
+    index = [images.index(e.image) for e in ex]
+    packed = PackedText(text, proc.image_token_id)
+    rows = packed.rows(image_groups(index, [True] * len(ex)))
+    assert [len(r) for r in rows] == [4, 4, 4]  # one sequence per image
+
+    def loss_and_grads(batch, pixel_rows):
+        model.zero_grad()
+        loss = model(**batch, pixel_values=images.batch(pixel_rows)).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+    sep_loss, sep_grads = loss_and_grads(text.batch(list(range(len(ex)))), index)
+    pack_batch = packed.batch(rows)
+    assert pack_batch["input_ids"].numel() < text.batch(list(range(len(ex))))["input_ids"].numel()
+    pack_loss, pack_grads = loss_and_grads(pack_batch, [index[r[0]] for r in rows])
+    assert pack_loss == pytest.approx(sep_loss, rel=1e-5)
+    assert sep_grads.keys() == pack_grads.keys()
+    for name, g in sep_grads.items():
+        assert torch.allclose(g, pack_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_training_packs_questions_of_one_image_unless_told_not_to(base):
+    model, proc = base
+    ex = _shared_image_examples()
+    packed = train(copy.deepcopy(model), proc, ex, _cfg(mode="full", batch_size=8, max_steps=6))
+    plain = train(copy.deepcopy(model), proc, ex, _cfg(mode="full", batch_size=8, max_steps=6,
+                                                       pack=False))
+    assert packed.losses[-1] < packed.losses[0] and plain.losses[-1] < plain.losses[0]
+    assert packed.losses != plain.losses  # batches differ in composition, not in meaning
