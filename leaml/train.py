@@ -54,6 +54,7 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     lora_targets: list = _f([], "module name suffixes to adapt; [] = arch_spec's language-model targets")
     train_vision: bool = _f(True, "full mode: train the vision tower too (False = frozen)")
+    vision_lr_scale: float = _f(1.0, "full mode: the vision tower's lr = lr x this")
     image_cache_mb: float = _f(2048.0, "preprocess all images once when they fit; else open per batch")
     augment: str = _f("none", "'none', 'flip', 'rot90' or 'flip+rot90'; never on position questions")
     oversample_open: float = _f(1.0, "per-epoch repeat factor of examples marked open")
@@ -67,6 +68,7 @@ class TrainConfig:
         checks = [
             (self.mode in ("lora", "full"), "mode must be 'lora' or 'full'"),
             (self.lr > 0, "lr must be > 0"),
+            (self.vision_lr_scale > 0, "vision_lr_scale must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
@@ -435,14 +437,19 @@ def _resolve_masks(model, streams) -> list[dict]:
 
 
 def _optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (biases, norms and embeddings' 1-D params: none)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    """AdamW; weight decay on matrices only (biases, norms and embeddings' 1-D params: none);
+    the vision tower's parameters at ``lr * vision_lr_scale``."""
+    vision = _vision_params(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("no trainable parameters: check TrainConfig.mode / lora_targets")
-    decay = [p for p in trainable if p.dim() >= 2]
-    rest = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
+    groups = []
+    for in_vision, scale in ((False, 1.0), (True, config.vision_lr_scale)):
+        params = [p for n, p in named if (n in vision) == in_vision]
+        groups += [{"params": [p for p in params if p.dim() >= 2],
+                    "weight_decay": config.weight_decay, "lr": config.lr * scale},
+                   {"params": [p for p in params if p.dim() < 2],
+                    "weight_decay": 0.0, "lr": config.lr * scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 

@@ -237,3 +237,17 @@ def test_training_packs_questions_of_one_image_unless_told_not_to(base):
                                                        pack=False))
     assert packed.losses[-1] < packed.losses[0] and plain.losses[-1] < plain.losses[0]
     assert packed.losses != plain.losses  # batches differ in composition, not in meaning
+
+
+def test_vision_lr_scale_sets_the_vision_towers_learning_rate(tiny):
+    from leaml.train import _optimizer, _vision_params, prepare_model
+    model, _ = tiny
+    config = _cfg(mode="full", lr=1e-3, vision_lr_scale=5.0)
+    model = prepare_model(model, config)
+    vision = {id(p) for n, p in model.named_parameters() if n in _vision_params(model)}
+    lrs = {id(p): g["lr"] for g in _optimizer(model, config).param_groups for p in g["params"]}
+    assert vision and lrs.keys() == {id(p) for p in model.parameters()}
+    assert all(lrs[i] == pytest.approx(5e-3) for i in vision)
+    assert all(lr == pytest.approx(1e-3) for i, lr in lrs.items() if i not in vision)
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        _cfg(vision_lr_scale=0)
