@@ -60,7 +60,9 @@ def outcome(db, job_id: int, home: Path) -> dict:
     run = get_run(db, job["run_id"])
     model = home / run["model_dir"]
     from safetensors.torch import load_file
-    weights = load_file(str(model / "adapter_model.safetensors"))
+    # LoRA targets save adapters, full finetuning (LEAML's target) the whole model
+    adapter = model / "adapter_model.safetensors"
+    weights = load_file(str(adapter if adapter.exists() else model / "model.safetensors"))
     return {"accuracy": run["accuracy"], "status": run["status"],
             "metrics": sorted((m["scope"], m["key"], m["accuracy"], m["n"])
                               for m in get_metrics(db, run["id"])),

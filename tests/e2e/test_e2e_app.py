@@ -80,10 +80,14 @@ def wait_job_done(page, db, kind: str, timeout: float = 120) -> dict:
 
 def start_job(page, kind_label: str, hyperparameters: dict) -> None:
     """Start a job on the Training page with the given hyperparameter fields filled in."""
+    from playwright.sync_api import expect
     nav(page, "Training")
     page.get_by_text(kind_label).click()
     wait_idle(page)
-    page.get_by_text("Hyperparameters").click()
+    # under load the previous kind's form can linger for a moment beside the new one
+    expander = page.get_by_text("Hyperparameters")
+    expect(expander).to_have_count(1, timeout=30_000)
+    expander.click()
     for name, value in hyperparameters.items():
         box = page.get_by_role("spinbutton", name=name, exact=True)
         box.fill(value)
