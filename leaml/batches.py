@@ -158,6 +158,7 @@ class PackedText:
 
     def __init__(self, text: TextCache, image_token_id: int):
         self.text, self.image_token_id = text, image_token_id
+        self._prefix: dict[tuple[int, ...], int] = {}  # packed row -> shared prefix length
 
     def _prefix_len(self, rows: Sequence[int]) -> int:
         seqs = [self.text.ids[i] for i in rows]
@@ -178,7 +179,9 @@ class PackedText:
         """Each group as one packed row, or as one row per example where it cannot pack."""
         out = []
         for g in groups:
-            if len(g) > 1 and self._prefix_len(g) > 0:
+            p = self._prefix_len(g) if len(g) > 1 else 0
+            if p > 0:
+                self._prefix[tuple(g)] = p
                 out.append(list(g))
             else:
                 out.extend([i] for i in g)
@@ -189,7 +192,10 @@ class PackedText:
         (B, 1, T, T), right-padded; ``rows`` as from :meth:`rows`."""
         seqs, labs, pos, seg = [], [], [], []
         for row in rows:
-            p = self._prefix_len(row) if len(row) > 1 else len(self.text.ids[row[0]])
+            if len(row) > 1:
+                p = self._prefix.get(tuple(row)) or self._prefix_len(row)
+            else:  # one example: its whole sequence is the "prefix", no blocks follow
+                p = len(self.text.ids[row[0]])
             ids = [self.text.ids[row[0]][:p]]
             lab = [self.text.labels[row[0]][:p]]
             ps, sg = [torch.arange(p)], [torch.zeros(p, dtype=torch.long)]
@@ -213,8 +219,9 @@ class PackedText:
             position_ids[b, :n], segment[b, :n] = pos[b], seg[b]
         q, k = segment[:, :, None], segment[:, None, :]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
+        # every row starts with its prefix (segment 0), so no query row is fully masked (SDPA
+        # would give NaN): padding queries see the prefix, their labels are ignored anyway
         mask = causal & (k >= 0) & ((k == 0) | (k == q))
-        mask |= torch.eye(length, dtype=torch.bool) & (q < 0)  # padding attends to itself
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 "attention_mask": mask[:, None]}
 

@@ -25,38 +25,46 @@ def unlabeled_images(db, gen_run: dict) -> list[dict]:
     return [r for r in list_images(db, gen_run["project_id"], split="train") if r["id"] not in kept]
 
 
+def _most_common_by_key(rows, field: str) -> dict[str, str]:
+    """question_key -> the most frequent ``field`` value among rows that ask that question."""
+    votes: dict[str, Counter] = {}
+    for r in rows:
+        votes.setdefault(question_key(r["question"]), Counter())[r[field]] += 1
+    return {k: c.most_common(1)[0][0] for k, c in votes.items()}
+
+
 def known_question_types(db, project_id: int) -> dict[str, str]:
     """question_key -> its most frequent question type among the project's non-pseudo pairs."""
-    votes: dict[str, Counter] = {}
-    for r in db.query("SELECT question, question_type FROM qa WHERE project_id = ? AND origin != 'pseudo'"
-                      " AND question_type IS NOT NULL", [project_id]):
-        votes.setdefault(question_key(r["question"]), Counter())[r["question_type"]] += 1
-    return {k: c.most_common(1)[0][0] for k, c in votes.items()}
+    return _most_common_by_key(db.query(
+        "SELECT question, question_type FROM qa WHERE project_id = ? AND origin != 'pseudo'"
+        " AND question_type IS NOT NULL", [project_id]), "question_type")
 
 
 def known_questions(db, project_id: int) -> dict[str, str]:
     """question_key -> its most frequent wording among seed, test, accepted and edited pairs."""
-    votes: dict[str, Counter] = {}
-    for r in db.query("SELECT question FROM qa WHERE project_id = ? AND (origin != 'pseudo'"
-                      " OR status IN ('accepted', 'edited'))", [project_id]):
-        votes.setdefault(question_key(r["question"]), Counter())[r["question"]] += 1
-    return {k: c.most_common(1)[0][0] for k, c in votes.items()}
+    return _most_common_by_key(db.query(
+        "SELECT question FROM qa WHERE project_id = ? AND (origin != 'pseudo'"
+        " OR status IN ('accepted', 'edited'))", [project_id]), "question")
 
 
-def _draw_questions(db, gen_run: dict, n: int, cfg: PseudoConfig, seed: int) -> list[list[str]]:
-    """Per image, ``cfg.k`` distinct known questions drawn by their frequency in the seed QA
-    the generator was trained on (the run's labeled images only)."""
+def seed_question_counts(db, gen_run: dict) -> Counter:
+    """How often each question occurs in the seed QA the generator was trained on (the run's
+    labeled images only): the weights 'known' mode draws questions by."""
     import json
-
-    import torch
     counts = Counter(r["question"] for r in db.query(
         "SELECT question FROM qa WHERE origin = 'seed' AND image_id IN (SELECT value FROM json_each(?))",
         [json.dumps(gen_run["params"].get("kept_images") or [])]))
     if not counts:
         raise ValueError("question_mode 'known' needs seed QA to draw questions from")
+    return counts
+
+
+def _draw_questions(counts: Counter, n: int, k: int, seed: int) -> list[list[str]]:
+    """Per image, ``k`` distinct questions drawn by their ``counts``."""
+    import torch
     qs, w = list(counts), torch.tensor([float(c) for c in counts.values()])
     g = torch.Generator().manual_seed(seed)
-    k = min(cfg.k, len(qs))
+    k = min(k, len(qs))
     return [[qs[j] for j in torch.multinomial(w, k, replacement=False, generator=g).tolist()]
             for _ in range(n)]
 
@@ -93,7 +101,11 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
                          "import images without labels or use a label fraction below 1")
     model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
-    known = known_questions(db, run["project_id"]) if cfg.known_questions else None
+    known, counts = None, None  # 'sample' mode filters by known wordings, 'known' draws them
+    if cfg.question_mode == "known":
+        counts = seed_question_counts(db, run)
+    elif cfg.known_questions:
+        known = known_questions(db, run["project_id"])
     stats, t0, stored = ParseStats(), time.monotonic(), 0
     chunks = [images[i:i + cfg.chunk] for i in range(0, len(images), cfg.chunk)]
     for index, chunk in enumerate(chunks):
@@ -103,7 +115,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
             return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
         pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
         if cfg.question_mode == "known":
-            qs = _draw_questions(db, run, len(chunk), cfg, _chunk_seed(cfg.seed, index))
+            qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index))
             cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs, cfg, stats)
         else:
             cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
