@@ -18,6 +18,17 @@ def _steps(text: str) -> dict:
     return {"vision": a, "align": b, "instruct": c}
 
 
+def _weights(text: str) -> dict | str:
+    if text == "auto":
+        return text
+    try:
+        pairs = [kv.split("=") for kv in text.split(",")]
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--qa-weights {text!r}: give 'auto' or TYPE=W pairs, "
+                                         "e.g. color=4,position=3") from None
+
+
 def _add_pretrain_tiny(sub, common) -> None:
     text = "rebuild and pretrain the embedded tiny base model"
     p = sub.add_parser("pretrain-tiny", help=text, description=text, parents=[common])
@@ -33,6 +44,11 @@ def _add_pretrain_tiny(sub, common) -> None:
                    "shared 2-core machine)")
     p.add_argument("--init-from", default="",
                    help="continue from a saved base folder (give its skipped stages 0 steps)")
+    p.add_argument("--qa-weights", type=_weights, default={},
+                   help="question-type sampling weights in stages B/C: 'auto' (each type's "
+                        "current error rate) or TYPE=W pairs; default uniform")
+    p.add_argument("--lr-lm", type=float, default=3e-3,
+                   help="peak learning rate of stages B/C (projector + language model)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_pretrain_tiny)
 
@@ -40,7 +56,8 @@ def _add_pretrain_tiny(sub, common) -> None:
 def cmd_pretrain_tiny(args) -> int:
     from leaml.pretrain import PretrainConfig, pretrain_tiny
     cfg = PretrainConfig(seed=args.seed, minutes=args.minutes, steps=args.steps or {},
-                         threads=args.threads, init_from=args.init_from)
+                         threads=args.threads, init_from=args.init_from,
+                         qa_weights=args.qa_weights, lr_lm=args.lr_lm)
     metrics = pretrain_tiny(args.out, cfg)
     if args.json:
         print(json.dumps(metrics, default=str))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from leaml import models
 from leaml import pretrain_data as D
-from leaml.pretrain_eval import evaluate_general
+from leaml.pretrain_eval import evaluate_general, qa_accuracy
 
 
 @dataclass
@@ -52,6 +52,9 @@ class PretrainConfig:
     threads: int = 1                   # 1 beats 2 by 3-8x when other jobs share the 2 cores
     tiny: dict = field(default_factory=dict)   # overrides of models.TinyConfig
     init_from: str = ""                # continue from a saved base instead of building one
+    qa_weights: dict | str = field(default_factory=dict)  # question-type sampling weights in
+    # stages B/C: {} = uniform, {"color": 4, ...} (missing types weigh 1), or "auto" = the
+    # held-out error rate of each type at the start of stage C (+0.1), so weak types get more
 
     def __post_init__(self):
         if self.minutes <= 0 and not self.steps:
@@ -60,6 +63,13 @@ class PretrainConfig:
             raise ValueError("warmup_steps must be >= 2 (the pace is measured over them)")
         if not 0 < self.vision_share + self.align_share < 1:
             raise ValueError("vision_share + align_share must be in (0, 1)")
+        if isinstance(self.qa_weights, str) and self.qa_weights != "auto":
+            raise ValueError(f"qa_weights must be 'auto' or a dict, not {self.qa_weights!r}")
+        given = self.qa_weights if isinstance(self.qa_weights, dict) else {}
+        unknown = set(given) - set(D.QUESTION_TYPES)
+        if unknown or any(w < 0 for w in given.values()):
+            raise ValueError(f"qa_weights: unknown types {sorted(unknown)} or a negative weight; "
+                             f"types are {D.QUESTION_TYPES}")
 
 
 # --- data: rendered once, cached as tensors ---------------------------------------------------
@@ -220,14 +230,18 @@ def _lm_loss(model, feats: torch.Tensor, batch: dict) -> torch.Tensor:
     return (per_row / keep.sum(1).clamp(min=1)).mean()
 
 
-def sample_task(scene: D.Scene, mix: dict[str, float], rng: random.Random) -> tuple[str, str]:
-    """One (instruction, target) for a scene: QA (type first, so rare types are not drowned),
-    a caption, or a generated question+answer."""
+def sample_task(scene: D.Scene, mix: dict[str, float], rng: random.Random,
+                qa_weights: dict[str, float] | None = None) -> tuple[str, str]:
+    """One (instruction, target) for a scene: QA (type first, so rare types are not drowned;
+    types drawn by ``qa_weights`` when given, else uniformly), a caption, or a generated
+    question+answer."""
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind == "caption":
         return D.DESCRIBE, D.caption(scene)
     qa = D.questions(scene, rng)
-    qtype = rng.choice(sorted({t for t, _, _ in qa}))
+    types = sorted({t for t, _, _ in qa})
+    weights = [qa_weights.get(t, 1.0) for t in types] if qa_weights else []
+    qtype = rng.choices(types, weights=weights)[0] if sum(weights) > 0 else rng.choice(types)
     _, q, a = rng.choice([x for x in qa if x[0] == qtype])
     if kind == "gen_qa":
         return D.GENERATE_QA, f"Question: {q}\nAnswer: {a}"
@@ -238,7 +252,8 @@ ALIGN_MIX = {"caption": 0.8, "qa": 0.2}
 INSTRUCT_MIX = {"qa": 0.8, "caption": 0.1, "gen_qa": 0.1}
 
 
-def _stage_lm(name, model, processor, feats, scenes, mix, cfg, budget_s, progress, rng):
+def _stage_lm(name, model, processor, feats, scenes, mix, cfg, budget_s, progress, rng,
+              qa_weights=None):
     params = list(model.model.multi_modal_projector.parameters()) + \
         list(model.model.language_model.parameters())
     opt = _optimizer(params, cfg.lr_lm, cfg.weight_decay)
@@ -246,7 +261,7 @@ def _stage_lm(name, model, processor, feats, scenes, mix, cfg, budget_s, progres
 
     def step(r):
         idx = r.sample(range(len(scenes)), cfg.batch_size)
-        rows = sorted(((i, *sample_task(scenes[i], mix, r)) for i in idx),
+        rows = sorted(((i, *sample_task(scenes[i], mix, r, qa_weights)) for i in idx),
                       key=lambda x: len(x[1]) + len(x[2]))  # similar lengths together
         opt.zero_grad()
         total = 0.0  # (B,) split into micro-batches, per-sample mean loss overall
@@ -321,15 +336,30 @@ def _train(model, processor, data, cfg, t0, progress, metrics) -> dict:
         metrics["vision_cell_accuracy_heldout"] = _vision_eval(
             model, vis.pop("heads"), data["held_pix"], data["held_labels"])
         stages["vision"] = vis
+    weights = _qa_weights(model, processor, data, cfg)
     feats = _cache_features(model, data.pop("pix"))
+    if weights:
+        metrics["qa_weights"] = weights
     if cfg.steps.get("align", 1):
         share = cfg.align_share / (1 - cfg.vision_share)
         stages["align"] = _stage_lm("align", model, processor, feats, train, ALIGN_MIX, cfg,
-                                    left() * share, progress, rng)
+                                    left() * share, progress, rng, weights)
     if cfg.steps.get("instruct", 1):
         stages["instruct"] = _stage_lm("instruct", model, processor, feats, train,
-                                       INSTRUCT_MIX, cfg, left(), progress, rng)
+                                       INSTRUCT_MIX, cfg, left(), progress, rng, weights)
     return stages
+
+
+def _qa_weights(model, processor, data, cfg) -> dict[str, float]:
+    """cfg.qa_weights as a full dict ({} = uniform); "auto" measures each type's error now, on
+    400 training scenes (not the held-out ones the report scores), and uses it + 0.1."""
+    if cfg.qa_weights != "auto":
+        return {t: float(cfg.qa_weights.get(t, 1.0)) for t in D.QUESTION_TYPES} \
+            if cfg.qa_weights else {}
+    n = min(400, len(data["train"]))
+    acc = qa_accuracy(model, processor, data["train"][:n], data["pix"][:n],
+                      cfg.eval_per_type, seed=cfg.seed + 1)
+    return {t: round(1.0 - acc.get(t, 0.0) + 0.1, 3) for t in D.QUESTION_TYPES}
 
 
 def _param_counts(model) -> dict:

@@ -89,6 +89,12 @@ def _gen_qa_check(model, processor, scenes, pix, n: int) -> dict:
             "example": outs[0] if outs else ""}
 
 
+def qa_accuracy(model, processor, scenes, pix, per_type: int = 60, seed: int = 0) -> dict:
+    """Exact-match accuracy per question type (and overall) on ``per_type`` questions a type."""
+    items = _held_questions(scenes, per_type, seed)
+    return _accuracy_by_type(items, _answer(model, processor, pix, items))
+
+
 def evaluate_general(model, processor, scenes, pix, per_type: int = 60, seed: int = 0) -> dict:
     """Held-out general-domain metrics of a (pre)trained model; see the module docstring."""
     items = _held_questions(scenes, per_type, seed)
@@ -110,6 +116,12 @@ def report_markdown(metrics: dict) -> str:
     ev, cfg = metrics["eval"], metrics["config"]
     steps = ",".join(str(metrics["exact_steps"].get(k, 0)) for k in ("vision", "align", "instruct"))
     init = f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""
+    if cfg.get("qa_weights"):
+        w = cfg["qa_weights"]
+        init += " --qa-weights " + (w if isinstance(w, str) else
+                                    ",".join(f"{k}={v:g}" for k, v in w.items()))
+    if cfg.get("lr_lm") not in (None, 3e-3):
+        init += f" --lr-lm {cfg['lr_lm']:g}"
     lines = ["# Tiny base: pretraining record", "",
              f"Command: `python -m leaml pretrain-tiny --seed {cfg['seed']} "
              f"--minutes {cfg['minutes']}{init}`", "",
@@ -121,6 +133,8 @@ def report_markdown(metrics: dict) -> str:
              "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['steps']} | {v['seconds']} | {v['samples_per_s']} | {v['final_loss']} |"
               for k, v in metrics["stages"].items()]
+    if metrics.get("qa_weights"):
+        lines += ["", f"Question-type weights in stages B/C: {metrics['qa_weights']}"]
     lines += ["", "Vision tower, held-out per-patch cell accuracy: "
               f"{metrics.get('vision_cell_accuracy_heldout', 'n/a (no vision stage)')}", "",
               f"## Held-out general QA (exact match, {ev['n_questions']} questions)", "",

@@ -50,3 +50,38 @@ def test_exact_steps_reproduce(tmp_path):
     wa = load_file(tmp_path / "a" / "model.safetensors")
     wb = load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_qa_weights_steer_question_types():
+    scenes = P._scenes(200, 3)
+    rng = random.Random(0)
+    only_color = {t: 0.0 for t in D.QUESTION_TYPES} | {"color": 1.0}
+    asked = [P.sample_task(s, {"qa": 1.0}, rng, only_color)[0] for s in scenes]
+    # every scene with a colour question got one; the others fell back to what they have
+    colour = [q for q in asked if q.startswith("What color is the ") and "background" not in q]
+    has_colour = [s for s in scenes if any(t == "color" for t, _, _ in D.questions(s, random.Random(0)))]
+    assert len(colour) == len(has_colour) > 100
+    uniform = [P.sample_task(s, {"qa": 1.0}, rng)[0] for s in scenes]
+    assert sum(q.startswith("What color is the ") and "background" not in q for q in uniform) < 60
+
+
+def test_qa_weights_are_validated():
+    for bad in ("often", {"colour": 2.0}, {"color": -1.0}):
+        try:
+            P.PretrainConfig(qa_weights=bad)
+        except ValueError as e:
+            assert "qa_weights" in str(e)
+        else:
+            raise AssertionError(f"accepted {bad!r}")
+    assert P.PretrainConfig(qa_weights="auto").qa_weights == "auto"
+
+
+def test_auto_qa_weights_follow_the_error_rate(tmp_path):
+    metrics = P.pretrain_tiny(tmp_path / "w", P.PretrainConfig(
+        **dict(SMALL, steps={"vision": 0, "align": 0, "instruct": 1}, qa_weights="auto"),
+        init_from=str(models.TINY_DIR)), progress=None)
+    w = metrics["qa_weights"]
+    assert set(w) == set(D.QUESTION_TYPES) and all(0.1 <= v <= 1.1 for v in w.values())
+    # the committed base never misses the background colour and often misses object colours
+    assert w["background"] < w["color"]
+    assert "--qa-weights auto" in (tmp_path / "w" / "PRETRAIN.md").read_text()
