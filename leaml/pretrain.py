@@ -53,8 +53,9 @@ class PretrainConfig:
     tiny: dict = field(default_factory=dict)   # overrides of models.TinyConfig
     init_from: str = ""                # continue from a saved base instead of building one
     qa_weights: dict | str = field(default_factory=dict)  # question-type sampling weights in
-    # stages B/C: {} = uniform, {"color": 4, ...} (missing types weigh 1), or "auto" = the
-    # held-out error rate of each type at the start of stage C (+0.1), so weak types get more
+    # stages B/C: {} = uniform, {"color": 4, ...} (missing types weigh 1), or "auto" = each
+    # type's error (+0.1) on 400 training scenes before stage B: weak types get more samples
+    # (meant for continuing a base with --init-from; from scratch every type is weak alike)
 
     def __post_init__(self):
         if self.minutes <= 0 and not self.steps:
