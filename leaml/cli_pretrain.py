@@ -47,17 +47,19 @@ def _add_pretrain_tiny(sub, common) -> None:
     p.add_argument("--qa-weights", type=_weights, default={},
                    help="question-type sampling weights in stages B/C: 'auto' (each type's "
                         "current error rate) or TYPE=W pairs; default uniform")
-    p.add_argument("--lr-lm", type=float, default=3e-3,
-                   help="peak learning rate of stages B/C (projector + language model)")
+    p.add_argument("--lr-lm", type=float, default=None,
+                   help="peak learning rate of stages B/C (projector + language model); "
+                        "default: PretrainConfig's")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_pretrain_tiny)
 
 
 def cmd_pretrain_tiny(args) -> int:
     from leaml.pretrain import PretrainConfig, pretrain_tiny
+    lr = {} if args.lr_lm is None else {"lr_lm": args.lr_lm}
     cfg = PretrainConfig(seed=args.seed, minutes=args.minutes, steps=args.steps or {},
                          threads=args.threads, init_from=args.init_from,
-                         qa_weights=args.qa_weights, lr_lm=args.lr_lm)
+                         qa_weights=args.qa_weights, **lr)
     metrics = pretrain_tiny(args.out, cfg)
     if args.json:
         print(json.dumps(metrics, default=str))

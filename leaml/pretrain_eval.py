@@ -120,7 +120,7 @@ def report_markdown(metrics: dict) -> str:
         w = cfg["qa_weights"]
         init += " --qa-weights " + (w if isinstance(w, str) else
                                     ",".join(f"{k}={v:g}" for k, v in w.items()))
-    if cfg.get("lr_lm") not in (None, 3e-3):
+    if cfg.get("lr_lm") is not None:  # always: the rerun must not depend on today's default
         init += f" --lr-lm {cfg['lr_lm']:g}"
     lines = ["# Tiny base: pretraining record", "",
              f"Command: `python -m leaml pretrain-tiny --seed {cfg['seed']} "

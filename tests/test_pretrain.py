@@ -84,4 +84,5 @@ def test_auto_qa_weights_follow_the_error_rate(tmp_path):
     assert set(w) == set(D.QUESTION_TYPES) and all(0.1 <= v <= 1.1 for v in w.values())
     # the committed base never misses the background colour and often misses object colours
     assert w["background"] < w["color"]
-    assert "--qa-weights auto" in (tmp_path / "w" / "PRETRAIN.md").read_text()
+    record = (tmp_path / "w" / "PRETRAIN.md").read_text()
+    assert "--qa-weights auto --lr-lm 0.003" in record  # the rerun line is exact
