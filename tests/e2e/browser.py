@@ -8,12 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "docs" / "screenshots"
+# Screenshots go to a temp folder, so a test run never rewrites tracked files; to refresh the
+# README's pictures: LEAML_SCREENSHOTS=docs/screenshots pytest tests/e2e
+SHOTS = Path(os.environ.get("LEAML_SCREENSHOTS") or Path(tempfile.gettempdir()) / "leaml-e2e-shots")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 

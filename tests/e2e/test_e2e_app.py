@@ -1,6 +1,7 @@
 """End to end in a real browser: admin, import, seed labels, jobs, keyboard review, dashboard,
 and an annotator who cannot reach the training page. Saves a screenshot of every page into
-docs/screenshots/.
+a temp folder, or into $LEAML_SCREENSHOTS (`LEAML_SCREENSHOTS=docs/screenshots` refreshes the
+README's pictures).
 
 The LEAML stage jobs run for real, started on the Training page with quick settings: a
 generator of a few steps, pseudo QA for a few images, then a finetune on seed + reviewed pairs;
