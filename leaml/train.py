@@ -354,7 +354,8 @@ def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: Tr
                             [e.target for e in everything], batches.image_index)
     if not targets.questions:
         return []  # only open questions: nothing to warm up on
-    probe = image_features(model, batches.images.batch(targets.images[:1]))
+    with torch.no_grad():  # the features' width, device and dtype
+        probe = image_features(model, batches.images.batch(targets.images[:1]))
     heads = AnswerHeads(probe.shape[-1], targets).to(probe.device, probe.dtype)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     opt = torch.optim.SGD(params, lr=config.vision_warmup_lr, momentum=0.9)
