@@ -49,7 +49,8 @@ def default_options() -> dict:
     return {"generator": gen,
             "pseudo": {k: v for k, v in PseudoConfig().__dict__.items() if k != "seed"},
             "finetune": {"keep_top": 0.6, "min_confidence": None, "seed_weight": 2.0,
-                         "use_seed": True, "use_reviewed": True, "use_pending": True},
+                         "use_seed": True, "use_reviewed": True, "use_pending": True,
+                         "cut_per_question": False},
             "generator_run": None,   # reuse this stored generator run (skip training G)
             "reuse_pseudo": False}   # use the pairs already stored for it (skip sampling)
 
@@ -199,28 +200,37 @@ def _pseudo_stage() -> Stage:
 
 def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
                 keep_top: float | None, min_confidence: float | None, use_reviewed: bool = True,
-                use_pending: bool = True) -> tuple[list[dict], dict]:
+                use_pending: bool = True, cut_per_question: bool = False) -> tuple[list[dict], dict]:
     """The pseudo pairs that train the target, and a summary of the data.
 
     Accepted and edited pseudo pairs of any generator run (``use_reviewed``), plus
     ``gen_run_id``'s pending pairs at or above the cut (``use_pending``; the cut is computed
-    over that run's pending pairs). Never a rejected pair (``store.qa.training_pairs`` does
-    not return them).
+    over that run's pending pairs, or, with ``cut_per_question``, over each question's own:
+    answer confidences differ by question, and one global cut can drop a question entirely).
+    Never a rejected pair (``store.qa.training_pairs`` does not return them).
     """
     from leaml.pseudo import confidence_cut
     from leaml.store.qa import list_qa, training_pairs
-    pending = [r["confidence"] for r in list_qa(db, project_id, origin="pseudo", status="pending")
+    pending = [r for r in list_qa(db, project_id, origin="pseudo", status="pending")
                if r["gen_run_id"] == gen_run_id and r["confidence"] is not None]
-    cut = confidence_cut(pending, keep_top=keep_top, min_confidence=min_confidence)
-    if not use_pending:
-        cut = math.inf
-    rows = [r for r in training_pairs(db, project_id, include_pending_min_conf=None if math.isinf(cut) else cut)
+    groups: dict[str, list[float]] = {}
+    for r in pending:
+        groups.setdefault(r["question"] if cut_per_question else "", []).append(r["confidence"])
+    cuts = {q: confidence_cut(c, keep_top=keep_top, min_confidence=min_confidence)
+            for q, c in (groups or {"": []}).items()}  # an empty group still checks keep_top
+    if not use_pending or not cuts:
+        cuts = {}
+    lowest = min(cuts.values(), default=math.inf)
+    rows = [r for r in training_pairs(db, project_id, include_pending_min_conf=None if math.isinf(lowest) else lowest)
             if r["origin"] == "pseudo" and (r["gen_run_id"] == gen_run_id if r["status"] == "pending"
                                             else use_reviewed)]
+    rows = [r for r in rows if r["status"] != "pending"
+            or r["confidence"] >= cuts.get(r["question"] if cut_per_question else "", math.inf)]
     n_pending = sum(r["status"] == "pending" for r in rows)
+    cut = None if cut_per_question or math.isinf(lowest) else lowest
     return rows, {"n_seed_qa": len(seed_rows), "n_pseudo_pending_kept": n_pending,
                   "n_pseudo_reviewed": len(rows) - n_pending, "n_pseudo_pending_total": len(pending),
-                  "confidence_cut": None if math.isinf(cut) else cut}
+                  "confidence_cut": cut}
 
 
 def _target_stage() -> Stage:
@@ -234,7 +244,8 @@ def _target_stage() -> Stage:
                                     keep_top=opts.get("keep_top"),
                                     min_confidence=opts.get("min_confidence"),
                                     use_reviewed=opts.get("use_reviewed", True),
-                                    use_pending=opts.get("use_pending", True))
+                                    use_pending=opts.get("use_pending", True),
+                                    cut_per_question=opts.get("cut_per_question", False))
         seed_ex = pipeline.qa_examples(ctx.db, seed_rows)
         if not seed_ex and not rows:
             raise ValueError(f"project '{ctx.project['name']}': no seed QA and no usable pseudo QA "

@@ -75,6 +75,27 @@ def test_rejected_pairs_never_train_and_the_cut_applies_to_pending_only(home):
     assert get_qa(db, ids[0])["status"] == "rejected"
 
 
+def test_a_cut_per_question_keeps_the_top_of_each_question(home):
+    db = connect(home)
+    pid = _pid(db)
+    gen = _fake_generator_run(db, pid)
+    img = db.execute("SELECT id FROM images WHERE split = 'train' ORDER BY id").fetchone()[0]
+    # yes/no answers are confident, list answers are not: a global cut drops "which?" entirely
+    confs = {"yes?": [0.99, 0.98, 0.97, 0.96], "which?": [0.5, 0.4, 0.3, 0.2]}
+    ids = {q: add_qa_many(db, [{"project_id": pid, "image_id": img, "question": q, "answer": f"a{i}",
+                                "origin": "pseudo", "confidence": c, "gen_run_id": gen}
+                               for i, c in enumerate(cs)]) for q, cs in confs.items()}
+    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None)
+    assert {r["id"] for r in rows} == set(ids["yes?"]) and info["confidence_cut"] == 0.96
+    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None,
+                                          cut_per_question=True)
+    assert {r["id"] for r in rows} == {*ids["yes?"][:2], *ids["which?"][:2]}
+    assert info["n_pseudo_pending_kept"] == 4 and info["confidence_cut"] is None
+    with pytest.raises(ValueError, match="keep_top"):
+        leaml_method.target_rows(db, pid, gen, [], keep_top=2.0, min_confidence=None,
+                                 cut_per_question=True)
+
+
 def _pseudo_pairs(db, gen):
     return sorted((r["image_id"], r["question"], r["answer"], round(r["confidence"], 6))
                   for r in list_qa(db, _pid(db), origin="pseudo") if r["gen_run_id"] == gen)
