@@ -213,19 +213,20 @@ def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
     from leaml.store.qa import list_qa, training_pairs
     pending = [r for r in list_qa(db, project_id, origin="pseudo", status="pending")
                if r["gen_run_id"] == gen_run_id and r["confidence"] is not None]
-    groups: dict[str, list[float]] = {}
+    def group(r):  # the pairs one cut ranks: all of them, or those of one question
+        return r["question"] if cut_per_question else ""
+    groups: dict[str, list[float]] = {"": []} if not pending else {}  # "": keep_top still checked
     for r in pending:
-        groups.setdefault(r["question"] if cut_per_question else "", []).append(r["confidence"])
-    cuts = {q: confidence_cut(c, keep_top=keep_top, min_confidence=min_confidence)
-            for q, c in (groups or {"": []}).items()}  # an empty group still checks keep_top
-    if not use_pending or not cuts:
+        groups.setdefault(group(r), []).append(r["confidence"])
+    cuts = {g: confidence_cut(c, keep_top=keep_top, min_confidence=min_confidence)
+            for g, c in groups.items()}
+    if not use_pending:
         cuts = {}
     lowest = min(cuts.values(), default=math.inf)
     rows = [r for r in training_pairs(db, project_id, include_pending_min_conf=None if math.isinf(lowest) else lowest)
             if r["origin"] == "pseudo" and (r["gen_run_id"] == gen_run_id if r["status"] == "pending"
                                             else use_reviewed)]
-    rows = [r for r in rows if r["status"] != "pending"
-            or r["confidence"] >= cuts.get(r["question"] if cut_per_question else "", math.inf)]
+    rows = [r for r in rows if r["status"] != "pending" or r["confidence"] >= cuts.get(group(r), math.inf)]
     n_pending = sum(r["status"] == "pending" for r in rows)
     cut = None if cut_per_question or math.isinf(lowest) else lowest
     return rows, {"n_seed_qa": len(seed_rows), "n_pseudo_pending_kept": n_pending,

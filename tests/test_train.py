@@ -1,4 +1,5 @@
-"""train.py / batches.py: LoRA vs full, frozen weights, resume == uninterrupted, data paths."""
+"""train.py / batches.py: LoRA vs full, frozen weights, resume == uninterrupted, data paths,
+the vision warmup."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from leaml import models
 from leaml.batches import EpochOrder, Example, augment, mentions_position
 from leaml.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
                          stream_schedule, total_steps, train)
+from leaml.vision_warmup import AnswerTargets
 
 
 # a smaller tiny LLaVA than the committed base: these tests check mechanics, not accuracy
@@ -78,12 +80,15 @@ def test_full_mode_can_freeze_the_vision_tower(tiny):
     assert any(not torch.equal(after[n], before[n]) for n in before if n not in vision)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(base, tmp_path, mode):
+@pytest.mark.parametrize("mode,vision_warmup", [("full", 0), ("lora", 0), ("full", 8)])
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(base, tmp_path, mode,
+                                                                          vision_warmup):
     model, proc = base
-    # dropout and augmentation on: the checkpoint must carry RNG state and batch order
+    # dropout and augmentation on: the checkpoint must carry RNG state and batch order; with a
+    # vision warmup, the resumed run must not warm up again (its checkpoint holds those weights)
     cfg = _cfg(mode=mode, max_steps=6, lr=3e-3, lora_r=4, lora_dropout=0.1, augment="flip",
-               weight_decay=0.01, warmup_ratio=0.3, batch_size=4, grad_accum=2)
+               weight_decay=0.01, warmup_ratio=0.3, batch_size=4, grad_accum=2,
+               vision_warmup_steps=vision_warmup)
     data = _examples(10)
     whole = train(copy.deepcopy(model), proc, data, cfg).model
 
@@ -251,3 +256,63 @@ def test_vision_lr_scale_sets_the_vision_towers_learning_rate(tiny):
     assert all(lr == pytest.approx(1e-3) for i, lr in lrs.items() if i not in vision)
     with pytest.raises(ValueError, match="vision_lr_scale"):
         _cfg(vision_lr_scale=0)
+
+
+# --- vision warmup (leaml/vision_warmup.py) -----------------------------------------------
+
+CORNER = "What is in the corner?"
+
+
+def _corner_examples(n=16):
+    """A grey image with a small red or blue square in one corner: a detail, not a global colour."""
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (32, 32), (128, 128, 128))
+        img.paste([(220, 40, 40), (40, 40, 220)][i % 2], (0, 0, 8, 8))
+        out.append(Example(img, CORNER, ["red", "blue"][i % 2]))
+        out.append(Example(img, "Describe it.", f"a {i}, b {i}, c {i}"))  # 48 words: open, left out
+    return out
+
+
+def test_answer_targets_split_lists_and_leave_out_open_and_constant_questions():
+    qs = ["Which?", "Which?", "Which?", "Same?", "Same?", "Free?", "Free?", "Free?"]
+    answers = ["b, a", "c", "a", "yes", "yes", "one", "two", "three"]
+    images = [0, 1, 2, 0, 1, 0, 1, 2]
+    # "Same?" has one answer word: nothing to learn; with max_labels=2 the other two count as open
+    assert AnswerTargets(qs, answers, images, max_labels=2).questions == []
+    t = AnswerTargets(qs, answers, images, max_labels=3)
+    assert t.questions == ["Free?", "Which?"]
+    which = {w: i for i, (q, w) in enumerate(t.labels) if q == "Which?"}
+    assert t.y[0, which["a"]] == 1 and t.y[0, which["b"]] == 1 and t.y[0, which["c"]] == 0
+    assert t.y[1].tolist().count(1.0) == 2  # "c" and "two"
+    assert t.asked.tolist() == [[True, True], [True, True], [True, True]]
+
+
+def test_warmup_trains_only_the_image_path_and_its_heads_learn_a_small_detail(base):
+    model, proc = copy.deepcopy(base[0]), base[1]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+    cfg = TrainConfig(mode="full", batch_size=8, max_steps=5, vision_warmup_steps=60,
+                      vision_warmup_lr=0.1)
+    # stopped before the first main step: what changed, the warmup changed
+    result = train(model, proc, _corner_examples(), cfg, should_stop=lambda: True,
+                   progress=lambda *a: seen.append(a))
+    assert result.stopped and result.step == 0
+    warm = [loss for stage, _, _, loss in seen if stage == "train: vision warmup"]
+    assert len(warm) == 60
+    assert sum(warm[-10:]) / 10 < 0.25 * warm[0]
+    after = dict(result.model.named_parameters())
+    lm = models.arch_spec(result.model).language_model_prefix
+    for name, old in before.items():
+        if name.startswith(lm) or "lm_head" in name:
+            assert torch.equal(after[name], old), name
+    changed = [n for n in before if not torch.equal(after[n], before[n])]
+    assert any("vision_tower" in n for n in changed)
+    assert any("multi_modal_projector" in n for n in changed)
+
+
+def test_warmup_needs_full_mode_and_sane_numbers():
+    with pytest.raises(ValueError, match="vision_warmup_steps needs mode 'full'"):
+        TrainConfig(mode="lora", vision_warmup_steps=10)
+    with pytest.raises(ValueError, match="vision_warmup"):
+        TrainConfig(mode="full", vision_warmup_steps=-1)
