@@ -124,16 +124,20 @@ class TextCache:
         self.ids = [ids[where[(e.instruction, e.target)]] for e in examples]
         self.labels = [labels[where[(e.instruction, e.target)]] for e in examples]
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, labels (B, T) for example indices, right-padded."""
+    def batch(self, indices: Sequence[int], with_example: bool = False) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, labels (B, T) for example indices, right-padded; with
+        ``with_example`` also ``example`` (B, T): the example index of every token."""
         length = max(len(self.ids[i]) for i in indices)
         ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(indices), length), -100, dtype=torch.long)
         mask = torch.zeros((len(indices), length), dtype=torch.long)
+        example = torch.full((len(indices), length), -1, dtype=torch.long)
         for row, i in enumerate(indices):
             n = len(self.ids[i])
             ids[row, :n], labels[row, :n], mask[row, :n] = self.ids[i], self.labels[i], 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            example[row, :n] = i
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return out | {"example": example} if with_example else out
 
 
 def image_groups(image_index: Sequence[int], augmentable: Sequence[bool]) -> list[list[int]]:
@@ -187,9 +191,11 @@ class PackedText:
                 out.extend([i] for i in g)
         return out
 
-    def batch(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def batch(self, rows: Sequence[Sequence[int]], with_example: bool = False) -> dict[str, torch.Tensor]:
         """input_ids, labels, position_ids (B, T) and a boolean 4-D attention mask
-        (B, 1, T, T), right-padded; ``rows`` as from :meth:`rows`."""
+        (B, 1, T, T), right-padded; ``rows`` as from :meth:`rows`. With ``with_example`` also
+        ``example`` (B, T): the example index of every token of a block (-1 on a shared
+        prefix and on padding)."""
         seqs, labs, pos, seg = [], [], [], []
         for row in rows:
             if len(row) > 1:
@@ -213,17 +219,24 @@ class PackedText:
         labels = torch.full((B, length), -100, dtype=torch.long)
         position_ids = torch.zeros((B, length), dtype=torch.long)
         segment = torch.full((B, length), -1, dtype=torch.long)  # -1 = padding
+        example = torch.full((B, length), -1, dtype=torch.long)
         for b in range(B):
             n = len(seqs[b])
             input_ids[b, :n], labels[b, :n] = seqs[b], labs[b]
             position_ids[b, :n], segment[b, :n] = pos[b], seg[b]
+            if len(rows[b]) == 1:
+                example[b, :n] = rows[b][0]
+            else:
+                owner = torch.tensor([-1] + list(rows[b]), dtype=torch.long)
+                example[b, :n] = owner[seg[b]]
         q, k = segment[:, :, None], segment[:, None, :]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         # every row starts with its prefix (segment 0), so no query row is fully masked (SDPA
         # would give NaN): padding queries see the prefix, their labels are ignored anyway
         mask = causal & (k >= 0) & ((k == 0) | (k == q))
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": mask[:, None]}
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+               "attention_mask": mask[:, None]}
+        return out | {"example": example} if with_example else out
 
 
 def _pad_id(processor) -> int:

@@ -29,6 +29,7 @@ from leaml import models
 from leaml.batches import (EpochOrder, Example, ImageSource, PackedText, TextCache, augment,
                            image_groups, mentions_position)
 from leaml.config import option as _f
+from leaml.question_losses import QuestionLosses
 from leaml.vision_warmup import AnswerHeads, AnswerTargets, image_features, loss_fn
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
@@ -67,6 +68,10 @@ class TrainConfig:
     vision_warmup_steps: int = _f(0, "full mode: steps of direct answer-word heads on the image "
                                   "features (tower + projector) before the main loop; 0 = off")
     vision_warmup_lr: float = _f(0.5, "SGD (momentum 0.9) lr of the vision warmup")
+    hard_fraction: float = _f(0.0, "fraction of every batch drawn by question, each with "
+                              "probability ~ its running loss ** question_power (questions "
+                              "not learned yet get more samples); 0 = off")
+    question_power: float = _f(1.0, "hard_fraction: a question's weight = its running loss ** this")
 
     def __post_init__(self):
         checks = [
@@ -87,6 +92,7 @@ class TrainConfig:
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision: 'no', 'bf16' or 'fp16'"),
             (self.vision_warmup_steps >= 0 and self.vision_warmup_lr > 0,
              "vision_warmup_steps must be >= 0 and vision_warmup_lr > 0"),
+            (0 <= self.hard_fraction < 1, "hard_fraction must be in [0, 1)"),
             (self.vision_warmup_steps == 0 or self.mode == "full",
              "vision_warmup_steps needs mode 'full' (LoRA keeps the vision tower frozen)"),
         ]
@@ -280,24 +286,66 @@ class _Data:
             self.orders.append(EpochOrder([any(everything[i].open for i in u) for u in units],
                                           config.seed, sid, config.oversample_open))
             start += len(s.examples)
+        # per-question running losses, to draw hard examples by
+        self.losses: QuestionLosses | None = None
+        self.by_question: list[dict[int, list[int]]] = []  # per stream: question -> examples
+        if config.hard_fraction > 0:
+            self.losses = QuestionLosses([e.instruction for e in everything], config.question_power)
+            start = 0
+            for s in streams:
+                groups: dict[int, list[int]] = {}
+                for i in range(start, start + len(s.examples)):
+                    groups.setdefault(int(self.losses.group[i]), []).append(i)
+                self.by_question.append(groups)
+                start += len(s.examples)
 
     def micro_batch(self, stream: int, position: int, size: int, rank: int, world: int,
-                    config: TrainConfig, aug_key: int) -> dict[str, torch.Tensor]:
+                    config: TrainConfig, aug_key: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """The (batch, share) parts of one micro-batch: the stream's next ``size`` examples or,
+        with ``hard_fraction``, fewer of them and the hard examples as a second part (its own
+        rows, so short single questions are not padded to the length of packed rows); a
+        part's loss counts by its share of the examples."""
+        hard = round(size * config.hard_fraction)
+        if hard:  # the stream's order advances by the rest of the batch only
+            keep = 1.0 - config.hard_fraction
+            position, size = round(position * keep), round((position + size) * keep) - round(position * keep)
         if self.packed is None:
             local = self.orders[stream].take(position, size)[rank::world]
-            rows = [self.units[stream][i][0] for i in local]
-            batch = self.text.batch(rows)
         else:
             per = self.per_unit[stream]
             start, stop = round(position / per), round((position + size) / per)
             local = self.orders[stream].take(start, max(stop - start, world))[rank::world]
-            units = [self.units[stream][i] for i in local]
-            batch = self.packed.batch(units)
-            rows = [u[0] for u in units]
+        units = [self.units[stream][i] for i in local]
+        parts = [(self._batch(units, config, aug_key), size / (size + hard))]
+        extra = [[i] for i in self._hard_examples(stream, hard, config.seed, aug_key)][rank::world]
+        if extra:
+            parts.append((self._batch(extra, config, aug_key), hard / (size + hard)))
+        return parts
+
+    def _batch(self, units: list[list[int]], config: TrainConfig, aug_key: int) -> dict[str, torch.Tensor]:
+        tag = self.losses is not None
+        if self.packed is None:
+            batch = self.text.batch([u[0] for u in units], with_example=tag)
+        else:
+            batch = self.packed.batch(units, with_example=tag)
+        rows = [u[0] for u in units]
         pixels = self.images.batch([self.image_index[r] for r in rows])
         batch["pixel_values"] = augment(pixels, [self.augmentable[r] for r in rows],
                                         config.augment, config.seed, aug_key)
         return batch
+
+    def _hard_examples(self, stream: int, count: int, seed: int, key: int) -> list[int]:
+        """``count`` examples of the stream: a question drawn by its running-loss weight, then
+        one of its examples uniformly; a pure function of (seed, key, running losses)."""
+        if not count:
+            return []
+        groups = self.by_question[stream]
+        ids = list(groups)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + key * 7_919 + stream) & 0x7FFFFFFF)
+        p = self.losses.weights()[ids]
+        picks = torch.multinomial(p / p.sum(), count, replacement=True, generator=g).tolist()
+        return [groups[ids[q]][int(torch.randint(len(groups[ids[q]]), (1,), generator=g))]
+                for q in picks]
 
 
 def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[Stream],
@@ -332,7 +380,8 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     ckpt = Path(work_dir) / CHECKPOINT if work_dir else None
     step = 0
     if resume and ckpt and (ckpt / "state.pt").exists():
-        step = _load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, config, stage)
+        step = _load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, config, stage,
+                                batches.losses)
     if step == 0:
         torch.manual_seed(config.seed)  # dropout; a resumed run restored its RNG state above
         if config.vision_warmup_steps:  # a resumed run's checkpoint holds the warmed weights
@@ -405,9 +454,11 @@ def _loop(acc, model, optimizer, scheduler, batches, schedule, masks, config, st
         if progress:
             progress(stage, step, total, loss)
         if ckpt and config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-            _save_checkpoint(acc, ckpt, model, optimizer, scheduler, config, step, stage)
+            _save_checkpoint(acc, ckpt, model, optimizer, scheduler, config, step, stage,
+                             batches.losses)
     if stopped and ckpt:
-        _save_checkpoint(acc, ckpt, model, optimizer, scheduler, config, step, stage)
+        _save_checkpoint(acc, ckpt, model, optimizer, scheduler, config, step, stage,
+                         batches.losses)
     seconds = time.perf_counter() - t0
     return TrainResult(acc.unwrap_model(model), step, total, stopped, losses, seconds,
                        samples / seconds if seconds else 0.0, batches.images.cached)
@@ -418,16 +469,21 @@ def _step(acc, model, batches, sid, seen, micro, config, step, dtype) -> float:
     total = 0.0
     for m in range(config.grad_accum):
         position = (seen * config.grad_accum + m) * micro
-        batch = batches.micro_batch(sid, position, micro, acc.process_index,
+        parts = batches.micro_batch(sid, position, micro, acc.process_index,
                                     acc.num_processes, config, step * config.grad_accum + m)
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        last = m == config.grad_accum - 1
-        with acc.no_sync(model) if not last else _nullcontext():
-            with acc.autocast():
-                loss = model(**batch).loss
-            acc.backward(loss / config.grad_accum)
-        total += float(loss.detach())
+        for p, (batch, share) in enumerate(parts):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            last = m == config.grad_accum - 1 and p == len(parts) - 1
+            with acc.no_sync(model) if not last else _nullcontext():
+                with acc.autocast():
+                    if batches.losses is None:
+                        loss = model(**batch).loss
+                    else:  # the same loss, and each question's running loss
+                        labels, example = batch.pop("labels"), batch.pop("example")
+                        loss = batches.losses.loss(model(**batch).logits, labels, example)
+                acc.backward(loss * share / config.grad_accum)
+            total += float(loss.detach()) * share
     return total / config.grad_accum
 
 
@@ -508,10 +564,11 @@ def _optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
 # --- checkpoints ---------------------------------------------------------------------------
 
 _RESUME_KEYS = ("mode", "lr", "batch_size", "grad_accum", "seed", "lora_r", "epochs",
-                "max_steps", "min_steps", "oversample_open", "augment")
+                "max_steps", "min_steps", "oversample_open", "augment", "hard_fraction")
 
 
-def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step, stage) -> None:
+def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step, stage,
+                     losses: QuestionLosses | None = None) -> None:
     """Write the checkpoint atomically (temp folder, then rename over the old one)."""
     acc.wait_for_everyone()
     if not acc.is_main_process:
@@ -521,6 +578,7 @@ def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step,
         "step": step, "stage": stage, "config": config.to_dict(),
         "weights": {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "question_losses": losses.state_dict() if losses else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
@@ -534,7 +592,8 @@ def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step,
     tmp.rename(ckpt)
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, config, stage) -> int:
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, config, stage,
+                     losses: QuestionLosses | None = None) -> int:
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     saved = state["config"]
     diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
@@ -547,6 +606,8 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, config, stage) -> 
             params[name].copy_(value.to(params[name].device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if losses is not None and state.get("question_losses"):
+        losses.load_state_dict(state["question_losses"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -80,17 +80,20 @@ def test_full_mode_can_freeze_the_vision_tower(tiny):
     assert any(not torch.equal(after[n], before[n]) for n in before if n not in vision)
 
 
-@pytest.mark.parametrize("mode,vision_warmup", [("full", 0), ("lora", 0), ("full", 8)])
+@pytest.mark.parametrize("mode,extra", [
+    ("full", {}), ("lora", {}), ("full", {"vision_warmup_steps": 8}),
+    ("full", {"hard_fraction": 0.5, "checkpoint_every": 5})],
+    ids=["full", "lora", "full-warmup", "full-hard"])
 def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(base, tmp_path, mode,
-                                                                          vision_warmup):
+                                                                          extra):
     model, proc = base
     # dropout and augmentation on: the checkpoint must carry RNG state and batch order; with a
-    # vision warmup, the resumed run must not warm up again (its checkpoint holds those weights)
+    # vision warmup, the resumed run must not warm up again (its checkpoint holds those weights);
+    # with hard examples, the running losses they are drawn by must travel with it
     cfg = _cfg(mode=mode, max_steps=6, lr=3e-3, lora_r=4, lora_dropout=0.1, augment="flip",
-               weight_decay=0.01, warmup_ratio=0.3, batch_size=4, grad_accum=2,
-               vision_warmup_steps=vision_warmup)
-    data = _examples(10)
-    whole = train(copy.deepcopy(model), proc, data, cfg).model
+               weight_decay=0.01, warmup_ratio=0.3, batch_size=4, grad_accum=2, **extra)
+    data = _shared_image_examples() if extra.get("hard_fraction") else _examples(10)
+    whole = train(copy.deepcopy(model), proc, data, cfg, work_dir=tmp_path / "whole").model
 
     calls = {"n": 0}
 
@@ -104,6 +107,12 @@ def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(base, 
     a, b = dict(whole.named_parameters()), dict(resumed.model.named_parameters())
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+    if extra.get("checkpoint_every"):  # both wrote one at step 5: the same running losses
+        state = [torch.load(d / "checkpoint" / "state.pt", weights_only=False)
+                 for d in (tmp_path / "whole", tmp_path)]
+        assert state[0]["step"] == state[1]["step"] == 5
+        assert torch.allclose(state[0]["question_losses"]["running"],
+                              state[1]["question_losses"]["running"], rtol=0, atol=1e-6)
 
 
 def test_checkpoint_from_another_config_is_refused(base, tmp_path):
@@ -316,3 +325,82 @@ def test_warmup_needs_full_mode_and_sane_numbers():
         TrainConfig(mode="lora", vision_warmup_steps=10)
     with pytest.raises(ValueError, match="vision_warmup"):
         TrainConfig(mode="full", vision_warmup_steps=-1)
+
+
+# --- hard examples ---------------------------------------------------------------------------
+
+def _packed_logits(model, proc, ex):
+    from leaml.batches import ImageSource, PackedText, TextCache, image_groups
+    images = ImageSource(proc, [e.image for e in ex], budget_mb=64)
+    text = TextCache(proc, ex)
+    index = [images.index(e.image) for e in ex]
+    packed = PackedText(text, proc.image_token_id)
+    rows = packed.rows(image_groups(index, [True] * len(ex)))
+    batch = packed.batch(rows, with_example=True)
+    example = batch.pop("example")
+    with torch.no_grad():
+        out = model(**batch, pixel_values=images.batch([index[r[0]] for r in rows]))
+    return out, batch["labels"], example
+
+
+def _alone_losses(model, proc, ex):
+    """Each example's own mean answer-token loss, in a sequence of its own."""
+    from leaml.batches import ImageSource, TextCache
+    images = ImageSource(proc, [e.image for e in ex], budget_mb=64)
+    text = TextCache(proc, ex)
+    with torch.no_grad():
+        return [float(model(**text.batch([i]), pixel_values=images.batch([images.index(e.image)])).loss)
+                for i, e in enumerate(ex)]
+
+
+def test_question_losses_give_the_models_loss_and_each_questions_running_mean(tiny):
+    from leaml.question_losses import QuestionLosses
+    model, proc = tiny
+    model.eval()
+    ex = _shared_image_examples()
+    out, labels, example = _packed_logits(model, proc, ex)
+    keys = [e.instruction for e in ex]
+    tracker = QuestionLosses(keys, momentum=0.5)
+    loss = tracker.loss(out.logits, labels, example)
+    assert float(loss) == pytest.approx(float(out.loss), rel=1e-5)  # what the model computes
+    alone = _alone_losses(model, proc, ex)  # each example in a sequence of its own
+    per_question = {}
+    for k, value in zip(keys, alone):
+        per_question.setdefault(k, []).append(value)
+    first = torch.tensor([sum(v) / len(v) for v in per_question.values()])
+    assert torch.allclose(tracker.running, first, rtol=1e-4)  # the first batch sets them
+    assert torch.allclose(tracker.weights(), first, rtol=1e-4)
+    # a later batch moves each by (1 - momentum); the state round-trips
+    tracker.loss(out.logits * 0.5, labels, example)
+    assert not torch.allclose(tracker.running, first)
+    again = QuestionLosses(keys)
+    again.load_state_dict(tracker.state_dict())
+    assert torch.equal(again.running, tracker.running)
+
+
+def test_hard_fraction_trains_and_is_validated(base):
+    with pytest.raises(ValueError, match="hard_fraction"):
+        TrainConfig(hard_fraction=1.0)
+    model, proc = base
+    result = train(copy.deepcopy(model), proc, _shared_image_examples(),
+                   _cfg(mode="full", batch_size=8, max_steps=8, hard_fraction=0.5))
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_hard_examples_come_from_the_questions_with_the_highest_running_loss(base):
+    from leaml.train import _Data
+    model, proc = base
+    ex = _shared_image_examples()
+    cfg = _cfg(mode="full", batch_size=8, hard_fraction=0.5, question_power=2.0)
+    data = _Data(proc, [Stream(ex)], cfg, pack=True)
+    keys = list(dict.fromkeys(e.instruction for e in ex))
+    data.losses.running = torch.tensor([0.1 if k != "How many?" else 2.0 for k in keys])
+    picks = data._hard_examples(0, 400, cfg.seed, key=3)
+    share = sum(ex[i].instruction == "How many?" for i in picks) / len(picks)
+    assert share > 0.9  # 2.0**2 against 0.1**2 twice: 4 / 4.02 expected
+    assert picks == data._hard_examples(0, 400, cfg.seed, key=3)  # seeded by (seed, key)
+    # a micro-batch: the stream's order gives half of it (packed rows), the hard part the rest
+    parts = data.micro_batch(0, position=0, size=8, rank=0, world=1, config=cfg, aug_key=0)
+    assert [share for _, share in parts] == [0.5, 0.5]
+    hard_rows = parts[1][0]["example"]
+    assert len(hard_rows) == 4 and all(len(set(r[r >= 0].tolist())) == 1 for r in hard_rows)
