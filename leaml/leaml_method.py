@@ -50,7 +50,7 @@ def default_options() -> dict:
             "pseudo": {k: v for k, v in PseudoConfig().__dict__.items() if k != "seed"},
             "finetune": {"keep_top": 0.6, "min_confidence": None, "seed_weight": 2.0,
                          "use_seed": True, "use_reviewed": True, "use_pending": True,
-                         "cut_per_question": False},
+                         "cut_per_question": True},
             "generator_run": None,   # reuse this stored generator run (skip training G)
             "reuse_pseudo": False}   # use the pairs already stored for it (skip sampling)
 
@@ -200,7 +200,7 @@ def _pseudo_stage() -> Stage:
 
 def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
                 keep_top: float | None, min_confidence: float | None, use_reviewed: bool = True,
-                use_pending: bool = True, cut_per_question: bool = False) -> tuple[list[dict], dict]:
+                use_pending: bool = True, cut_per_question: bool = True) -> tuple[list[dict], dict]:
     """The pseudo pairs that train the target, and a summary of the data.
 
     Accepted and edited pseudo pairs of any generator run (``use_reviewed``), plus
@@ -246,7 +246,7 @@ def _target_stage() -> Stage:
                                     min_confidence=opts.get("min_confidence"),
                                     use_reviewed=opts.get("use_reviewed", True),
                                     use_pending=opts.get("use_pending", True),
-                                    cut_per_question=opts.get("cut_per_question", False))
+                                    cut_per_question=opts.get("cut_per_question", True))
         seed_ex = pipeline.qa_examples(ctx.db, seed_rows)
         if not seed_ex and not rows:
             raise ValueError(f"project '{ctx.project['name']}': no seed QA and no usable pseudo QA "

@@ -40,6 +40,11 @@ class PseudoConfig:
     max_images: int = _f(0, "sample at most this many unlabeled images (0 = all), seeded choice")
     question_mode: str = _f("known", "'known': G answers k known questions per image (drawn by "
                             "seed frequency; fixed-template sets); 'sample': G writes both")
+    answer_mode: str = _f("choose", "'known' questions: 'generate' (G's greedy answer) or "
+                          "'choose' (the answer, among those the seed QA gives to that question, "
+                          "that G finds most likely: no misspelt or unseen answers)")
+    max_choices: int = _f(64, "answer_mode 'choose': at most this many answers per question "
+                          "(the most frequent in the seed QA)")
     known_questions: bool = _f(True, "keep only questions the project already asks (seed/test/"
                                "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
 
@@ -49,7 +54,11 @@ class PseudoConfig:
                         (self.max_new_tokens >= 4, "max_new_tokens must be >= 4"),
                         (self.batch_size >= 1 and self.chunk >= 1, "batch_size and chunk must be >= 1"),
                         (self.max_images >= 0, "max_images must be >= 0"),
-                        (self.question_mode in ("sample", "known"), "question_mode: 'sample' or 'known'")]:
+                        (self.question_mode in ("sample", "known"), "question_mode: 'sample' or 'known'"),
+                        (self.answer_mode in ("generate", "choose"), "answer_mode: 'generate' or 'choose'"),
+                        (self.answer_mode == "generate" or self.question_mode == "known",
+                         "answer_mode 'choose' needs question_mode 'known' (set answer_mode 'generate')"),
+                        (self.max_choices >= 1, "max_choices must be >= 1")]:
             if not ok:
                 raise ValueError(f"PseudoConfig: {msg}")
 
@@ -324,4 +333,47 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
                 stats.special += 1
             else:
                 out.append(Candidate(image_indices[i], q, answer, geometric_mean_prob(lps[:end]), end, 1.0))
+    return dedup(out, stats)
+
+
+def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
+                 questions: Sequence[Sequence[str]], choices: dict[str, Sequence[str]],
+                 cfg: PseudoConfig, stats: ParseStats) -> list[Candidate]:
+    """For each given question per image, the answer among ``choices[question]`` with the
+    highest log-probability of its answer tokens (end of turn included) after
+    "Question: q\nAnswer:" under G; confidence = the geometric mean probability of the chosen
+    answer's tokens, as in the other modes. One forward pass per (image, question, choice),
+    batched; nothing is decoded, so no answer is misspelt or outside the seed's answers."""
+    import torch
+
+    from leaml import models
+    tok = processor.tokenizer
+    rows = [(i, q, a) for i, qs in enumerate(questions) for q in qs for a in choices.get(q, ())]
+    stats.sampled += sum(len(qs) for qs in questions)
+    starts: dict[tuple[str, str], int] = {}  # (q, a) -> index of the first answer token
+    scores: dict[tuple[int, str], list[tuple[float, float, int, str]]] = {}
+    size = cfg.batch_size * cfg.k
+    for lo in range(0, len(rows), size):
+        part = rows[lo:lo + size]
+        enc = models.encode_text(processor, [QA_INSTRUCTION] * len(part),
+                                 [format_qa(q, a) for _, q, a in part])
+        pv = pixel_values[torch.tensor([i for i, _, _ in part])]
+        labels = enc.pop("labels")
+        with torch.no_grad():
+            logits = model(**{k: v.to(model.device) for k, v in enc.items()},
+                           pixel_values=pv.to(model.device, model.dtype)).logits
+        target = labels[:, 1:].to(logits.device)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(
+            -1, target.clamp(min=0).unsqueeze(-1))[..., 0].cpu()
+        for row, (i, q, a) in enumerate(part):
+            keep = (target[row] != -100).cpu()
+            ids, lps = labels[row, 1:][keep].tolist(), logp[row][keep].tolist()
+            if (q, a) not in starts:
+                starts[q, a] = answer_start_token(tok, ids, len(format_qa(q, a)) - len(a.strip()))
+            ans = lps[starts[q, a]:]
+            scores.setdefault((i, q), []).append((sum(ans), geometric_mean_prob(ans), len(ans), a))
+    out = []
+    for (i, q), options in scores.items():
+        _, conf, n, answer = max(options, key=lambda o: o[0])
+        out.append(Candidate(image_indices[i], q, answer.strip(), conf, n, 1.0))
     return dedup(out, stats)

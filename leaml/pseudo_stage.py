@@ -59,6 +59,20 @@ def seed_question_counts(db, gen_run: dict) -> Counter:
     return counts
 
 
+def seed_answers(db, gen_run: dict, limit: int) -> dict[str, list[str]]:
+    """Per question of the run's seed QA, its answers, most frequent first (at most ``limit``):
+    the choices of answer_mode 'choose'."""
+    import json
+    votes: dict[str, Counter] = {}
+    for r in db.query(
+            "SELECT question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
+            " (SELECT value FROM json_each(?))",
+            [json.dumps(gen_run["params"].get("kept_images") or [])]):
+        if r["answer"].strip():
+            votes.setdefault(r["question"], Counter())[r["answer"].strip()] += 1
+    return {q: [a for a, _ in c.most_common(limit)] for q, c in votes.items()}
+
+
 def _draw_questions(counts: Counter, n: int, k: int, seed: int) -> list[list[str]]:
     """Per image, ``k`` distinct questions drawn by their ``counts``."""
     import torch
@@ -101,9 +115,10 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
                          "import images without labels or use a label fraction below 1")
     model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
-    known, counts = None, None  # 'sample' mode filters by known wordings, 'known' draws them
+    known, counts, choices = None, None, None  # 'sample' mode filters by known wordings, 'known' draws them
     if cfg.question_mode == "known":
         counts = seed_question_counts(db, run)
+        choices = seed_answers(db, run, cfg.max_choices) if cfg.answer_mode == "choose" else None
     elif cfg.known_questions:
         known = known_questions(db, run["project_id"])
     stats, t0, stored = ParseStats(), time.monotonic(), 0
@@ -116,7 +131,12 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
         pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
         if cfg.question_mode == "known":
             qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index))
-            cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs, cfg, stats)
+            if choices is not None:
+                cands = pseudo.choose_known(model, processor, pv, list(range(len(chunk))), qs,
+                                            choices, cfg, stats)
+            else:
+                cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs,
+                                            cfg, stats)
         else:
             cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
                                   _chunk_seed(cfg.seed, index), stats, known)

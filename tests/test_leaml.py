@@ -61,7 +61,8 @@ def test_rejected_pairs_never_train_and_the_cut_applies_to_pending_only(home):
                                 "origin": "pseudo", "confidence": 0.99, "gen_run_id": other}])[0]
     reject(db, ids[0], expected_version=1, user="ann")        # most confident, rejected
     edit(db, ids[9], expected_version=1, user="ann", answer="c")  # least confident, edited
-    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None)
+    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None,
+                                          cut_per_question=False)  # one cut over all questions
     got = {r["id"] for r in rows}
     assert ids[0] not in got and foreign not in got
     # the cut ranks the 8 pending pairs of this generator run: the top 4 train, + the edited one
@@ -85,15 +86,14 @@ def test_a_cut_per_question_keeps_the_top_of_each_question(home):
     ids = {q: add_qa_many(db, [{"project_id": pid, "image_id": img, "question": q, "answer": f"a{i}",
                                 "origin": "pseudo", "confidence": c, "gen_run_id": gen}
                                for i, c in enumerate(cs)]) for q, cs in confs.items()}
-    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None)
-    assert {r["id"] for r in rows} == set(ids["yes?"]) and info["confidence_cut"] == 0.96
     rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None,
-                                          cut_per_question=True)
+                                          cut_per_question=False)
+    assert {r["id"] for r in rows} == set(ids["yes?"]) and info["confidence_cut"] == 0.96
+    rows, info = leaml_method.target_rows(db, pid, gen, [], keep_top=0.5, min_confidence=None)
     assert {r["id"] for r in rows} == {*ids["yes?"][:2], *ids["which?"][:2]}
     assert info["n_pseudo_pending_kept"] == 4 and info["confidence_cut"] is None
     with pytest.raises(ValueError, match="keep_top"):
-        leaml_method.target_rows(db, pid, gen, [], keep_top=2.0, min_confidence=None,
-                                 cut_per_question=True)
+        leaml_method.target_rows(db, pid, gen, [], keep_top=2.0, min_confidence=None)
 
 
 def _pseudo_pairs(db, gen):
@@ -135,3 +135,20 @@ def test_stage_by_stage_equals_one_shot_with_the_same_seed(home):
     assert _predictions(db, one["run_id"]) == _predictions(db, staged["run_id"])
     assert _params(db, staged["run_id"])["target_data"] == _params(db, one["run_id"])["target_data"] | {
         "seconds": _params(db, staged["run_id"])["target_data"]["seconds"]}
+
+
+def test_choose_mode_stores_only_answers_the_seed_gives_to_that_question(home):
+    db = connect(home)
+    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
+    over = {**FAST, "pseudo": {**FAST["pseudo"], "answer_mode": "choose"}}
+    p = leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=over)
+    kept = _params(db, g["generator_run"])["kept_images"]
+    seed = {}
+    for r in db.query("SELECT question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
+                      f" ({','.join('?' * len(kept))})", kept):
+        seed.setdefault(r["question"], set()).add(r["answer"])
+    pairs = _pseudo_pairs(db, g["generator_run"])
+    assert p["stored"] == len(pairs) > 0 and p["sampled"] == 6 * 2
+    for _, question, answer, confidence in pairs:
+        assert answer in seed[question], (question, answer)
+        assert 0 < confidence <= 1

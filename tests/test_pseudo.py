@@ -86,6 +86,43 @@ def test_confidence_is_geometric_mean_of_answer_tokens_under_teacher_forcing(tin
     assert (cand.image_index, cand.question, cand.answer) == (7, "What color is the abnormality?", "pink, red")
 
 
+def test_choose_mode_picks_the_most_likely_seed_answer_and_scores_its_tokens(tiny):
+    model, proc = tiny
+    tok = proc.tokenizer
+    imgs = [Image.new("RGB", (64, 64), c) for c in ((180, 90, 90), (40, 160, 60))]
+    q = "What type of procedure is the image taken from?"
+    choices = {q: ["colonoscopy", "gastroscopy", "no"], "Is there text?": ["yes", "no"]}
+
+    def answer_logprobs(img, question, answer):  # teacher forcing, end of turn included
+        target = pseudo.format_qa(question, answer)
+        batch = models.encode(proc, [img], [pseudo.QA_INSTRUCTION], [target])
+        with torch.no_grad():
+            logits = model(**batch).logits[0]
+        labels = batch["labels"][0]
+        pos = (labels != -100).nonzero().flatten()
+        n_prefix = len(tok(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"])
+        pos = pos[n_prefix:]
+        return logits[pos - 1].log_softmax(-1).gather(-1, labels[pos, None]).flatten().tolist()
+
+    stats = pseudo.ParseStats()
+    cfg = pseudo.PseudoConfig(answer_mode="choose", batch_size=2, k=2)  # 4 rows per forward
+    pv = models.pixel_values(proc, imgs)
+    got = pseudo.choose_known(model, proc, pv, [10, 11], [[q, "Is there text?"], [q]], choices,
+                              cfg, stats)
+    assert stats.sampled == 3 and stats.kept == 3
+    assert sorted((c.image_index, c.question) for c in got) == [(10, "Is there text?"), (10, q), (11, q)]
+    for c in got:
+        img = imgs[c.image_index - 10]
+        scored = {a: answer_logprobs(img, c.question, a) for a in choices[c.question]}
+        best = max(scored, key=lambda a: sum(scored[a]))
+        assert c.answer == best
+        lps = scored[best]
+        assert c.n_answer_tokens == len(lps)
+        assert c.confidence == pytest.approx(math.exp(sum(lps) / len(lps)), rel=1e-4)
+    with pytest.raises(ValueError, match="answer_mode 'choose' needs question_mode 'known'"):
+        pseudo.PseudoConfig(answer_mode="choose", question_mode="sample")
+
+
 def test_sampled_candidates_score_only_their_answer_tokens(tiny):
     model, proc = tiny
     img = Image.new("RGB", (64, 64), (180, 90, 90))
