@@ -355,22 +355,25 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
     size = cfg.batch_size * cfg.k
     for lo in range(0, len(rows), size):
         part = rows[lo:lo + size]
+        # left padding puts every target at the end, so only its logits are computed
         enc = models.encode_text(processor, [QA_INSTRUCTION] * len(part),
-                                 [format_qa(q, a) for _, q, a in part])
-        pv = pixel_values[torch.tensor([i for i, _, _ in part])]
+                                 [format_qa(q, a) for _, q, a in part], padding_side="left")
         labels = enc.pop("labels")
+        width = int((labels != -100).sum(1).max()) + 1
+        pv = pixel_values[torch.tensor([i for i, _, _ in part])]
         with torch.no_grad():
             logits = model(**{k: v.to(model.device) for k, v in enc.items()},
-                           pixel_values=pv.to(model.device, model.dtype)).logits
-        target = labels[:, 1:].to(logits.device)
-        logp = logits[:, :-1].float().log_softmax(-1).gather(
-            -1, target.clamp(min=0).unsqueeze(-1))[..., 0].cpu()
-        for row, (i, q, a) in enumerate(part):
-            keep = (target[row] != -100).cpu()
-            ids, lps = labels[row, 1:][keep].tolist(), logp[row][keep].tolist()
+                           pixel_values=pv.to(model.device, model.dtype),
+                           logits_to_keep=width).logits[:, :-1]
+        target = labels[:, -(width - 1):]
+        keep = target != -100
+        logp = logits[keep.to(logits.device)].float().log_softmax(-1).gather(
+            -1, target[keep].unsqueeze(-1).to(logits.device))[:, 0].cpu()
+        for row, (i, q, a), lps in zip(range(len(part)), part, logp.split(keep.sum(1).tolist())):
             if (q, a) not in starts:
+                ids = target[row][keep[row]].tolist()
                 starts[q, a] = answer_start_token(tok, ids, len(format_qa(q, a)) - len(a.strip()))
-            ans = lps[starts[q, a]:]
+            ans = lps[starts[q, a]:].tolist()
             scores.setdefault((i, q), []).append((sum(ans), geometric_mean_prob(ans), len(ans), a))
     out = []
     for (i, q), options in scores.items():
