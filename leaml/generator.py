@@ -6,6 +6,8 @@ B matrices and the shared A matrices would have to stay frozen during caption st
 ``neurons.row_masks``). Two example streams are interleaved step by step (``train.Stream``):
 
 * seed QA: ``QA_INSTRUCTION`` -> ``"Question: {q}\\nAnswer: {a}"``; every parameter trains;
+* the same seed QA as question -> answer (``answer_stream``, on by default): the form in which
+  known-question pseudo QA answers (``pseudo.known_prompt``); every parameter trains;
 * captions of the run's unlabeled images: ``"Describe the image."`` -> the teacher caption;
   only the top ``rho`` neurons per layer train (row masks; every other parameter, the vision
   tower included, keeps its exact value during these steps, with no weight decay).
@@ -14,6 +16,11 @@ The neurons are scored once, before training, on the base model: accumulated
 ``|sum(grad * weight)|`` per output row of each attention-out and MLP-out projection, of the
 QA-generation loss over the seed set (``neurons.importance_scores``). ``rho=1.0`` is plain
 caption distillation (no masks at all); ``captions=False`` trains on the seed QA alone.
+
+With ``caption_context`` (on by default, and only with ``captions``) every QA prompt of G, in
+training and in pseudo QA, starts with the image's teacher caption where it has one, so G
+learns to read the caption as well as the image (``pseudo.with_context``). At 1% of the demo
+labels that is what lets the captions reach the pseudo answers (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import torch
 
 from leaml import models, neurons
 from leaml.batches import Example, ImageSource, TextCache
-from leaml.pseudo import QA_INSTRUCTION, format_qa
+from leaml.pseudo import QA_INSTRUCTION, format_qa, with_context
 from leaml.train import Stream, TrainConfig, TrainResult, train
 from leaml.config import option as _f
 
@@ -51,6 +58,11 @@ class GeneratorConfig:
     max_qa_steps: int = _f(400, "at most this many seed-QA steps (0 = no cap)")
     importance_batch_size: int = _f(16, "examples per backward pass when scoring neurons")
     max_captions: int = _f(0, "use at most this many captioned images (0 = all), seeded choice")
+    answer_stream: bool = _f(True, "also train the seed QA as question -> answer, the form in "
+                                   "which known-question pseudo QA answers")
+    answer_ratio: float = _f(4.0, "answer-stream steps per seed-QA step")
+    caption_context: bool = _f(True, "start G's QA prompts with the image's teacher caption, in "
+                                     "training and pseudo QA (needs captions)")
 
     def __post_init__(self):
         if isinstance(self.train, dict):
@@ -58,6 +70,7 @@ class GeneratorConfig:
         checks = [(self.train.mode == "full", "train.mode must be 'full' (G is fully finetuned)"),
                   (0 < self.rho <= 1, "rho must be in (0, 1]"),
                   (self.caption_ratio > 0, "caption_ratio must be > 0"),
+                  (self.answer_ratio > 0, "answer_ratio must be > 0"),
                   (self.qa_epochs > 0, "qa_epochs must be > 0"),
                   (self.min_qa_steps >= 1 and self.max_qa_steps >= 0, "min_qa_steps >= 1, max_qa_steps >= 0"),
                   (self.importance_batch_size >= 1, "importance_batch_size must be >= 1"),
@@ -80,12 +93,38 @@ class GeneratorConfig:
         steps = max(self.min_qa_steps, math.ceil(self.qa_epochs * n_seed / self.train.batch_size))
         return min(steps, self.max_qa_steps) if self.max_qa_steps else steps
 
+    @property
+    def context(self) -> bool:
+        """Whether G's QA prompts carry the caption (caption_context, unless no captions)."""
+        return self.captions and self.caption_context
+
+
+def known_form(config: dict) -> tuple[str, bool]:
+    """(form, caption context) in which a stored generator answers known questions, from its
+    run's config (generators stored before these options answer in the generation form)."""
+    form = "answer" if config.get("answer_stream") else "generate"
+    return form, bool(config.get("captions", True) and config.get("caption_context"))
+
 
 # --- examples -------------------------------------------------------------------------------
 
-def qa_examples(rows: Sequence[dict], image_file: Callable[[dict], str]) -> list[Example]:
-    """G's seed-QA examples: the generation instruction -> "Question: q\\nAnswer: a"."""
-    return [Example(image_file(r), QA_INSTRUCTION, format_qa(r["question"], r["answer"]), open=True)
+def _context(row: dict, context: bool) -> str | None:
+    return row.get("image_caption") if context else None
+
+
+def qa_examples(rows: Sequence[dict], image_file: Callable[[dict], str], *,
+                context: bool = False) -> list[Example]:
+    """G's seed-QA examples: the generation instruction -> "Question: q\\nAnswer: a" (after the
+    image's caption, ``image_caption``, with ``context``)."""
+    return [Example(image_file(r), with_context(_context(r, context), QA_INSTRUCTION),
+                    format_qa(r["question"], r["answer"]), open=True) for r in rows]
+
+
+def answer_examples(rows: Sequence[dict], image_file: Callable[[dict], str], *,
+                    context: bool = False) -> list[Example]:
+    """G's answer-stream examples: the question -> the answer (after the caption with ``context``)."""
+    return [Example(image_file(r), with_context(_context(r, context), r["question"].strip()),
+                    r["answer"].strip(), open=r["answer"].strip().lower() not in ("yes", "no"))
             for r in rows]
 
 
@@ -136,39 +175,46 @@ class GeneratorResult:
 
 
 def streams(model, processor, qa: Sequence[Example], captions: Sequence[Example],
-            cfg: GeneratorConfig) -> tuple[list[Stream], dict]:
-    """The seed-QA stream and (unless disabled or empty) the masked caption stream."""
-    qa_stream = Stream(list(qa), weight=1.0, name="qa")
-    info: dict = {"n_qa": len(qa), "n_captions": len(captions) if cfg.captions else 0,
-                  "rho": cfg.rho, "captions": cfg.captions}
+            cfg: GeneratorConfig, answers: Sequence[Example] = ()) -> tuple[list[Stream], dict]:
+    """The seed-QA stream, the answer stream (if any answer examples) and (unless disabled or
+    empty) the masked caption stream."""
+    st = [Stream(list(qa), weight=1.0, name="qa")]
+    if answers:
+        st.append(Stream(list(answers), weight=cfg.answer_ratio, name="answer"))
+    info: dict = {"n_qa": len(qa), "n_answers": len(answers),
+                  "n_captions": len(captions) if cfg.captions else 0,
+                  "rho": cfg.rho, "captions": cfg.captions, "caption_context": cfg.context}
     if not cfg.captions or not captions:
-        return [qa_stream], info
+        return st, info
     masks = None
     if cfg.rho < 1.0:
         _, selected = select_neurons(model, processor, qa, cfg.rho, cfg.importance_batch_size)
         # every parameter: train_generator froze them all for scoring, train() unfreezes them
         masks = neurons.row_masks(model, selected, trainable_only=False)
         info["neurons"] = {k: v for k, v in neurons.summary(selected).items() if k != "per_layer"}
-    cap_stream = Stream(list(captions), weight=cfg.caption_ratio, name="caption", grad_masks=masks)
-    return [qa_stream, cap_stream], info
+    st.append(Stream(list(captions), weight=cfg.caption_ratio, name="caption", grad_masks=masks))
+    return st, info
 
 
 def train_generator(model, processor, qa: Sequence[Example], captions: Sequence[Example],
-                    cfg: GeneratorConfig, *, work_dir: str | Path | None = None,
-                    progress=None, should_stop=None) -> GeneratorResult:
-    """Train G (in place, full finetuning) on seed QA interleaved with masked caption steps.
+                    cfg: GeneratorConfig, *, answers: Sequence[Example] = (),
+                    work_dir: str | Path | None = None, progress=None,
+                    should_stop=None) -> GeneratorResult:
+    """Train G (in place, full finetuning) on seed QA (and its answer form, ``answers``)
+    interleaved with masked caption steps.
 
-    The step count is ``cfg.qa_steps(len(qa))`` seed-QA steps plus ``caption_ratio`` caption
-    steps per seed-QA step. ``work_dir`` holds train()'s resumable checkpoint.
+    The step count is ``cfg.qa_steps(len(qa))`` seed-QA steps plus, per seed-QA step,
+    ``answer_ratio`` answer steps (when ``answers`` are given) and ``caption_ratio`` caption steps. ``work_dir``
+    holds train()'s resumable checkpoint.
     """
     if not qa:
         raise ValueError("the QA generator needs seed QA pairs; label some images first "
                          "(or raise --label-fraction)")
     for p in model.parameters():  # scoring needs no grads elsewhere; train() sets them again
         p.requires_grad_(False)
-    st, info = streams(model, processor, qa, captions, cfg)
+    st, info = streams(model, processor, qa, captions, cfg, answers)
     qa_steps = cfg.qa_steps(len(qa))
-    total = qa_steps if len(st) == 1 else math.ceil(qa_steps * (1 + cfg.caption_ratio))
+    total = math.ceil(qa_steps * sum(s.weight for s in st))
     tcfg = replace(cfg.train, max_steps=total, min_steps=0)
     result = train(model, processor, st, tcfg, work_dir=work_dir, progress=progress,
                    should_stop=should_stop, stage="generator")

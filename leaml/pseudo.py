@@ -27,6 +27,30 @@ def format_qa(question: str, answer: str) -> str:
     return f"Question: {question.strip()}\nAnswer: {answer.strip()}"
 
 
+def with_context(context: str | None, text: str) -> str:
+    """``text`` after the image's teacher caption (G's caption context); ``text`` alone when
+    the image has no caption."""
+    context = " ".join((context or "").split())
+    return f"{context}\n{text}" if context else text
+
+
+def known_prompt(question: str, form: str = "generate", context: str | None = None) -> tuple[str, str]:
+    """How G answers a known question: (instruction, the start of G's reply before the answer).
+
+    ``form`` 'generate': the generation instruction, then "Question: q\nAnswer:"; 'answer':
+    the question itself is the instruction (G's answer stream, see ``GeneratorConfig``)."""
+    if form == "answer":
+        return with_context(context, question.strip()), ""
+    if form != "generate":
+        raise ValueError(f"form must be 'generate' or 'answer', not {form!r}")
+    return with_context(context, QA_INSTRUCTION), f"Question: {question.strip()}\nAnswer:"
+
+
+def known_target(prefix: str, answer: str) -> str:
+    """G's whole reply for a known question: ``prefix`` (may be empty) then the answer."""
+    return f"{prefix} {answer.strip()}" if prefix else answer.strip()
+
+
 @dataclass
 class PseudoConfig:
     """How pseudo QA is sampled from the generator and which pairs may train the target."""
@@ -216,14 +240,18 @@ def candidates_from_generations(tokenizer, generations: Sequence[Sequence], imag
 
 
 def sample(model, processor, pixel_values, image_indices: Sequence[int], cfg: PseudoConfig,
-           seed: int, stats: ParseStats, known: dict[str, str] | None = None) -> list[Candidate]:
+           seed: int, stats: ParseStats, known: dict[str, str] | None = None,
+           contexts: Sequence[str | None] | None = None) -> list[Candidate]:
     """K sampled candidates per image (batched generate()), parsed, filtered, de-duplicated.
 
     ``pixel_values`` (N, C, H, W) holds the images of ``image_indices`` in order; ``known``
-    restricts the questions (see :func:`candidates_from_generations`).
+    restricts the questions (see :func:`candidates_from_generations`); ``contexts`` holds each
+    image's caption for a generator trained with caption context.
     """
     from leaml import models
-    gens = models.generate(model, processor, pixel_values, [QA_INSTRUCTION] * len(image_indices),
+    contexts = contexts or [None] * len(image_indices)
+    gens = models.generate(model, processor, pixel_values,
+                           [with_context(c, QA_INSTRUCTION) for c in contexts],
                            max_new_tokens=cfg.max_new_tokens, do_sample=True,
                            temperature=cfg.temperature, top_p=cfg.top_p,
                            num_return_sequences=cfg.k, seed=seed, batch_size=cfg.batch_size)
@@ -284,12 +312,12 @@ def _norm(text: str) -> str:
 
 # --- 'known' mode: G answers known questions -------------------------------------------------
 
-def _prefixed_batch(processor, prefixes: Sequence[str]) -> dict:
-    """The generation prompt + ``prefix`` (the start of G's own answer), left padded."""
+def _prefixed_batch(processor, instructions: Sequence[str], prefixes: Sequence[str]) -> dict:
+    """Each prompt + its ``prefix`` (the start of G's own reply), left padded."""
     import torch
 
     from leaml import models
-    enc = models.encode_text(processor, [QA_INSTRUCTION] * len(prefixes))
+    enc = models.encode_text(processor, list(instructions))
     tok = processor.tokenizer
     rows = [ids[m.bool()].tolist() + tok(p, add_special_tokens=False)["input_ids"]
             for ids, m, p in zip(enc["input_ids"], enc["attention_mask"], prefixes)]
@@ -301,17 +329,20 @@ def _prefixed_batch(processor, prefixes: Sequence[str]) -> dict:
 
 
 def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
-                 questions: Sequence[Sequence[str]], cfg: PseudoConfig,
-                 stats: ParseStats) -> list[Candidate]:
-    """G's greedy answer to each given question per image, after "Question: q\nAnswer:";
-    confidence = geometric mean probability of the answer tokens (as in 'sample' mode)."""
+                 questions: Sequence[Sequence[str]], cfg: PseudoConfig, stats: ParseStats, *,
+                 form: str = "generate", contexts: Sequence[str | None] | None = None) -> list[Candidate]:
+    """G's greedy answer to each given question per image, after :func:`known_prompt` (in
+    ``form``, after the image's caption in ``contexts`` if given); confidence = geometric mean
+    probability of the answer tokens (as in 'sample' mode)."""
     import torch
     tok = processor.tokenizer
+    contexts = contexts or [None] * len(image_indices)
     flat = [(i, q) for i, qs in zip(range(len(image_indices)), questions) for q in qs]
     out = []
     for start in range(0, len(flat), cfg.batch_size * cfg.k):
         part = flat[start:start + cfg.batch_size * cfg.k]
-        batch = _prefixed_batch(processor, [f"Question: {q}\nAnswer:" for _, q in part])
+        prompts = [known_prompt(q, form, contexts[i]) for i, q in part]
+        batch = _prefixed_batch(processor, [p[0] for p in prompts], [p[1] for p in prompts])
         pv = pixel_values[torch.tensor([i for i, _ in part])]
         with torch.no_grad():
             gen = model.generate(**batch, pixel_values=pv.to(model.device, model.dtype),
@@ -338,26 +369,30 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
 
 def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
                  questions: Sequence[Sequence[str]], choices: dict[str, Sequence[str]],
-                 cfg: PseudoConfig, stats: ParseStats) -> list[Candidate]:
+                 cfg: PseudoConfig, stats: ParseStats, *, form: str = "generate",
+                 contexts: Sequence[str | None] | None = None) -> list[Candidate]:
     """For each given question per image, the answer among ``choices[question]`` with the
     highest log-probability of its answer tokens (end of turn included) after
-    "Question: q\nAnswer:" under G; confidence = the geometric mean probability of the chosen
-    answer's tokens, as in the other modes. One forward pass per (image, question, choice),
-    batched; nothing is decoded, so no answer is misspelt or outside the seed's answers."""
+    :func:`known_prompt` (in ``form``, after the image's caption in ``contexts`` if given)
+    under G; confidence = the geometric mean probability of the chosen answer's tokens, as in
+    the other modes. One forward pass per (image, question, choice), batched; nothing is
+    decoded, so no answer is misspelt or outside the seed's answers."""
     import torch
 
     from leaml import models
     tok = processor.tokenizer
+    contexts = contexts or [None] * len(questions)
     rows = [(i, q, a) for i, qs in enumerate(questions) for q in qs for a in choices.get(q, ())]
     stats.sampled += sum(len(qs) for qs in questions)
     starts: dict[tuple[str, str], int] = {}  # (q, a) -> index of the first answer token
+    prefix = {q: known_prompt(q, form)[1] for qs in questions for q in qs}
     scores: dict[tuple[int, str], list[tuple[float, float, int, str]]] = {}
     size = cfg.batch_size * cfg.k
     for lo in range(0, len(rows), size):
         part = rows[lo:lo + size]
         # left padding puts every target at the end, so only its logits are computed
-        enc = models.encode_text(processor, [QA_INSTRUCTION] * len(part),
-                                 [format_qa(q, a) for _, q, a in part], padding_side="left")
+        enc = models.encode_text(processor, [known_prompt(q, form, contexts[i])[0] for i, q, _ in part],
+                                 [known_target(prefix[q], a) for _, q, a in part], padding_side="left")
         labels = enc.pop("labels")
         width = int((labels != -100).sum(1).max()) + 1
         pv = pixel_values[torch.tensor([i for i, _, _ in part])]
@@ -372,7 +407,8 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
         for row, (i, q, a), lps in zip(range(len(part)), part, logp.split(keep.sum(1).tolist())):
             if (q, a) not in starts:
                 ids = target[row][keep[row]].tolist()
-                starts[q, a] = answer_start_token(tok, ids, len(format_qa(q, a)) - len(a.strip()))
+                text = known_target(prefix[q], a)
+                starts[q, a] = answer_start_token(tok, ids, len(text) - len(a.strip()))
             ans = lps[starts[q, a]:].tolist()
             scores.setdefault((i, q), []).append((sum(ans), geometric_mean_prob(ans), len(ans), a))
     out = []

@@ -103,7 +103,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
     ``{"stopped": True, ...}``.
     """
     from leaml import models
-    from leaml.generator import pick
+    from leaml.generator import known_form, pick
     from leaml.leaml_method import check_generator_run
     from leaml.store.images import image_path
     from leaml.store.qa import add_qa_many
@@ -114,6 +114,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
         raise ValueError(f"generator run {gen_run_id}: no unlabeled train images to write QA for; "
                          "import images without labels or use a label fraction below 1")
     model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
+    form, use_context = known_form(run["params"].get("config") or {})
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
     known, counts, choices = None, None, None  # 'sample' mode filters by known wordings, 'known' draws them
     if cfg.question_mode == "known":
@@ -129,17 +130,18 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
         if should_stop and should_stop():
             return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
         pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
+        contexts = [r.get("caption") for r in chunk] if use_context else None
         if cfg.question_mode == "known":
             qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index))
             if choices is not None:
                 cands = pseudo.choose_known(model, processor, pv, list(range(len(chunk))), qs,
-                                            choices, cfg, stats)
+                                            choices, cfg, stats, form=form, contexts=contexts)
             else:
                 cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs,
-                                            cfg, stats)
+                                            cfg, stats, form=form, contexts=contexts)
         else:
             cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
-                                  _chunk_seed(cfg.seed, index), stats, known)
+                                  _chunk_seed(cfg.seed, index), stats, known, contexts)
         rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
                  "question": c.question, "answer": c.answer, "origin": "pseudo", "status": "pending",
                  "confidence": c.confidence, "question_type": qtypes.get(question_key(c.question)),

@@ -57,11 +57,11 @@ def full_plan(seeds=(0,)) -> DemoPlan:
     # a project of its own: the 'demo' project of `demo --data-only` is the 3000/500 set, and
     # reusing it would silently change the table (and its time) after that command
     return DemoPlan("demo-table", 1500, 150, 0.01, tuple(seeds),
-                    _budget(120, 100, 600, 150, 100, 32))
+                    _budget(120, 50, 600, 300, 100, 32))
 
 
 def quick_plan(seeds=(0,)) -> DemoPlan:
-    return DemoPlan("demo-quick", 400, 30, 0.01, tuple(seeds), _budget(30, 50, 60, 30, 20, 16))
+    return DemoPlan("demo-quick", 400, 30, 0.01, tuple(seeds), _budget(30, 20, 60, 60, 20, 16))
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -39,11 +39,33 @@ def test_examples_use_the_generation_and_caption_instructions():
     assert generator.caption_examples([{"caption": "  "}], str) == []
 
 
+def test_caption_context_and_answer_stream_examples():
+    rows = [{"question": " Is there text? ", "answer": "no", "image_caption": "A frame with text."},
+            {"question": "How many polyps are in the image?", "answer": "2", "image_caption": None}]
+    qa = generator.qa_examples(rows, str, context=True)
+    assert qa[0].instruction == "A frame with text.\nGenerate a question about this image and answer it."
+    assert qa[1].instruction == "Generate a question about this image and answer it."  # no caption
+    assert generator.qa_examples(rows, str)[0].instruction == qa[1].instruction  # context off
+    ans = generator.answer_examples(rows, str, context=True)
+    assert [(e.instruction, e.target, e.open) for e in ans] == [
+        ("A frame with text.\nIs there text?", "no", False),
+        ("How many polyps are in the image?", "2", True)]
+    assert GeneratorConfig().context and not GeneratorConfig(captions=False).context
+    assert not GeneratorConfig(caption_context=False).context
+    assert generator.known_form(GeneratorConfig().to_dict()) == ("answer", True)
+    assert generator.known_form(GeneratorConfig(captions=False).to_dict()) == ("answer", False)
+    old = {k: v for k, v in GeneratorConfig().to_dict().items()  # stored before these options
+           if k not in ("answer_stream", "caption_context")}
+    assert generator.known_form(old) == ("generate", False)
+
+
 def test_config_validates_and_round_trips():
     with pytest.raises(ValueError, match="mode must be 'full'"):
         GeneratorConfig(train=TrainConfig(mode="lora"))
     with pytest.raises(ValueError, match="rho"):
         GeneratorConfig(rho=0.0)
+    with pytest.raises(ValueError, match="answer_ratio"):
+        GeneratorConfig(answer_ratio=0)
     cfg = GeneratorConfig(rho=0.3, qa_epochs=2.0)
     assert GeneratorConfig.from_dict(cfg.to_dict()) == cfg
     assert GeneratorConfig(min_qa_steps=5, max_qa_steps=50, qa_epochs=1).qa_steps(320) == 10
@@ -59,8 +81,12 @@ def test_pick_is_seeded_and_keeps_order():
 def test_caption_stream_masks_only_top_rho_neurons(tiny):
     model, proc = tiny
     qa, caps = _examples()
-    streams, info = generator.streams(model, proc, qa, caps, GeneratorConfig(rho=0.25))
-    assert [s.name for s in streams] == ["qa", "caption"] and streams[0].grad_masks is None
+    answers = generator.answer_examples([{"question": "Is there text?", "answer": "no"}], str)
+    streams, info = generator.streams(model, proc, qa, caps, GeneratorConfig(rho=0.25), answers)
+    assert [s.name for s in streams] == ["qa", "answer", "caption"]
+    assert streams[0].grad_masks is None and streams[1].grad_masks is None
+    assert info["n_answers"] == 1 and info["caption_context"] and streams[1].weight == 4.0
+    streams = [streams[0], streams[2]]
     masks = streams[1].grad_masks
     assert set(masks) == {n for n, _ in model.named_parameters()}  # every parameter covered
     spec = models.arch_spec(model)

@@ -152,3 +152,39 @@ def test_choose_mode_stores_only_answers_the_seed_gives_to_that_question(home):
     for _, question, answer, confidence in pairs:
         assert answer in seed[question], (question, answer)
         assert 0 < confidence <= 1
+
+
+def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
+    """A generator trained with the answer stream and caption context answers known questions
+    as question -> answer after the image's teacher caption; the stage stores exactly that."""
+    from leaml import generator, models, pseudo
+    from leaml.pseudo_stage import (_chunk_seed, _draw_questions, seed_answers,
+                                    seed_question_counts, unlabeled_images)
+    from leaml.store.images import image_path
+    from leaml.train import load_trained
+    db = connect(home)
+    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
+    gen = _params(db, g["generator_run"])
+    assert generator.known_form(gen["config"]) == ("answer", True)
+    assert gen["generator"]["n_answers"] == gen["generator"]["n_qa"] > 0
+    assert gen["generator"]["caption_context"]
+    over = {**FAST, "pseudo": {**FAST["pseudo"], "answer_mode": "choose"}}
+    leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=over)
+    cfg = pseudo.PseudoConfig(**_params(db, g["generator_run"])["pseudo"][0]["config"])
+    run = leaml_method.check_generator_run(db, g["generator_run"])
+    model, proc = load_trained(Path(db.home) / run["model_dir"], "tiny")
+    images = unlabeled_images(db, run)
+    assert all(r["caption"] for r in images)
+    counts, choices = seed_question_counts(db, run), seed_answers(db, run, cfg.max_choices)
+    direct, blind = [], []
+    for index in range(0, len(images), cfg.chunk):
+        chunk = images[index:index + cfg.chunk]
+        pv = models.pixel_values(proc, [image_path(db, r) for r in chunk])
+        qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index // cfg.chunk))
+        for out, contexts in ((direct, [r["caption"] for r in chunk]), (blind, None)):
+            got = pseudo.choose_known(model, proc, pv, list(range(len(chunk))), qs, choices, cfg,
+                                      pseudo.ParseStats(), form="answer", contexts=contexts)
+            out += [(chunk[c.image_index]["id"], c.question, c.answer, round(c.confidence, 6))
+                    for c in got]
+    assert _pseudo_pairs(db, g["generator_run"]) == sorted(direct)
+    assert sorted(direct) != sorted(blind)  # the captions were in the prompts

@@ -163,3 +163,42 @@ def test_known_questions_only_keeps_and_rewords_known_ones(tiny):
     out = pseudo.candidates_from_generations(tok, gens, [0], 48, stats, known)
     assert [(c.question, c.answer) for c in out] == [("Is there text?", "no")]
     assert stats.unknown_question == 1 and stats.kept == 1
+
+
+def test_answer_form_with_caption_context_scores_the_question_as_the_prompt(tiny):
+    """G's answer stream: the caption, then the question, is the prompt and the answer alone
+    the reply; choose_known picks what teacher forcing in that form ranks first."""
+    model, proc = tiny
+    imgs = [Image.new("RGB", (64, 64), c) for c in ((180, 90, 90), (40, 160, 60))]
+    q = "What color is the abnormality?"
+    choices = {q: ["red", "pink, red", "green"]}
+    captions = ["A colonoscopy frame with a red polyp in the center.", None]
+    assert pseudo.known_prompt(q, "answer", captions[0]) == (f"{captions[0]}\n{q}", "")
+    assert pseudo.known_prompt(q, "answer", "  ") == (q, "")
+    assert pseudo.known_prompt(q, "generate", "A frame.") == (
+        f"A frame.\n{pseudo.QA_INSTRUCTION}", f"Question: {q}\nAnswer:")
+    with pytest.raises(ValueError, match="form must be"):
+        pseudo.known_prompt(q, "vqa")
+
+    def logprobs(img, caption, answer):
+        batch = models.encode(proc, [img], [pseudo.with_context(caption, q)], [answer])
+        with torch.no_grad():
+            logits = model(**batch).logits[0]
+        labels = batch["labels"][0]
+        pos = (labels != -100).nonzero().flatten()
+        return logits[pos - 1].log_softmax(-1).gather(-1, labels[pos, None]).flatten().tolist()
+
+    cfg = pseudo.PseudoConfig(answer_mode="choose", batch_size=2, k=1)
+    got = pseudo.choose_known(model, proc, models.pixel_values(proc, imgs), [0, 1], [[q], [q]],
+                              choices, cfg, pseudo.ParseStats(), form="answer", contexts=captions)
+    assert len(got) == 2
+    for c in got:
+        scored = {a: logprobs(imgs[c.image_index], captions[c.image_index], a) for a in choices[q]}
+        best = max(scored, key=lambda a: sum(scored[a]))
+        assert c.answer == best
+        assert c.confidence == pytest.approx(math.exp(sum(scored[best]) / len(scored[best])), rel=1e-4)
+    # the caption is read: with it the ranking of the answers of image 0 moves
+    alone = pseudo.choose_known(model, proc, models.pixel_values(proc, imgs[:1]), [0], [[q]],
+                                choices, cfg, pseudo.ParseStats(), form="answer")
+    assert alone[0].confidence != pytest.approx(got[0].confidence if got[0].image_index == 0
+                                                else got[1].confidence)

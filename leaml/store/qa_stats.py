@@ -11,7 +11,8 @@ import sqlite_utils
 # pair columns plus what a trainer / evaluator needs of the image; category falls back to
 # the image's
 _PAIR_COLS = ("qa.*, COALESCE(qa.category, i.category) AS category, i.sha256, i.ext,"
-              " i.split AS image_split, i.category AS image_category, i.width, i.height")
+              " i.split AS image_split, i.category AS image_category, i.width, i.height,"
+              " i.caption AS image_caption")
 
 
 def training_pairs(db: sqlite_utils.Database, project_id: int, *, image_ids=None,
