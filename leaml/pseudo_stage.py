@@ -47,27 +47,28 @@ def known_questions(db, project_id: int) -> dict[str, str]:
         " OR status IN ('accepted', 'edited'))", [project_id]), "question")
 
 
-def seed_question_counts(db, gen_run: dict) -> Counter:
-    """How often each question occurs in the seed QA the generator was trained on (the run's
-    labeled images only): the weights 'known' mode draws questions by."""
+def _seed_qa(db, gen_run: dict) -> list[dict]:
+    """(question, answer) of the seed QA the generator was trained on (its labeled images only)."""
     import json
-    counts = Counter(r["question"] for r in db.query(
-        "SELECT question FROM qa WHERE origin = 'seed' AND image_id IN (SELECT value FROM json_each(?))",
-        [json.dumps(gen_run["params"].get("kept_images") or [])]))
+    return list(db.query(
+        "SELECT question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
+        " (SELECT value FROM json_each(?))", [json.dumps(gen_run["params"].get("kept_images") or [])]))
+
+
+def seed_question_counts(db, gen_run: dict) -> Counter:
+    """How often each question occurs in the generator's seed QA: the weights 'known' mode
+    draws questions by."""
+    counts = Counter(r["question"] for r in _seed_qa(db, gen_run))
     if not counts:
         raise ValueError("question_mode 'known' needs seed QA to draw questions from")
     return counts
 
 
 def seed_answers(db, gen_run: dict, limit: int) -> dict[str, list[str]]:
-    """Per question of the run's seed QA, its answers, most frequent first (at most ``limit``):
-    the choices of answer_mode 'choose'."""
-    import json
+    """Per question of the generator's seed QA, its answers, most frequent first (at most
+    ``limit``): the choices of answer_mode 'choose'."""
     votes: dict[str, Counter] = {}
-    for r in db.query(
-            "SELECT question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
-            " (SELECT value FROM json_each(?))",
-            [json.dumps(gen_run["params"].get("kept_images") or [])]):
+    for r in _seed_qa(db, gen_run):
         if r["answer"].strip():
             votes.setdefault(r["question"], Counter())[r["answer"].strip()] += 1
     return {q: [a for a, _ in c.most_common(limit)] for q, c in votes.items()}
