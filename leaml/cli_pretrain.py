@@ -42,6 +42,8 @@ def _add_pretrain_tiny(sub, common) -> None:
                         "instead of a time budget: reproduces a run")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a "
                    "shared 2-core machine)")
+    p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda where "
+                   "a GPU is at hand (default cpu)")
     p.add_argument("--init-from", default="",
                    help="continue from a saved base folder (give its skipped stages 0 steps)")
     p.add_argument("--qa-weights", type=_weights, default={},
@@ -50,16 +52,20 @@ def _add_pretrain_tiny(sub, common) -> None:
     p.add_argument("--lr-lm", type=float, default=None,
                    help="peak learning rate of stages B/C (projector + language model); "
                         "default: PretrainConfig's")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per step in every stage; default: PretrainConfig's")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_pretrain_tiny)
 
 
 def cmd_pretrain_tiny(args) -> int:
     from leaml.pretrain import PretrainConfig, pretrain_tiny
-    lr = {} if args.lr_lm is None else {"lr_lm": args.lr_lm}
+    opts = {} if args.lr_lm is None else {"lr_lm": args.lr_lm}
+    if args.batch_size is not None:
+        opts["batch_size"] = args.batch_size
     cfg = PretrainConfig(seed=args.seed, minutes=args.minutes, steps=args.steps or {},
-                         threads=args.threads, init_from=args.init_from,
-                         qa_weights=args.qa_weights, **lr)
+                         threads=args.threads, device=args.device, init_from=args.init_from,
+                         qa_weights=args.qa_weights, **opts)
     metrics = pretrain_tiny(args.out, cfg)
     if args.json:
         print(json.dumps(metrics, default=str))

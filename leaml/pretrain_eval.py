@@ -120,6 +120,9 @@ def report_markdown(metrics: dict) -> str:
         w = cfg["qa_weights"]
         init += " --qa-weights " + (w if isinstance(w, str) else
                                     ",".join(f"{k}={v:g}" for k, v in w.items()))
+    init += f" --batch-size {cfg['batch_size']}"  # always: defaults move, records do not
+    if cfg.get("device", "cpu") != "cpu":
+        init += f" --device {cfg['device']}"
     if cfg.get("lr_lm") is not None:  # always: the rerun must not depend on today's default
         init += f" --lr-lm {cfg['lr_lm']:g}"
     lines = ["# Tiny base: pretraining record", "",
