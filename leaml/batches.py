@@ -108,7 +108,8 @@ class TextCache:
     LM training wants.
     """
 
-    def __init__(self, processor, examples: Sequence[Example], chunk: int = 256):
+    def __init__(self, processor, examples: Sequence[Example], chunk: int = 256,
+                 max_target_tokens: int = 512):
         self.pad_id = _pad_id(processor)
         # VQA sets repeat the same few questions and answers: tokenise each distinct pair once
         pairs = list(dict.fromkeys((e.instruction, e.target) for e in examples))
@@ -118,8 +119,10 @@ class TextCache:
             enc = models.encode_text(processor, [p[0] for p in part], [p[1] for p in part])
             for row in range(len(part)):
                 keep = enc["attention_mask"][row].bool()
-                ids.append(enc["input_ids"][row][keep].clone())
-                labels.append(enc["labels"][row][keep].clone())
+                seq, lab = enc["input_ids"][row][keep], enc["labels"][row][keep]
+                end = _target_end(lab, max_target_tokens)
+                ids.append(seq[:end].clone())
+                labels.append(lab[:end].clone())
         where = {p: i for i, p in enumerate(pairs)}
         self.ids = [ids[where[(e.instruction, e.target)]] for e in examples]
         self.labels = [labels[where[(e.instruction, e.target)]] for e in examples]
@@ -138,6 +141,15 @@ class TextCache:
             example[row, :n] = i
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         return out | {"example": example} if with_example else out
+
+
+def _target_end(labels: torch.Tensor, max_target_tokens: int) -> int:
+    """Where a sequence ends when its target (the labelled tokens after the prompt) may hold at
+    most ``max_target_tokens`` tokens; the prompt is never cut (it holds the image tokens)."""
+    target = (labels != models.IGNORE_INDEX).nonzero()
+    if max_target_tokens <= 0 or len(target) <= max_target_tokens:
+        return len(labels)
+    return int(target[0]) + max_target_tokens
 
 
 def image_groups(image_index: Sequence[int], augmentable: Sequence[bool]) -> list[list[int]]:

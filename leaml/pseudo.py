@@ -27,10 +27,16 @@ def format_qa(question: str, answer: str) -> str:
     return f"Question: {question.strip()}\nAnswer: {answer.strip()}"
 
 
-def with_context(context: str | None, text: str) -> str:
-    """``text`` after the image's teacher caption (G's caption context); ``text`` alone when
-    the image has no caption."""
+CONTEXT_CHARS = 500  # a longer caption is cut at a word (the demo's run to 300 characters)
+
+
+def with_context(context: str | None, text: str, limit: int = CONTEXT_CHARS) -> str:
+    """``text`` after the image's teacher caption (G's caption context), the caption cut to
+    ``limit`` characters at a word boundary; ``text`` alone when the image has no caption."""
     context = " ".join((context or "").split())
+    if len(context) > limit:
+        context = context[:limit + 1].rsplit(" ", 1)[0] if " " in context[:limit + 1] \
+            else context[:limit]
     return f"{context}\n{text}" if context else text
 
 

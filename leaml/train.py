@@ -72,6 +72,8 @@ class TrainConfig:
                               "probability ~ its running loss ** question_power (questions "
                               "not learned yet get more samples); 0 = off")
     question_power: float = _f(1.0, "hard_fraction: a question's weight = its running loss ** this")
+    max_target_tokens: int = _f(512, "targets longer than this many tokens are cut (an imported "
+                                "caption may run to 10,000 characters); prompts are never cut")
 
     def __post_init__(self):
         checks = [
@@ -264,7 +266,7 @@ class _Data:
                  pack: bool = False):
         everything = [e for s in streams for e in s.examples]
         self.images = ImageSource(processor, [e.image for e in everything], config.image_cache_mb)
-        self.text = TextCache(processor, everything)
+        self.text = TextCache(processor, everything, max_target_tokens=config.max_target_tokens)
         self.image_index = [self.images.index(e.image) for e in everything]
         self.augmentable = [e.augment and not mentions_position(e.instruction, e.target)
                             for e in everything]

@@ -202,3 +202,15 @@ def test_answer_form_with_caption_context_scores_the_question_as_the_prompt(tiny
                                 choices, cfg, pseudo.ParseStats(), form="answer")
     assert alone[0].confidence != pytest.approx(got[0].confidence if got[0].image_index == 0
                                                 else got[1].confidence)
+
+
+def test_a_long_caption_is_cut_at_a_word_in_gs_prompt():
+    short = "A polyp in the lower-left."
+    assert pseudo.with_context(short, "Q?") == f"{short}\nQ?"
+    assert pseudo.with_context("  a \n b ", "Q?") == "a b\nQ?"  # whitespace collapsed
+    assert pseudo.with_context(None, "Q?") == "Q?"
+    long = " ".join(f"word{i}" for i in range(2000))
+    context, text = pseudo.with_context(long, "Q?").rsplit("\n", 1)
+    assert text == "Q?" and len(context) <= pseudo.CONTEXT_CHARS
+    assert long.startswith(context + " ") and len(context) > pseudo.CONTEXT_CHARS - 10
+    assert pseudo.with_context("x" * 900, "Q?", limit=100) == "x" * 100 + "\nQ?"  # no space

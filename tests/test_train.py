@@ -404,3 +404,22 @@ def test_hard_examples_come_from_the_questions_with_the_highest_running_loss(bas
     assert [share for _, share in parts] == [0.5, 0.5]
     hard_rows = parts[1][0]["example"]
     assert len(hard_rows) == 4 and all(len(set(r[r >= 0].tolist())) == 1 for r in hard_rows)
+
+
+def test_a_huge_caption_is_cut_to_max_target_tokens_and_still_trains(tiny):
+    from leaml.batches import TextCache
+    model, proc = tiny
+    huge = "a large sessile polyp in the lower-left, reddish mucosa, no bleeding. " * 150
+    ex = [Example(Image.new("RGB", (64, 64), (200, 60, 60)), "Describe the image.", huge, open=True),
+          Example(Image.new("RGB", (64, 64), (60, 60, 200)), "What color is it?", "blue")]
+    whole, cut = TextCache(proc, ex, max_target_tokens=0), TextCache(proc, ex, max_target_tokens=64)
+    n_whole = int((whole.labels[0] != models.IGNORE_INDEX).sum())
+    assert n_whole > 1000  # the caption really is long
+    assert int((cut.labels[0] != models.IGNORE_INDEX).sum()) == 64
+    prompt = int((whole.labels[0] == models.IGNORE_INDEX).sum())  # image tokens + instruction
+    assert torch.equal(cut.ids[0], whole.ids[0][:prompt + 64])  # prompt whole, target's start
+    assert torch.equal(cut.ids[1], whole.ids[1])  # a short example is untouched
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, proc, ex, _cfg(mode="full", max_steps=2, batch_size=2,
+                                         max_target_tokens=64))
+    assert any(not torch.equal(p, before[n]) for n, p in result.model.named_parameters())
