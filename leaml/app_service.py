@@ -256,7 +256,7 @@ def bulk_accept(db: sqlite_utils.Database, user: dict, project_id: int, min_conf
 
 # --- jobs ---------------------------------------------------------------------------------
 
-METHODS = ("leaml", "seed-lora", "seed-full", "caption-then-seed")
+METHODS = ("leaml", "seed-lora", "seed-full", "caption-then-seed", "caption-qa")
 # The main knobs per job kind: (name, type, help). Left empty in the form, a knob keeps the
 # method's own default (pipeline.DEFAULTS, which differ per method); the names are those of
 # TrainConfig / PseudoConfig (tests/test_app_service.py checks), mirrored so the app never
@@ -279,7 +279,7 @@ JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP
 # training stages per method / job kind, for per-stage overrides (pipeline.method_config);
 # mirrored from leaml/pipeline.py (which imports torch, so the app cannot ask it)
 TRAIN_STAGES = {"seed-lora": ["train"], "seed-full": ["train"],
-                "caption-then-seed": ["align", "train"],
+                "caption-then-seed": ["align", "train"], "caption-qa": ["train"],
                 "leaml": ["generator", "finetune"], "generator": ["generator"],
                 "finetune": ["finetune"], "pseudo": []}
 _ENGINE_HP = {name for name, _, _ in _TRAIN_HP}
@@ -287,12 +287,13 @@ _ENGINE_HP = {name for name, _, _ in _TRAIN_HP}
 
 def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
                method: str | None = None, label_fraction: float | None = None,
-               data_mix: dict | None = None) -> dict:
+               data_mix: dict | None = None, teacher: dict | None = None) -> dict:
     """The params of a job as the engine takes them (jobs.enqueue stores them as JSON).
 
     Training hyperparameters become per-stage ``overrides``; the others (pseudo k, rho ...)
     go to the stages that use them; ``data_mix`` (which pairs train the target) is sent only
-    to the kinds that choose training data (finetune, and the leaml method).
+    to the kinds that choose training data (finetune, and the leaml method); ``teacher``
+    (``{"endpoint", "model"}``, both needed) to the caption-qa method, which asks it for QA.
     """
     target = method if kind == "run" else kind
     params: dict = {"base_model": base_model, "seed": int(seed)}
@@ -307,6 +308,13 @@ def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
         params["options"] = other_hp
     if data_mix is not None and target in ("finetune", "leaml"):
         params["data_mix"] = data_mix
+    if target == "caption-qa":
+        teacher = {k: (v or "").strip() for k, v in (teacher or {}).items()}
+        if not teacher.get("endpoint") or not teacher.get("model"):
+            raise ValueError("caption-qa asks a teacher for QA pairs: give its OpenAI-compatible "
+                             "endpoint and model name (e.g. `python -m leaml serve`)")
+        params.setdefault("overrides", {})["qa"] = {"endpoint": teacher["endpoint"],
+                                                    "model": teacher["model"]}
     return params
 
 

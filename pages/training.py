@@ -61,12 +61,19 @@ def start_ui() -> tuple[str, dict] | None:
         form["label_fraction"] = st.number_input(
             "Label fraction (share of the labeled train images whose seed QA is used)",
             0.001, 1.0, 0.01, format="%g", key="run_frac")
+    if form.get("method") == "caption-qa":
+        t1, t2 = st.columns(2)
+        form["teacher"] = {
+            "endpoint": t1.text_input("Teacher endpoint (OpenAI-compatible)", key="qa_endpoint",
+                                      placeholder="http://127.0.0.1:8000/v1"),
+            "model": t2.text_input("Teacher model name", key="qa_model")}
     if kind == "finetune" or form.get("method") == "leaml":
         st.markdown("**Training data**")
         form["data_mix"] = data_mix_ui(kind)
     form["hyperparameters"] = hyperparameters_ui(form.get("method") or kind)
     if st.button("Start job", type="primary", icon=":material/play_arrow:"):
-        return kind, app_service.job_params(kind, **form)
+        with user_errors():
+            return kind, app_service.job_params(kind, **form)
     return None
 
 

@@ -56,6 +56,28 @@ def test_finetune_job_carries_the_data_mix(monkeypatch, home, tmp_path):
     assert params["data_mix"] == {"seed": True, "reviewed": True, "pending_min_conf": 0.8}
 
 
+def test_caption_qa_run_needs_a_teacher_and_carries_it(monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1", labeled=2)
+    no_worker_needed(db)
+    at = page("pages/training.py", users["expert"], "p1")
+    at.selectbox(key="run_method").set_value("caption-qa").run()
+    button(at, "Start job").click().run()  # no endpoint yet: a message, no job
+    assert not at.exception and not jobs.list_jobs(db)
+    assert any("endpoint" in e.value for e in at.error)
+    at.text_input(key="qa_endpoint").input(" http://127.0.0.1:8000/v1 ").run()
+    at.text_input(key="qa_model").input("teacher").run()
+    button(at, "Start job").click().run()
+    params = jobs.list_jobs(db)[0]["params"]
+    assert params["method"] == "caption-qa"
+    assert params["overrides"]["qa"] == {"endpoint": "http://127.0.0.1:8000/v1", "model": "teacher"}
+    from leaml import pipeline  # the engine takes these overrides as they are
+    cfg = pipeline.method_config("caption-qa", params["seed"], params.get("overrides"))
+    assert cfg.options["qa"]["endpoint"] == "http://127.0.0.1:8000/v1"
+    assert cfg.options["qa"]["per_image"] == 3  # the other knobs keep their defaults
+
+
 def test_annotator_may_not_start_jobs(home, tmp_path):
     from leaml.store import connect
     db = connect(home)
