@@ -100,6 +100,10 @@ class ImageSource:
         return models.pixel_values(self.processor, [open_image(self.images[i]) for i in indices])
 
 
+MAX_TARGET_TOKENS = 512  # TrainConfig.max_target_tokens' default; an imported caption may run
+                         # to 10,000 characters (~3,500 tokens)
+
+
 class TextCache:
     """Every (instruction, target) pair tokenised once; batches are padded on the fly.
 
@@ -109,7 +113,7 @@ class TextCache:
     """
 
     def __init__(self, processor, examples: Sequence[Example], chunk: int = 256,
-                 max_target_tokens: int = 512):
+                 max_target_tokens: int = MAX_TARGET_TOKENS):
         self.pad_id = _pad_id(processor)
         # VQA sets repeat the same few questions and answers: tokenise each distinct pair once
         pairs = list(dict.fromkeys((e.instruction, e.target) for e in examples))

@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import torch
 
 from leaml import models
-from leaml.batches import (EpochOrder, Example, ImageSource, PackedText, TextCache, augment,
-                           image_groups, mentions_position)
+from leaml.batches import (MAX_TARGET_TOKENS, EpochOrder, Example, ImageSource, PackedText,
+                           TextCache, augment, image_groups, mentions_position)
 from leaml.config import option as _f
 from leaml.question_losses import QuestionLosses
 from leaml.vision_warmup import AnswerHeads, AnswerTargets, image_features, loss_fn
@@ -72,8 +72,9 @@ class TrainConfig:
                               "probability ~ its running loss ** question_power (questions "
                               "not learned yet get more samples); 0 = off")
     question_power: float = _f(1.0, "hard_fraction: a question's weight = its running loss ** this")
-    max_target_tokens: int = _f(512, "targets longer than this many tokens are cut (an imported "
-                                "caption may run to 10,000 characters); prompts are never cut")
+    max_target_tokens: int = _f(MAX_TARGET_TOKENS, "targets longer than this many tokens are "
+                                "cut (an imported caption may run to 10,000 characters); prompts "
+                                "are never cut")
 
     def __post_init__(self):
         checks = [
