@@ -30,7 +30,8 @@ from leaml.batches import (MAX_TARGET_TOKENS, EpochOrder, Example, ImageSource, 
                            TextCache, augment, image_groups, mentions_position)
 from leaml.config import option as _f
 from leaml.question_losses import QuestionLosses
-from leaml.vision_warmup import AnswerHeads, AnswerTargets, image_features, loss_fn
+from leaml.vision_warmup import AnswerTargets
+from leaml.vision_warmup import fit as fit_heads
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 CHECKPOINT = "checkpoint"
@@ -67,7 +68,11 @@ class TrainConfig:
                     "vision and prefix once); where the architecture allows")
     vision_warmup_steps: int = _f(0, "full mode: steps of direct answer-word heads on the image "
                                   "features (tower + projector) before the main loop; 0 = off")
+    vision_warmup_epochs: float = _f(0.0, "full mode: the vision warmup's length in passes "
+                                     "over the images, if vision_warmup_steps is 0")
     vision_warmup_lr: float = _f(0.5, "SGD (momentum 0.9) lr of the vision warmup")
+    vision_warmup_flips: bool = _f(True, "vision warmup: mirror images at random, place answers "
+                                   "('upper-left') with them")
     hard_fraction: float = _f(0.0, "fraction of every batch drawn by question, each with "
                               "probability ~ its running loss ** question_power (questions "
                               "not learned yet get more samples); 0 = off")
@@ -93,11 +98,12 @@ class TrainConfig:
              "augment must be 'none', 'flip', 'rot90' or 'flip+rot90'"),
             (self.oversample_open >= 1, "oversample_open must be >= 1"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision: 'no', 'bf16' or 'fp16'"),
-            (self.vision_warmup_steps >= 0 and self.vision_warmup_lr > 0,
-             "vision_warmup_steps must be >= 0 and vision_warmup_lr > 0"),
+            (self.vision_warmup_steps >= 0 and self.vision_warmup_epochs >= 0
+             and self.vision_warmup_lr > 0,
+             "vision_warmup_steps/epochs must be >= 0 and vision_warmup_lr > 0"),
             (0 <= self.hard_fraction < 1, "hard_fraction must be in [0, 1)"),
-            (self.vision_warmup_steps == 0 or self.mode == "full",
-             "vision_warmup_steps needs mode 'full' (LoRA keeps the vision tower frozen)"),
+            (self.vision_warmup_steps == self.vision_warmup_epochs == 0 or self.mode == "full",
+             "vision_warmup_steps/epochs need mode 'full' (LoRA keeps the vision tower frozen)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -387,7 +393,8 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
                                 batches.losses)
     if step == 0:
         torch.manual_seed(config.seed)  # dropout; a resumed run restored its RNG state above
-        if config.vision_warmup_steps:  # a resumed run's checkpoint holds the warmed weights
+        if config.vision_warmup_steps or config.vision_warmup_epochs:  # a resumed run's
+            # checkpoint holds the warmed weights
             vision_warmup(acc.unwrap_model(model), batches, streams, config, progress, stage)
     schedule = stream_schedule([s.weight for s in streams], total)
     return _loop(acc, model, optimizer, scheduler, batches, schedule, masks, config, step, total,
@@ -397,42 +404,25 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
 def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: TrainConfig,
                   progress: Progress | None = None, stage: str = "train") -> list[float]:
     """Train the image path (vision tower + projector) for ``config.vision_warmup_steps``
-    on the examples' closed answers through throw-away max-pooled heads
-    (:mod:`leaml.vision_warmup`); the language model gets no gradient. SGD with momentum:
-    with AdamW the many questions' mixed gradients kept small details (text, instruments)
-    unlearned on the demo, with SGD they were learned (bench/RESULTS.md). Returns the losses."""
+    (or ``vision_warmup_epochs`` passes over the images) on the examples' closed answers
+    through throw-away max-pooled heads, images mirrored at random with
+    ``vision_warmup_flips`` (:mod:`leaml.vision_warmup`); the language model gets no gradient.
+    SGD with momentum: with AdamW the many questions' mixed gradients kept small details
+    (text, instruments) unlearned on the demo, with SGD they were learned (bench/RESULTS.md).
+    Returns the losses."""
     everything = [e for s in streams for e in s.examples]
     targets = AnswerTargets([e.instruction for e in everything],
                             [e.target for e in everything], batches.image_index)
     if not targets.questions:
         return []  # only open questions: nothing to warm up on
-    with torch.no_grad():  # the features' width, device and dtype
-        probe = image_features(model, batches.images.batch(targets.images[:1]))
-    heads = AnswerHeads(probe.shape[-1], targets).to(probe.device, probe.dtype)
-    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
-    opt = torch.optim.SGD(params, lr=config.vision_warmup_lr, momentum=0.9)
-    warm = max(1, config.vision_warmup_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
-    gen = torch.Generator().manual_seed(config.seed)
-    model.train()
     size = min(config.batch_size, len(targets))
-    losses = []
-    for i in range(config.vision_warmup_steps):
-        rows = torch.randint(0, len(targets), (size,), generator=gen)
-        pixels = batches.images.batch([targets.images[r] for r in rows.tolist()])
-        logits = heads(image_features(model, pixels.to(probe.device, probe.dtype)))
-        loss = loss_fn(logits.float(), targets.y[rows].to(logits.device),
-                       targets.asked[rows].to(logits.device), heads.label_question)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm:  # SGD at this lr diverges on an unlucky batch without it
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress(f"{stage}: vision warmup", i + 1, config.vision_warmup_steps, losses[-1])
-    model.zero_grad(set_to_none=True)
+    steps = config.vision_warmup_steps or max(
+        1, math.ceil(config.vision_warmup_epochs * len(targets) / size))
+    report = (lambda i, n, loss: progress(f"{stage}: vision warmup", i, n, loss)) if progress \
+        else None
+    _, losses = fit_heads(model, targets, batches.images.batch, steps=steps, batch_size=size,
+                          lr=config.vision_warmup_lr, flips=config.vision_warmup_flips,
+                          seed=config.seed, max_grad_norm=config.max_grad_norm, progress=report)
     return losses
 
 

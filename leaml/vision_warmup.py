@@ -11,11 +11,31 @@ than ``max_labels`` distinct words) are left out; the heads are discarded afterw
 """
 from __future__ import annotations
 
+import re
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from leaml.batches import mentions_position
+
+# the parts a place is named with ("upper-left", "center", "lower right"), and what a mirror
+# along each axis ('h': left-right, 'v': up-down) makes of them
+_PLACE_PARTS = {"left", "right", "upper", "lower", "top", "bottom", "center", "centre",
+                "middle", "none"}
+_MIRROR = {"h": {"left": "right", "right": "left"},
+           "v": {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}}
+
+
+def mirror_word(word: str, axis: str) -> str | None:
+    """``word`` as it reads in the image mirrored along ``axis``: 'upper-left' -> 'upper-right'
+    ('h') or 'lower-left' ('v'); None when the word is not a place name."""
+    parts = re.split(r"([-\s]+)", word)
+    if not all(p in _PLACE_PARTS for p in parts[::2]):
+        return None
+    return "".join(_MIRROR[axis].get(p, p) if i % 2 == 0 else p for i, p in enumerate(parts))
 
 
 class AnswerTargets:
@@ -41,6 +61,38 @@ class AnswerTargets:
                 self.asked[r, qid[q]] = True
                 for w in _words(a):
                     self.y[r, lid[(q, w)]] = 1.0
+        # per axis: the label each label becomes in a mirrored image, and which questions keep
+        # their labels there (a question about position whose answers are not place names
+        # cannot say what a mirror does to it)
+        self.mirror: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for axis in _MIRROR:
+            perm, keeps = list(range(len(self.labels))), []
+            for q in self.questions:
+                ws = sorted(words[q])
+                mirrored = {w: mirror_word(w, axis) for w in ws}
+                if not mentions_position(q, *ws):
+                    keeps.append(True)
+                elif all(m in words[q] for m in mirrored.values()):
+                    for w, m in mirrored.items():
+                        perm[lid[(q, w)]] = lid[(q, m)]
+                    keeps.append(True)
+                else:
+                    keeps.append(False)
+            self.mirror[axis] = torch.tensor(perm), torch.tensor(keeps)
+
+    def mirrored(self, pixels: torch.Tensor, y: torch.Tensor, asked: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch (pixels (B, C, H, W) and its rows of ``y``/``asked``) with each image
+        mirrored left-right and up-down with probability 1/2 each, its labels following."""
+        pixels, y, asked = pixels.clone(), y.clone(), asked.clone()
+        for axis, dim in (("h", -1), ("v", -2)):
+            rows = torch.rand(len(pixels), generator=generator) < 0.5
+            if rows.any():
+                perm, keeps = self.mirror[axis]
+                pixels[rows] = pixels[rows].flip(dim)
+                y[rows] = y[rows][:, perm]
+                asked[rows] &= keeps
+        return pixels, y, asked
 
     def __len__(self) -> int:
         return len(self.images)
@@ -84,3 +136,46 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, asked: torch.Tensor,
     mask = asked[:, label_question].float()
     loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Tensor], *,
+        steps: int, batch_size: int, lr: float, flips: bool = True, seed: int = 0,
+        max_grad_norm: float = 1.0,
+        progress: Callable[[int, int, float], None] | None = None
+        ) -> tuple[AnswerHeads, list[float]]:
+    """Train the model's trainable parameters (the image path) and fresh heads on ``targets``
+    for ``steps`` SGD steps (momentum 0.9, linear warmup over 5%, cosine decay) of
+    ``batch_size`` images drawn with replacement; ``pixels_of(image ids)`` gives their pixel
+    tensors. Returns the heads and the losses."""
+    with torch.no_grad():  # the features' width, device and dtype
+        probe = image_features(model, pixels_of(targets.images[:1]))
+    heads = AnswerHeads(probe.shape[-1], targets).to(probe.device, probe.dtype)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm
+        else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm))))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for i in range(steps):
+        rows = torch.randint(0, len(targets), (batch_size,), generator=gen)
+        pixels = pixels_of([targets.images[r] for r in rows.tolist()])
+        y, asked = targets.y[rows], targets.asked[rows]
+        if flips:
+            pixels, y, asked = targets.mirrored(pixels, y, asked, gen)
+        logits = heads(image_features(model, pixels.to(probe.device, probe.dtype)))
+        loss = loss_fn(logits.float(), y.to(logits.device), asked.to(logits.device),
+                       heads.label_question)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:  # SGD at this lr diverges on an unlucky batch without it
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(i + 1, steps, losses[-1])
+    model.zero_grad(set_to_none=True)
+    return heads, losses

@@ -12,7 +12,7 @@ from leaml import models
 from leaml.batches import EpochOrder, Example, augment, mentions_position
 from leaml.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
                          stream_schedule, total_steps, train)
-from leaml.vision_warmup import AnswerTargets
+from leaml.vision_warmup import AnswerTargets, mirror_word
 
 
 # a smaller tiny LLaVA than the committed base: these tests check mechanics, not accuracy
@@ -320,8 +320,72 @@ def test_warmup_trains_only_the_image_path_and_its_heads_learn_a_small_detail(ba
     assert any("multi_modal_projector" in n for n in changed)
 
 
+def test_mirror_word_names_the_place_in_the_mirrored_image():
+    assert mirror_word("upper-left", "h") == "upper-right"
+    assert mirror_word("upper-left", "v") == "lower-left"
+    assert mirror_word("lower right", "h") == "lower left"
+    assert mirror_word("center", "h") == mirror_word("center", "v") == "center"
+    assert mirror_word("none", "v") == "none"
+    assert mirror_word("red", "h") is None and mirror_word("left-ish", "h") is None
+
+
+WHERE, COLOUR, LEFT = "Where is the square?", "What colour is the square?", "Is the square on the left?"
+
+
+def _square_scenes():
+    """Pixel tensors (3, 12, 12) with a 3x3 square in one corner, and their QA."""
+    corners = {"upper-left": (0, 0), "upper-right": (0, 9), "lower-left": (9, 0),
+               "lower-right": (9, 9)}
+    pixels, qs, answers, images = [], [], [], []
+    for i, (name, (r, c)) in enumerate(corners.items()):
+        for colour, channel in (("red", 0), ("blue", 2)):
+            img = torch.zeros(3, 12, 12)
+            img[channel, r:r + 3, c:c + 3] = 1.0
+            k = len(pixels)
+            pixels.append(img)
+            for q, a in ((WHERE, name), (COLOUR, colour), (LEFT, "yes" if c == 0 else "no")):
+                qs.append(q), answers.append(a), images.append(k)
+    return torch.stack(pixels), AnswerTargets(qs, answers, images)
+
+
+def _where(img: torch.Tensor) -> str:
+    r, c = [int(v) for v in img.sum(0).nonzero()[0]]
+    return f"{'upper' if r < 6 else 'lower'}-{'left' if c < 6 else 'right'}"
+
+
+def test_mirrored_batches_move_place_answers_with_the_image_and_drop_what_cannot_follow():
+    pixels, t = _square_scenes()
+    q = {name: i for i, name in enumerate(t.questions)}
+    label = {lab: i for i, lab in enumerate(t.labels)}
+    rows = torch.arange(len(pixels)).repeat(8)  # 64 rows: every scene, many random mirrors
+    out, y, asked = t.mirrored(pixels[rows], t.y[rows], t.asked[rows], torch.Generator().manual_seed(0))
+    moved = 0
+    for k, row in enumerate(rows.tolist()):
+        where = [w for (qq, w), i in label.items() if qq == WHERE and y[k, i] == 1]
+        assert where == [_where(out[k])]  # the label names where the square now is
+        assert torch.equal(y[k, [label[(COLOUR, "red")], label[(COLOUR, "blue")]]],
+                           t.y[row, [label[(COLOUR, "red")], label[(COLOUR, "blue")]]])
+        same = torch.equal(out[k], pixels[row])
+        moved += not same
+        # "on the left" has no place-name answer: a mirrored row does not ask it
+        assert bool(asked[k, q[LEFT]]) == same and asked[k, q[WHERE]] and asked[k, q[COLOUR]]
+    assert 32 < moved < 64  # each axis mirrors half the rows
+
+
+def test_warmup_epochs_set_its_length_and_lora_refuses_it(base):
+    model, proc = copy.deepcopy(base[0]), base[1]
+    seen = []
+    cfg = TrainConfig(mode="full", batch_size=8, max_steps=5, vision_warmup_epochs=2.0)
+    train(model, proc, _corner_examples(16), cfg, should_stop=lambda: True,
+          progress=lambda *a: seen.append(a))
+    warm = [(step, total) for stage, step, total, _ in seen if stage == "train: vision warmup"]
+    assert warm == [(i, 4) for i in range(1, 5)]  # 16 images x 2 passes / 8 per step
+    with pytest.raises(ValueError, match="need mode 'full'"):
+        TrainConfig(mode="lora", vision_warmup_epochs=1.0)
+
+
 def test_warmup_needs_full_mode_and_sane_numbers():
-    with pytest.raises(ValueError, match="vision_warmup_steps needs mode 'full'"):
+    with pytest.raises(ValueError, match="vision_warmup_steps/epochs need mode 'full'"):
         TrainConfig(mode="lora", vision_warmup_steps=10)
     with pytest.raises(ValueError, match="vision_warmup"):
         TrainConfig(mode="full", vision_warmup_steps=-1)
