@@ -37,8 +37,12 @@ ALIGN_INSTRUCTION = "Describe the image."
 # (1% demo, seed 0: lr 4e-3 -> 24.1%, 1.5e-2 -> 55.3%; bench/RESULTS.md).
 
 def _seed_full() -> TrainConfig:
+    """Full finetuning after a vision warmup of 85 passes over the images (mirrored at random),
+    a quarter of each batch drawn from the questions not learned yet. Demo oracle, seed 0:
+    72.32% without either, 83.04% with both, in 11:37 on two cores (bench/RESULTS.md)."""
     return TrainConfig(mode="full", lr=1e-3, batch_size=64, epochs=2.0, min_steps=200,
-                       warmup_ratio=0.05, weight_decay=0.0)
+                       warmup_ratio=0.05, weight_decay=0.0, vision_warmup_epochs=85.0,
+                       hard_fraction=0.25)
 
 
 def _seed_lora() -> TrainConfig:
