@@ -393,8 +393,8 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
                                 batches.losses)
     if step == 0:
         torch.manual_seed(config.seed)  # dropout; a resumed run restored its RNG state above
-        if config.vision_warmup_steps or config.vision_warmup_epochs:  # a resumed run's
-            # checkpoint holds the warmed weights
+        # (a resumed run skips the warmup: its checkpoint holds the warmed weights)
+        if config.vision_warmup_steps or config.vision_warmup_epochs:
             vision_warmup(acc.unwrap_model(model), batches, streams, config, progress, stage)
     schedule = stream_schedule([s.weight for s in streams], total)
     return _loop(acc, model, optimizer, scheduler, batches, schedule, masks, config, step, total,
