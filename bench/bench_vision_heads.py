@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _split(cfg, split: str, n: int):
     """Images and (image index, question, answer) of ``n`` demo scenes of ``split``."""
-    from leaml.demo import qa_pairs, sample_scene, scene_rng
-    from leaml.demo_draw import render
+    from leaml.demo import qa_pairs, scene_image
     images, qa = [], []
     for i in range(n):
-        scene = sample_scene(cfg, split, i)
-        images.append(render(scene, scene_rng(cfg.seed, split, i, 1)))
+        scene, image = scene_image(cfg, split, i)
+        images.append(image)
         qa += [(i, q, a) for q, a, _ in qa_pairs(scene)]
     return images, qa
 
@@ -49,7 +48,7 @@ def _accuracy(heads, model, pixels, qa, targets) -> dict[str, float]:
     word) equals the reference's."""
     import torch
 
-    from leaml.vision_warmup import _words, image_features
+    from leaml.vision_warmup import answer_words, image_features
     model.eval()
     with torch.no_grad():
         logits = torch.cat([heads(image_features(model, pixels[k:k + 256]))
@@ -63,7 +62,7 @@ def _accuracy(heads, model, pixels, qa, targets) -> dict[str, float]:
             continue
         score = {w: float(logits[img, j]) for j, w in labels[q]}
         said = {w for w, s in score.items() if s > 0} or {max(score, key=score.get)}
-        hits[q].append(said == set(_words(a)))
+        hits[q].append(said == set(answer_words(a)))
     out = {q: 100 * sum(h) / len(h) for q, h in hits.items()}
     out["overall"] = 100 * sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
     return out

@@ -324,11 +324,16 @@ def qa_pairs(s: Scene) -> list[tuple[str, str, str]]:
 
 # ---------------------------------------------------------------- files
 
-def _make_image(cfg: DemoConfig, split: str, index: int, img_dir: Path) -> list[dict]:
+def scene_image(cfg: DemoConfig, split: str, index: int):
+    """Scene ``index`` of ``split`` and its picture, as the demo set draws them."""
     scene = sample_scene(cfg, split, index)
+    return scene, render(scene, scene_rng(cfg.seed, split, index, 1))
+
+
+def _make_image(cfg: DemoConfig, split: str, index: int, img_dir: Path) -> list[dict]:
+    scene, image = scene_image(cfg, split, index)
     name = f"{split}_{index:05d}.png"
-    render(scene, scene_rng(cfg.seed, split, index, 1)).save(
-        img_dir / name, format="PNG", optimize=False, compress_level=6)
+    image.save(img_dir / name, format="PNG", optimize=False, compress_level=6)
     caption, _ = teacher_caption(scene, scene_rng(cfg.seed, split, index, 2), cfg.caption_error)
     return [{"image": f"images/{name}", "question": q, "answer": a, "split": split,
              "category": scene.category, "question_type": t, "caption": caption}

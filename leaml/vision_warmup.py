@@ -53,7 +53,7 @@ class AnswerTargets:
                  image_index: Sequence[int], max_labels: int = 32):
         words: dict[str, set[str]] = defaultdict(set)
         for q, a in zip(instructions, targets):
-            words[q].update(_words(a))
+            words[q].update(answer_words(a))
         self.questions = sorted(q for q, w in words.items() if 2 <= len(w) <= max_labels)
         qid = {q: i for i, q in enumerate(self.questions)}
         self.labels = [(q, w) for q in self.questions for w in sorted(words[q])]
@@ -67,7 +67,7 @@ class AnswerTargets:
             if q in qid:
                 r = row[img]
                 self.asked[r, qid[q]] = True
-                for w in _words(a):
+                for w in answer_words(a):
                     self.y[r, lid[(q, w)]] = 1.0
         # per axis: the label each label becomes in a mirrored image, and which questions keep
         # their labels there (a question about position whose answers are not place names
@@ -106,7 +106,8 @@ class AnswerTargets:
         return len(self.images)
 
 
-def _words(answer: str) -> list[str]:
+def answer_words(answer: str) -> list[str]:
+    """The words of a (multi-)answer: "Red, white" -> ["red", "white"]."""
     return [w.strip().lower() for w in answer.split(",") if w.strip()] or [""]
 
 
