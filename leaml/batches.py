@@ -32,6 +32,44 @@ def mentions_position(*texts: str) -> bool:
     return any(_POSITION_WORDS.search(t or "") for t in texts)
 
 
+# the parts a place is named with ("upper-left", "center", "lower right"), and what a mirror
+# along each axis ('h': left-right, 'v': up-down) makes of them
+_PLACE_PARTS = {"left", "right", "upper", "lower", "top", "bottom", "center", "centre",
+                "middle", "none"}
+_MIRROR = {"h": {"left": "right", "right": "left"},
+           "v": {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}}
+
+
+def mirror_word(word: str, axis: str) -> str | None:
+    """``word`` as it reads in the image mirrored along ``axis``: 'upper-left' -> 'upper-right'
+    ('h') or 'lower-left' ('v'); None when the word is not a place name."""
+    parts = re.split(r"([-\s]+)", word)
+    if not all(p in _PLACE_PARTS for p in parts[::2]):
+        return None
+    return "".join(_MIRROR[axis].get(p, p) if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
+def mirror_target(instruction: str, target: str, axes: str) -> str | None:
+    """``target`` as the answer for the image mirrored along each axis in ``axes`` ('h', 'v',
+    'hv'): unchanged when neither text speaks of position; its place names mirrored, case
+    kept, when every comma-separated part of it is a place name ("Upper-left, center" ->
+    "Upper-right, center" for 'h'); None when a mirror leaves the answer unknown (a position
+    question answered otherwise: "Is the polyp on the left?" "Yes")."""
+    if not mentions_position(instruction, target):
+        return target
+    parts = [p.strip().lower() for p in target.split(",")]
+    if not all(p and mirror_word(p, "h") is not None for p in parts):
+        return None
+    swap = {k: v for axis in axes for k, v in _MIRROR[axis].items()}
+
+    def one(m: re.Match) -> str:
+        word = m.group()
+        new = swap.get(word.lower(), word.lower())
+        return new.upper() if word.isupper() and len(word) > 1 else \
+            new.capitalize() if word[0].isupper() else new
+    return re.sub(r"[A-Za-z]+", one, target)
+
+
 @dataclass
 class Example:
     """One supervised example: the model sees ``image`` + ``instruction`` and learns ``target``.
@@ -113,10 +151,27 @@ class TextCache:
     """
 
     def __init__(self, processor, examples: Sequence[Example], chunk: int = 256,
-                 max_target_tokens: int = MAX_TARGET_TOKENS):
+                 max_target_tokens: int = MAX_TARGET_TOKENS, mirror: bool = False):
         self.pad_id = _pad_id(processor)
+        # sequences 0..n-1 are the examples; with ``mirror`` the mirrored targets that differ
+        # follow (see :func:`mirror_target`), ``mirrored[axes][i]`` names example i's sequence
+        # for an image mirrored along ``axes`` (-1: it sits such images out)
+        seqs = [(e.instruction, e.target) for e in examples]
+        self.example_of = list(range(len(examples)))
+        self.mirrored: dict[str, list[int]] = {}
+        for axes in ("h", "v", "hv") if mirror else ():
+            column = []
+            for i, e in enumerate(examples):
+                t = mirror_target(e.instruction, e.target, axes)
+                if t is None or t == e.target:
+                    column.append(-1 if t is None else i)
+                else:
+                    seqs.append((e.instruction, t))
+                    self.example_of.append(i)
+                    column.append(len(seqs) - 1)
+            self.mirrored[axes] = column
         # VQA sets repeat the same few questions and answers: tokenise each distinct pair once
-        pairs = list(dict.fromkeys((e.instruction, e.target) for e in examples))
+        pairs = list(dict.fromkeys(seqs))
         ids, labels = [], []
         for i in range(0, len(pairs), chunk):
             part = pairs[i:i + chunk]
@@ -128,11 +183,11 @@ class TextCache:
                 ids.append(seq[:end].clone())
                 labels.append(lab[:end].clone())
         where = {p: i for i, p in enumerate(pairs)}
-        self.ids = [ids[where[(e.instruction, e.target)]] for e in examples]
-        self.labels = [labels[where[(e.instruction, e.target)]] for e in examples]
+        self.ids = [ids[where[p]] for p in seqs]
+        self.labels = [labels[where[p]] for p in seqs]
 
     def batch(self, indices: Sequence[int], with_example: bool = False) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, labels (B, T) for example indices, right-padded; with
+        """input_ids, attention_mask, labels (B, T) for sequence indices, right-padded; with
         ``with_example`` also ``example`` (B, T): the example index of every token."""
         length = max(len(self.ids[i]) for i in indices)
         ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
@@ -142,7 +197,7 @@ class TextCache:
         for row, i in enumerate(indices):
             n = len(self.ids[i])
             ids[row, :n], labels[row, :n], mask[row, :n] = self.ids[i], self.labels[i], 1
-            example[row, :n] = i
+            example[row, :n] = self.example_of[i]
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         return out | {"example": example} if with_example else out
 
@@ -215,7 +270,9 @@ class PackedText:
         seqs, labs, pos, seg = [], [], [], []
         for row in rows:
             if len(row) > 1:
-                p = self._prefix.get(tuple(row)) or self._prefix_len(row)
+                p = self._prefix.get(tuple(row))
+                if p is None:  # a row of mirrored targets: the same prompts, the same prefix
+                    p = self._prefix[tuple(row)] = self._prefix_len(row)
             else:  # one example: its whole sequence is the "prefix", no blocks follow
                 p = len(self.text.ids[row[0]])
             ids = [self.text.ids[row[0]][:p]]
@@ -241,9 +298,10 @@ class PackedText:
             input_ids[b, :n], labels[b, :n] = seqs[b], labs[b]
             position_ids[b, :n], segment[b, :n] = pos[b], seg[b]
             if len(rows[b]) == 1:
-                example[b, :n] = rows[b][0]
+                example[b, :n] = self.text.example_of[rows[b][0]]
             else:
-                owner = torch.tensor([-1] + list(rows[b]), dtype=torch.long)
+                owner = torch.tensor([-1] + [self.text.example_of[i] for i in rows[b]],
+                                     dtype=torch.long)
                 example[b, :n] = owner[seg[b]]
         q, k = segment[:, :, None], segment[:, None, :]
         causal = torch.ones(length, length, dtype=torch.bool).tril()

@@ -59,7 +59,9 @@ class TrainConfig:
     train_vision: bool = _f(True, "full mode: train the vision tower too (False = frozen)")
     vision_lr_scale: float = _f(1.0, "full mode: the vision tower's lr = lr x this")
     image_cache_mb: float = _f(2048.0, "preprocess all images once when they fit; else open per batch")
-    augment: str = _f("none", "'none', 'flip', 'rot90' or 'flip+rot90'; never on position questions")
+    augment: str = _f("none", "'none'; 'mirror' (left-right and up-down at random, place "
+                      "answers mirrored with the image, other position questions sit mirrored "
+                      "images out); or 'flip', 'rot90', 'flip+rot90' (never on position questions)")
     oversample_open: float = _f(1.0, "per-epoch repeat factor of examples marked open")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on stop)")
     mixed_precision: str = _f("no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'")
@@ -94,8 +96,8 @@ class TrainConfig:
             (self.max_steps >= 0 and self.min_steps >= 0, "max_steps/min_steps must be >= 0"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (self.augment in ("none", "flip", "rot90", "flip+rot90"),
-             "augment must be 'none', 'flip', 'rot90' or 'flip+rot90'"),
+            (self.augment in ("none", "mirror", "flip", "rot90", "flip+rot90"),
+             "augment must be 'none', 'mirror', 'flip', 'rot90' or 'flip+rot90'"),
             (self.oversample_open >= 1, "oversample_open must be >= 1"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision: 'no', 'bf16' or 'fp16'"),
             (self.vision_warmup_steps >= 0 and self.vision_warmup_epochs >= 0
@@ -273,10 +275,13 @@ class _Data:
                  pack: bool = False):
         everything = [e for s in streams for e in s.examples]
         self.images = ImageSource(processor, [e.image for e in everything], config.image_cache_mb)
-        self.text = TextCache(processor, everything, max_target_tokens=config.max_target_tokens)
+        self.mirror = config.augment == "mirror"
+        self.text = TextCache(processor, everything, max_target_tokens=config.max_target_tokens,
+                              mirror=self.mirror)
         self.image_index = [self.images.index(e.image) for e in everything]
-        self.augmentable = [e.augment and not mentions_position(e.instruction, e.target)
-                            for e in everything]
+        # mirroring rewrites or drops the position examples itself (TextCache.mirrored)
+        self.augmentable = [e.augment and (self.mirror or not mentions_position(
+            e.instruction, e.target)) for e in everything]
         image_token = getattr(processor, "image_token_id", None)
         self.packed = PackedText(self.text, image_token) if pack and image_token is not None \
             else None
@@ -333,15 +338,40 @@ class _Data:
 
     def _batch(self, units: list[list[int]], config: TrainConfig, aug_key: int) -> dict[str, torch.Tensor]:
         tag = self.losses is not None
+        pixels = self.images.batch([self.image_index[u[0]] for u in units])
+        if self.mirror:
+            units, pixels = self._mirrored(units, pixels, config.seed, aug_key)
+        else:
+            pixels = augment(pixels, [self.augmentable[u[0]] for u in units],
+                             config.augment, config.seed, aug_key)
         if self.packed is None:
             batch = self.text.batch([u[0] for u in units], with_example=tag)
         else:
             batch = self.packed.batch(units, with_example=tag)
-        rows = [u[0] for u in units]
-        pixels = self.images.batch([self.image_index[r] for r in rows])
-        batch["pixel_values"] = augment(pixels, [self.augmentable[r] for r in rows],
-                                        config.augment, config.seed, aug_key)
+        batch["pixel_values"] = pixels
         return batch
+
+    def _mirrored(self, units: list[list[int]], pixels: torch.Tensor, seed: int,
+                  key: int) -> tuple[list[list[int]], torch.Tensor]:
+        """``augment='mirror'``: each unit's image mirrored left-right and up-down with
+        probability 1/2 each (from (seed, key)), its examples replaced by their sequences for
+        that mirror (place answers mirrored; examples the mirror leaves unknown left out). The
+        units come back as sequence indices of :class:`leaml.batches.TextCache`."""
+        g = torch.Generator().manual_seed((seed * 1_000_003 + key) & 0x7FFFFFFF)
+        draws = (torch.rand(len(units), 2, generator=g) < 0.5).tolist()
+        out, pixels = [], pixels.clone()
+        for row, (unit, (h, v)) in enumerate(zip(units, draws)):
+            axes = "h" * h + "v" * v
+            seqs = [self.text.mirrored[axes][i] for i in unit] \
+                if axes and self.augmentable[unit[0]] else []
+            seqs = [s for s in seqs if s >= 0]
+            if not seqs:  # not mirrored (drawn so, or nothing of it survives a mirror)
+                out.append(unit)
+                continue
+            out.append(seqs)
+            dims = [d for d, on in ((-1, h), (-2, v)) if on]
+            pixels[row] = pixels[row].flip(dims)
+        return out, pixels
 
     def _hard_examples(self, stream: int, count: int, seed: int, key: int) -> list[int]:
         """``count`` examples of the stream: a question drawn by its running-loss weight, then

@@ -20,31 +20,13 @@ of 64, seed 0): 79.3% -> 86.1% of the answers, polyp size 36 -> 54%, locations 1
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from leaml.batches import mentions_position
-
-# the parts a place is named with ("upper-left", "center", "lower right"), and what a mirror
-# along each axis ('h': left-right, 'v': up-down) makes of them
-_PLACE_PARTS = {"left", "right", "upper", "lower", "top", "bottom", "center", "centre",
-                "middle", "none"}
-_MIRROR = {"h": {"left": "right", "right": "left"},
-           "v": {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}}
-
-
-def mirror_word(word: str, axis: str) -> str | None:
-    """``word`` as it reads in the image mirrored along ``axis``: 'upper-left' -> 'upper-right'
-    ('h') or 'lower-left' ('v'); None when the word is not a place name."""
-    parts = re.split(r"([-\s]+)", word)
-    if not all(p in _PLACE_PARTS for p in parts[::2]):
-        return None
-    return "".join(_MIRROR[axis].get(p, p) if i % 2 == 0 else p for i, p in enumerate(parts))
-
+from leaml.batches import mentions_position, mirror_word
 
 class AnswerTargets:
     """Per image, multi-hot answer words of every closed question asked about it."""
@@ -73,7 +55,7 @@ class AnswerTargets:
         # their labels there (a question about position whose answers are not place names
         # cannot say what a mirror does to it)
         self.mirror: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for axis in _MIRROR:
+        for axis in ("h", "v"):
             perm, keeps = list(range(len(self.labels))), []
             for q in self.questions:
                 ws = sorted(words[q])

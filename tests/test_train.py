@@ -3,13 +3,14 @@ the vision warmup."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from PIL import Image
 
 from leaml import models
-from leaml.batches import EpochOrder, Example, augment, mentions_position
+from leaml.batches import EpochOrder, Example, augment, mentions_position, mirror_target
 from leaml.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
                          stream_schedule, total_steps, train)
 from leaml.vision_warmup import AnswerTargets, mirror_word
@@ -370,6 +371,74 @@ def test_mirrored_batches_move_place_answers_with_the_image_and_drop_what_cannot
         # "on the left" has no place-name answer: a mirrored row does not ask it
         assert bool(asked[k, q[LEFT]]) == same and asked[k, q[WHERE]] and asked[k, q[COLOUR]]
     assert 32 < moved < 64  # each axis mirrors half the rows
+
+
+def test_mirror_target_mirrors_place_answers_keeps_others_and_gives_up_on_the_rest():
+    assert mirror_target(WHERE, "Upper-left", "h") == "Upper-right"
+    assert mirror_target(WHERE, "upper-left, center", "hv") == "lower-right, center"
+    assert mirror_target(WHERE, "LOWER LEFT", "v") == "UPPER LEFT"
+    assert mirror_target(COLOUR, "red", "hv") == "red"  # not about position: the same answer
+    assert mirror_target(LEFT, "yes", "h") is None  # the mirror makes the answer unknown here
+    assert mirror_target(LEFT, "yes", "v") is None  # kept simple: any position non-place answer
+    assert mirror_target(WHERE, "near the top", "v") is None
+
+
+def _square_pictures():
+    """Grey 64x64 pictures with a white square in one corner, and WHERE/COLOUR/LEFT examples."""
+    corners = {"upper-left": (0, 0), "upper-right": (48, 0), "lower-left": (0, 48),
+               "lower-right": (48, 48)}
+    out = []
+    for name, (x, y) in corners.items():
+        for colour in ("red", "blue"):
+            img = Image.new("RGB", (64, 64), (90, 90, 90))
+            img.paste((255, 255, 255), (x, y, x + 16, y + 16))
+            out += [Example(img, WHERE, name.capitalize()), Example(img, COLOUR, colour),
+                    Example(img, LEFT, "yes" if x == 0 else "no")]
+    return out
+
+
+def _square_at(pixels: torch.Tensor) -> str:
+    """Where the bright square is in a processed (C, H, W) image."""
+    r, c = [float(v.float().mean()) for v in (pixels.sum(0) > pixels.sum(0).mean()).nonzero(as_tuple=True)]
+    h, w = pixels.shape[-2:]
+    return f"{'upper' if r < h / 2 else 'lower'}-{'left' if c < w / 2 else 'right'}"
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_main_loop_mirror_moves_place_answers_with_the_image(base, pack):
+    from leaml.train import _Data
+    model, proc = base
+    ex = _square_pictures()
+    cfg = TrainConfig(mode="full", batch_size=8, augment="mirror", hard_fraction=0.25)
+    data = _Data(proc, [Stream(ex)], cfg, pack=pack)
+    units = data.units[0]
+    mirrored = kept_left = 0
+    for key in range(6):
+        batch = data._batch(units, cfg, key)
+        for b in range(len(units)):
+            pixels = batch["pixel_values"][b]
+            original = data.images.batch([data.image_index[units[b][0]]])[0]
+            flipped = not torch.equal(pixels, original)
+            mirrored += flipped
+            seen = set()
+            for i in batch["example"][b].unique().tolist():
+                if i < 0:
+                    continue
+                tokens = batch["labels"][b][(batch["example"][b] == i) & (batch["labels"][b] >= 0)]
+                answer = proc.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                seen.add(ex[i].instruction)
+                if ex[i].instruction == WHERE:  # the label names where the square now is
+                    assert answer.lower() == _square_at(pixels)
+                else:
+                    assert answer == ex[i].target
+            assert not (flipped and LEFT in seen)
+            if pack:  # a packed row: all questions of the image, less what a mirror leaves unknown
+                assert {WHERE, COLOUR} <= seen and (LEFT in seen) == (not flipped)
+                kept_left += LEFT in seen
+    assert 0 < mirrored < 6 * len(units) and (not pack or kept_left)
+    result = train(copy.deepcopy(model), proc, ex, TrainConfig(mode="full", batch_size=8,
+                   max_steps=3, augment="mirror", pack=pack))
+    assert result.step == 3 and all(math.isfinite(x) for x in result.losses)
 
 
 def test_warmup_epochs_set_its_length_and_lora_refuses_it(base):
