@@ -53,7 +53,7 @@ def mirror_target(instruction: str, target: str, axes: str) -> str | None:
     """``target`` as the answer for the image mirrored along each axis in ``axes`` ('h', 'v',
     'hv'): unchanged when neither text speaks of position; its place names mirrored, case
     kept, when every comma-separated part of it is a place name ("Upper-left, center" ->
-    "Upper-right, center" for 'h'); None when a mirror leaves the answer unknown (a position
+    "Upper-right, center" for 'h'; a list sorted as the demo's stays sorted); None when a mirror leaves the answer unknown (a position
     question answered otherwise: "Is the polyp on the left?" "Yes")."""
     if not mentions_position(instruction, target):
         return target
@@ -67,7 +67,10 @@ def mirror_target(instruction: str, target: str, axes: str) -> str | None:
         new = swap.get(word.lower(), word.lower())
         return new.upper() if word.isupper() and len(word) > 1 else \
             new.capitalize() if word[0].isupper() else new
-    return re.sub(r"[A-Za-z]+", one, target)
+    mirrored = [re.sub(r"[A-Za-z]+", one, p.strip()) for p in target.split(",")]
+    if len(parts) > 1 and parts == sorted(parts):  # a sorted list stays sorted
+        mirrored.sort(key=str.lower)
+    return ", ".join(mirrored)
 
 
 @dataclass

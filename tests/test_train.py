@@ -376,6 +376,7 @@ def test_mirrored_batches_move_place_answers_with_the_image_and_drop_what_cannot
 def test_mirror_target_mirrors_place_answers_keeps_others_and_gives_up_on_the_rest():
     assert mirror_target(WHERE, "Upper-left", "h") == "Upper-right"
     assert mirror_target(WHERE, "upper-left, center", "hv") == "lower-right, center"
+    assert mirror_target(WHERE, "lower-left, upper-center", "v") == "lower-center, upper-left"
     assert mirror_target(WHERE, "LOWER LEFT", "v") == "UPPER LEFT"
     assert mirror_target(COLOUR, "red", "hv") == "red"  # not about position: the same answer
     assert mirror_target(LEFT, "yes", "h") is None  # the mirror makes the answer unknown here
