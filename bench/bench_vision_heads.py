@@ -4,10 +4,13 @@ The vision warmup (``TrainConfig.vision_warmup_*``, leaml/vision_warmup.py) trai
 and projector through throw-away max-pooled heads, one score per closed answer word. Read on
 the test split, those heads say how much of the demo the 9 image tokens can carry at all: an
 upper bound for what the language model can learn to read from them. This runs the warmup's
-own ``fit`` twice on the same demo scenes (flips off, then on: the baseline and the change,
-same seed, same steps) and prints per-question test accuracy and the difference.
+own ``fit`` twice on the same demo scenes (the baseline and the change, same seed, same
+steps) and prints per-question test accuracy and the difference. The change is the mirrors
+(``--change flips``: flips off, then on) or the transpose on top of them (``--change
+transpose``: the four mirrors, then all eight symmetries of the square).
 
-    .venv/bin/python bench/bench_vision_heads.py [--steps 4000] [--batch-size 64] [--threads 2]
+    .venv/bin/python bench/bench_vision_heads.py [--change flips|transpose] [--steps 4000]
+        [--batch-size 64] [--threads 2]
 
 Scenes come from the demo generator in memory (the default 3000 train / 500 test of
 ``leaml demo``), so nothing is read from a data home or downloaded.
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="tiny", help="base model ref (default tiny)")
+    ap.add_argument("--change", choices=("flips", "transpose"), default="flips",
+                    help="flips: no mirrors vs mirrors; transpose: mirrors vs mirrors + transpose")
     args = ap.parse_args(argv)
     import torch
 
@@ -97,26 +102,31 @@ def main(argv=None) -> int:
           f"questions, {len(targets.labels)} answer words ({time.perf_counter() - t0:.0f} s)",
           file=sys.stderr)
     results = {}
-    for flips in (False, True):
+    variants = {"flips": [("no flips", False, False), ("flips", True, False)],
+                "transpose": [("flips", True, False), ("flips+transpose", True, True)]}
+    for name, flips, transpose in variants[args.change]:
         model, _ = models.load(args.model)
-        for name, p in model.named_parameters():  # the image path only, as the warmup does
-            p.requires_grad_(models.arch_spec(model).language_model_prefix not in name
-                             and "lm_head" not in name)
+        for pname, p in model.named_parameters():  # the image path only, as the warmup does
+            p.requires_grad_(models.arch_spec(model).language_model_prefix not in pname
+                             and "lm_head" not in pname)
         t = time.perf_counter()
         heads, losses = fit(model, targets, lambda ids: train_px[ids], steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, flips=flips, seed=args.seed)
+                            batch_size=args.batch_size, lr=args.lr, flips=flips,
+                            transpose=transpose, seed=args.seed)
         acc = _accuracy(heads, model, test_px, test_qa, targets)
-        results["flips" if flips else "no flips"] = {
+        results[name] = {
             "seconds": round(time.perf_counter() - t, 1), "final_loss": round(losses[-1], 4),
             "accuracy": {k: round(v, 1) for k, v in acc.items()}}
-        print(f"flips={flips}: {acc['overall']:.1f}% in {time.perf_counter() - t:.0f} s",
+        print(f"{name}: {acc['overall']:.1f}% in {time.perf_counter() - t:.0f} s",
               file=sys.stderr)
-    base, new = results["no flips"]["accuracy"], results["flips"]["accuracy"]
-    print(f"{'question':52s} {'no flips':>9s} {'flips':>7s} {'diff':>6s}")
+    (a, _, _), (b, _, _) = variants[args.change]
+    base, new = results[a]["accuracy"], results[b]["accuracy"]
+    print(f"{'question':52s} {a:>9s} {b:>15s} {'diff':>6s}")
     for q in base:
-        print(f"{q[:52]:52s} {base[q]:9.1f} {new[q]:7.1f} {new[q] - base[q]:+6.1f}")
-    print(f"ratio flips / no flips (overall): {new['overall'] / base['overall']:.3f}")
-    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+        print(f"{q[:52]:52s} {base[q]:9.1f} {new[q]:15.1f} {new[q] - base[q]:+6.1f}")
+    print(f"ratio {b} / {a} (overall): {new['overall'] / base['overall']:.3f}")
+    print(json.dumps({"change": args.change, "steps": args.steps, "batch_size": args.batch_size,
+                      "seed": args.seed,
                       **results}))
     return 0
 

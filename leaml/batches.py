@@ -40,12 +40,24 @@ _MIRROR = {"h": {"left": "right", "right": "left"},
            "v": {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}}
 
 
+# transposed (mirrored along the main diagonal): rows become columns; row words come first
+_TRANSPOSE = {"left": "upper", "upper": "left", "right": "lower", "lower": "right",
+              "center": "center", "centre": "centre", "middle": "middle", "none": "none"}
+
+
 def mirror_word(word: str, axis: str) -> str | None:
     """``word`` as it reads in the image mirrored along ``axis``: 'upper-left' -> 'upper-right'
-    ('h') or 'lower-left' ('v'); None when the word is not a place name."""
+    ('h'), 'lower-left' ('v') or, transposed ('t': rows become columns, row word first),
+    'center-left' -> 'upper-center'; None when the word is not a place name (or, for 't',
+    names no row or column: 'top')."""
     parts = re.split(r"([-\s]+)", word)
     if not all(p in _PLACE_PARTS for p in parts[::2]):
         return None
+    if axis == "t":
+        if not all(p in _TRANSPOSE for p in parts[::2]):
+            return None
+        parts = parts[::-1]
+        return "".join(_TRANSPOSE[p] if i % 2 == 0 else p for i, p in enumerate(parts))
     return "".join(_MIRROR[axis].get(p, p) if i % 2 == 0 else p for i, p in enumerate(parts))
 
 

@@ -57,7 +57,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     lora_targets: list = _f([], "module name suffixes to adapt; [] = arch_spec's language-model targets")
     train_vision: bool = _f(True, "full mode: train the vision tower too (False = frozen)")
-    vision_lr_scale: float = _f(1.0, "full mode: the vision tower's lr = lr x this")
+    vision_lr_scale: float = _f(1.0, "full mode: the vision tower's lr = lr x this (0 = frozen "
+                                "after the vision warmup: no backward through it)")
     image_cache_mb: float = _f(2048.0, "preprocess all images once when they fit; else open per batch")
     augment: str = _f("none", "'none'; 'mirror' (left-right and up-down at random, place "
                       "answers mirrored with the image, other position questions sit mirrored "
@@ -75,6 +76,8 @@ class TrainConfig:
     vision_warmup_lr: float = _f(0.5, "SGD (momentum 0.9) lr of the vision warmup")
     vision_warmup_flips: bool = _f(True, "vision warmup: mirror images at random, place answers "
                                    "('upper-left') with them")
+    vision_warmup_transpose: bool = _f(False, "vision warmup, with flips: transpose images "
+                                       "(square ones) at random too, place answers following")
     hard_fraction: float = _f(0.0, "fraction of every batch drawn by question, each with "
                               "probability ~ its running loss ** question_power (questions "
                               "not learned yet get more samples); 0 = off")
@@ -87,7 +90,7 @@ class TrainConfig:
         checks = [
             (self.mode in ("lora", "full"), "mode must be 'lora' or 'full'"),
             (self.lr > 0, "lr must be > 0"),
-            (self.vision_lr_scale > 0, "vision_lr_scale must be > 0"),
+            (self.vision_lr_scale >= 0, "vision_lr_scale must be >= 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
@@ -426,6 +429,11 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
         # (a resumed run skips the warmup: its checkpoint holds the warmed weights)
         if config.vision_warmup_steps or config.vision_warmup_epochs:
             vision_warmup(acc.unwrap_model(model), batches, streams, config, progress, stage)
+    if config.mode == "full" and config.vision_lr_scale == 0:  # warmed (or as loaded): frozen
+        vision = _vision_params(acc.unwrap_model(model))
+        for name, p in acc.unwrap_model(model).named_parameters():
+            if name in vision:
+                p.requires_grad_(False)
     schedule = stream_schedule([s.weight for s in streams], total)
     return _loop(acc, model, optimizer, scheduler, batches, schedule, masks, config, step, total,
                  ckpt, progress, should_stop, stage)
@@ -452,6 +460,7 @@ def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: Tr
         else None
     _, losses = fit_heads(model, targets, batches.images.batch, steps=steps, batch_size=size,
                           lr=config.vision_warmup_lr, flips=config.vision_warmup_flips,
+                          transpose=config.vision_warmup_transpose,
                           seed=config.seed, max_grad_norm=config.max_grad_norm, progress=report)
     return losses
 

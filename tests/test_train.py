@@ -265,7 +265,7 @@ def test_vision_lr_scale_sets_the_vision_towers_learning_rate(tiny):
     assert all(lrs[i] == pytest.approx(5e-3) for i in vision)
     assert all(lr == pytest.approx(1e-3) for i, lr in lrs.items() if i not in vision)
     with pytest.raises(ValueError, match="vision_lr_scale"):
-        _cfg(vision_lr_scale=0)
+        _cfg(vision_lr_scale=-0.1)
 
 
 # --- vision warmup (leaml/vision_warmup.py) -----------------------------------------------
@@ -321,6 +321,24 @@ def test_warmup_trains_only_the_image_path_and_its_heads_learn_a_small_detail(ba
     assert any("multi_modal_projector" in n for n in changed)
 
 
+def test_vision_lr_scale_zero_freezes_the_warmed_tower_for_the_main_loop(base):
+    from leaml.train import _vision_params
+    model, proc = base
+    cfg = dict(mode="full", batch_size=8, vision_warmup_steps=20, vision_warmup_lr=0.1,
+               vision_lr_scale=0.0)
+    warmed = train(copy.deepcopy(model), proc, _corner_examples(), TrainConfig(
+        max_steps=5, **cfg), should_stop=lambda: True).model  # the warmup alone
+    trained = train(copy.deepcopy(model), proc, _corner_examples(), TrainConfig(
+        max_steps=5, **cfg)).model  # the same warmup, then 5 main steps
+    vision = _vision_params(trained)
+    before, mid, after = (dict(m.named_parameters()) for m in (model, warmed, trained))
+    assert vision and any(not torch.equal(mid[n], before[n]) for n in vision)  # warmed
+    assert all(torch.equal(after[n], mid[n]) for n in vision)  # then frozen, bit for bit
+    assert not any(after[n].requires_grad for n in vision)
+    lm = models.arch_spec(trained).language_model_prefix
+    assert any(not torch.equal(after[n], mid[n]) for n in after if n.startswith(lm))
+
+
 def test_mirror_word_names_the_place_in_the_mirrored_image():
     assert mirror_word("upper-left", "h") == "upper-right"
     assert mirror_word("upper-left", "v") == "lower-left"
@@ -328,6 +346,11 @@ def test_mirror_word_names_the_place_in_the_mirrored_image():
     assert mirror_word("center", "h") == mirror_word("center", "v") == "center"
     assert mirror_word("none", "v") == "none"
     assert mirror_word("red", "h") is None and mirror_word("left-ish", "h") is None
+    # transposed: rows become columns, the row word stays first
+    assert mirror_word("center-left", "t") == "upper-center"
+    assert mirror_word("upper-right", "t") == "lower-left"
+    assert mirror_word("lower-right", "t") == "lower-right"
+    assert mirror_word("center", "t") == "center" and mirror_word("top", "t") is None
 
 
 WHERE, COLOUR, LEFT = "Where is the square?", "What colour is the square?", "Is the square on the left?"
@@ -371,6 +394,30 @@ def test_mirrored_batches_move_place_answers_with_the_image_and_drop_what_cannot
         # "on the left" has no place-name answer: a mirrored row does not ask it
         assert bool(asked[k, q[LEFT]]) == same and asked[k, q[WHERE]] and asked[k, q[COLOUR]]
     assert 32 < moved < 64  # each axis mirrors half the rows
+
+
+def test_transposed_batches_use_all_eight_symmetries_and_place_answers_follow():
+    pixels, t = _square_scenes()
+    label = {lab: i for i, lab in enumerate(t.labels)}
+    rows = torch.arange(len(pixels)).repeat(16)
+    out, y, _ = t.mirrored(pixels[rows], t.y[rows], t.asked[rows],
+                           torch.Generator().manual_seed(0), transpose=True)
+    for k in range(len(rows)):
+        assert [w for (q, w), i in label.items() if q == WHERE and y[k, i] == 1] == \
+            [_where(out[k])]
+    # the same draws on noise: which of the square's eight symmetries each row got
+    noise = torch.rand(len(rows), 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    moved, _, _ = t.mirrored(noise, t.y[rows], t.asked[rows], torch.Generator().manual_seed(0),
+                             transpose=True)
+    symmetries = [lambda x: x, lambda x: x.flip(-1), lambda x: x.flip(-2),
+                  lambda x: x.flip(-1).flip(-2)]
+    symmetries += [lambda x, f=f: f(x).transpose(-1, -2) for f in symmetries]
+    used = {next(i for i, f in enumerate(symmetries) if torch.equal(moved[k], f(noise[k])))
+            for k in range(len(rows))}
+    assert used == set(range(8))
+    with pytest.raises(ValueError, match="square"):
+        t.mirrored(torch.zeros(2, 3, 12, 10), t.y[:2], t.asked[:2], torch.Generator(),
+                   transpose=True)
 
 
 def test_mirror_target_mirrors_place_answers_keeps_others_and_gives_up_on_the_rest():
