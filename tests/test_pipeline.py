@@ -92,13 +92,17 @@ def test_unknown_method_and_bad_override_say_what_to_use():
 def test_full_finetuning_warms_the_vision_up_by_default_but_the_demo_table_budgets_do_not():
     full = pipeline.method_config("seed-full").stages["train"]
     assert full.vision_warmup_epochs > 0 and full.vision_warmup_flips and full.hard_fraction > 0
-    assert pipeline.method_config("leaml").stages["finetune"].vision_warmup_epochs > 0
+    assert full.vision_lr_scale == 0  # warmed, then frozen
+    target = pipeline.method_config("leaml").stages["finetune"]
+    assert target.vision_warmup_epochs > 0 and target.vision_lr_scale == 0
     assert pipeline.method_config("seed-lora").stages["train"].vision_warmup_epochs == 0
     from leaml.report import full_plan, quick_plan
     for plan in (full_plan(), quick_plan()):
         for method, overrides in plan.overrides.items():
             for stage in pipeline.method_config(method, overrides=overrides).stages.values():
                 assert stage.vision_warmup_epochs == stage.vision_warmup_steps == 0
+                # no warmup: a full stage trains the tower rather than freeze it untrained
+                assert stage.mode == "lora" or stage.vision_lr_scale > 0
 
 
 def test_cli_run_prints_the_json_result_last(project, home):
