@@ -608,7 +608,9 @@ def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step,
     inner = acc.unwrap_model(model)
     state = {
         "step": step, "stage": stage, "config": config.to_dict(),
-        "weights": {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad},
+        # full mode: every weight (a tower frozen after its warmup was trained too); LoRA: adapters
+        "weights": {n: p.detach().cpu() for n, p in inner.named_parameters()
+                    if p.requires_grad or config.mode == "full"},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "question_losses": losses.state_dict() if losses else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),

@@ -83,8 +83,9 @@ def test_full_mode_can_freeze_the_vision_tower(tiny):
 
 @pytest.mark.parametrize("mode,extra", [
     ("full", {}), ("lora", {}), ("full", {"vision_warmup_steps": 8}),
+    ("full", {"vision_warmup_steps": 8, "vision_lr_scale": 0.0}),
     ("full", {"hard_fraction": 0.5, "checkpoint_every": 5})],
-    ids=["full", "lora", "full-warmup", "full-hard"])
+    ids=["full", "lora", "full-warmup", "full-warmup-frozen", "full-hard"])
 def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(base, tmp_path, mode,
                                                                           extra):
     model, proc = base
