@@ -38,8 +38,6 @@ _PLACE_PARTS = {"left", "right", "upper", "lower", "top", "bottom", "center", "c
                 "middle", "none"}
 _MIRROR = {"h": {"left": "right", "right": "left"},
            "v": {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}}
-
-
 # transposed (mirrored along the main diagonal): rows become columns; row words come first
 _TRANSPOSE = {"left": "upper", "upper": "left", "right": "lower", "lower": "right",
               "center": "center", "centre": "centre", "middle": "middle", "none": "none"}
@@ -51,13 +49,10 @@ def mirror_word(word: str, axis: str) -> str | None:
     'center-left' -> 'upper-center'; None when the word is not a place name (or, for 't',
     names no row or column: 'top')."""
     parts = re.split(r"([-\s]+)", word)
-    if not all(p in _PLACE_PARTS for p in parts[::2]):
+    if not all(p in (_TRANSPOSE if axis == "t" else _PLACE_PARTS) for p in parts[::2]):
         return None
-    if axis == "t":
-        if not all(p in _TRANSPOSE for p in parts[::2]):
-            return None
-        parts = parts[::-1]
-        return "".join(_TRANSPOSE[p] if i % 2 == 0 else p for i, p in enumerate(parts))
+    if axis == "t":  # the column word becomes the row word and comes first
+        return "".join(_TRANSPOSE[p] if i % 2 == 0 else p for i, p in enumerate(parts[::-1]))
     return "".join(_MIRROR[axis].get(p, p) if i % 2 == 0 else p for i, p in enumerate(parts))
 
 
@@ -65,8 +60,9 @@ def mirror_target(instruction: str, target: str, axes: str) -> str | None:
     """``target`` as the answer for the image mirrored along each axis in ``axes`` ('h', 'v',
     'hv'): unchanged when neither text speaks of position; its place names mirrored, case
     kept, when every comma-separated part of it is a place name ("Upper-left, center" ->
-    "Upper-right, center" for 'h'; a list sorted as the demo's stays sorted); None when a mirror leaves the answer unknown (a position
-    question answered otherwise: "Is the polyp on the left?" "Yes")."""
+    "Upper-right, center" for 'h'; a list sorted as the demo's stays sorted); None when a
+    mirror leaves the answer unknown (a position question answered otherwise: "Is the polyp
+    on the left?" "Yes")."""
     if not mentions_position(instruction, target):
         return target
     parts = [p.strip().lower() for p in target.split(",")]

@@ -41,7 +41,7 @@ def _seed_full() -> TrainConfig:
     the warmed tower then frozen (as LLaVA keeps its tower frozen), a quarter of each batch
     drawn from the questions not learned yet. Demo oracle, seed 0: 72.32% without any of the
     three, 83.04% with the warmup and the hard draws, 86.61% with the frozen tower too, in
-    10:58 on two cores; at 1% labels the frozen tower costs 0.2-0.5 points (bench/RESULTS.md)."""
+    11:06 on two cores; at 1% labels the frozen tower costs 0.2-0.5 points (bench/RESULTS.md)."""
     return TrainConfig(mode="full", lr=1e-3, batch_size=64, epochs=2.0, min_steps=200,
                        warmup_ratio=0.05, weight_decay=0.0, vision_warmup_epochs=85.0,
                        vision_lr_scale=0.0, hard_fraction=0.25)

@@ -430,8 +430,9 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
         if config.vision_warmup_steps or config.vision_warmup_epochs:
             vision_warmup(acc.unwrap_model(model), batches, streams, config, progress, stage)
     if config.mode == "full" and config.vision_lr_scale == 0:  # warmed (or as loaded): frozen
-        vision = _vision_params(acc.unwrap_model(model))
-        for name, p in acc.unwrap_model(model).named_parameters():
+        inner = acc.unwrap_model(model)
+        vision = _vision_params(inner)
+        for name, p in inner.named_parameters():
             if name in vision:
                 p.requires_grad_(False)
     schedule = stream_schedule([s.weight for s in streams], total)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from leaml.batches import mentions_position, mirror_word
 
+
 class AnswerTargets:
     """Per image, multi-hot answer words of every closed question asked about it."""
 
