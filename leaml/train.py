@@ -78,6 +78,8 @@ class TrainConfig:
                                    "('upper-left') with them")
     vision_warmup_transpose: bool = _f(False, "vision warmup, with flips: transpose images "
                                        "(square ones) at random too, place answers following")
+    vision_warmup_shift: int = _f(0, "vision warmup: move each image by up to this many pixels "
+                                  "along each axis at random (edges repeated); answers kept")
     hard_fraction: float = _f(0.0, "fraction of every batch drawn by question, each with "
                               "probability ~ its running loss ** question_power (questions "
                               "not learned yet get more samples); 0 = off")
@@ -104,8 +106,8 @@ class TrainConfig:
             (self.oversample_open >= 1, "oversample_open must be >= 1"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision: 'no', 'bf16' or 'fp16'"),
             (self.vision_warmup_steps >= 0 and self.vision_warmup_epochs >= 0
-             and self.vision_warmup_lr > 0,
-             "vision_warmup_steps/epochs must be >= 0 and vision_warmup_lr > 0"),
+             and self.vision_warmup_lr > 0 and self.vision_warmup_shift >= 0,
+             "vision_warmup_steps/epochs/shift must be >= 0 and vision_warmup_lr > 0"),
             (0 <= self.hard_fraction < 1, "hard_fraction must be in [0, 1)"),
             (self.vision_warmup_steps == self.vision_warmup_epochs == 0 or self.mode == "full",
              "vision_warmup_steps/epochs need mode 'full' (LoRA keeps the vision tower frozen)"),
@@ -462,6 +464,7 @@ def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: Tr
     _, losses = fit_heads(model, targets, batches.images.batch, steps=steps, batch_size=size,
                           lr=config.vision_warmup_lr, flips=config.vision_warmup_flips,
                           transpose=config.vision_warmup_transpose,
+                          shift=config.vision_warmup_shift,
                           seed=config.seed, max_grad_norm=config.max_grad_norm, progress=report)
     return losses
 

@@ -96,6 +96,16 @@ class AnswerTargets:
         return len(self.images)
 
 
+def shifted(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of (B, C, H, W) moved by up to ``shift`` pixels along each axis (uniform,
+    edges repeated to fill). Answers stay as they are: a few pixels move few objects across
+    the border of a place."""
+    b, _, h, w = pixels.shape
+    padded = F.pad(pixels, (shift, shift, shift, shift), mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=generator).tolist()
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+
+
 def answer_words(answer: str) -> list[str]:
     """The words of a (multi-)answer: "Red, white" -> ["red", "white"]."""
     return [w.strip().lower() for w in answer.split(",") if w.strip()] or [""]
@@ -139,14 +149,14 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, asked: torch.Tensor,
 
 def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Tensor], *,
         steps: int, batch_size: int, lr: float, flips: bool = True, transpose: bool = False,
-        seed: int = 0,
+        shift: int = 0, seed: int = 0,
         max_grad_norm: float = 1.0,
         progress: Callable[[int, int, float], None] | None = None
         ) -> tuple[AnswerHeads, list[float]]:
     """Train the model's trainable parameters (the image path) and fresh heads on ``targets``
     for ``steps`` SGD steps (momentum 0.9, linear warmup over 5%, cosine decay) of
-    ``batch_size`` images drawn with replacement; ``pixels_of(image ids)`` gives their pixel
-    tensors. Returns the heads and the losses."""
+    ``batch_size`` images drawn with replacement, mirrored with ``flips``/``transpose`` and
+    moved by up to ``shift`` pixels; ``pixels_of(image ids)`` gives their pixel tensors. Returns the heads and the losses."""
     with torch.no_grad():  # the features' width, device and dtype
         probe = image_features(model, pixels_of(targets.images[:1]))
     heads = AnswerHeads(probe.shape[-1], targets).to(probe.device, probe.dtype)
@@ -165,6 +175,8 @@ def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Te
         y, asked = targets.y[rows], targets.asked[rows]
         if flips:
             pixels, y, asked = targets.mirrored(pixels, y, asked, gen, transpose=transpose)
+        if shift:
+            pixels = shifted(pixels, shift, gen)
         logits = heads(image_features(model, pixels.to(probe.device, probe.dtype)))
         loss = loss_fn(logits.float(), y.to(logits.device), asked.to(logits.device),
                        heads.label_question)

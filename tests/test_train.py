@@ -13,7 +13,7 @@ from leaml import models
 from leaml.batches import EpochOrder, Example, augment, mentions_position, mirror_target
 from leaml.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
                          stream_schedule, total_steps, train)
-from leaml.vision_warmup import AnswerTargets, mirror_word
+from leaml.vision_warmup import AnswerTargets, mirror_word, shifted
 
 
 # a smaller tiny LLaVA than the committed base: these tests check mechanics, not accuracy
@@ -340,6 +340,35 @@ def test_vision_lr_scale_zero_freezes_the_warmed_tower_for_the_main_loop(base):
     assert any(not torch.equal(after[n], mid[n]) for n in after if n.startswith(lm))
 
 
+def test_warmup_shift_moves_the_warmup_images_and_it_still_learns(base):
+    losses = {}
+    for shift in (0, 4):
+        seen = []
+        cfg = TrainConfig(mode="full", batch_size=8, max_steps=5, vision_warmup_steps=60,
+                          vision_warmup_lr=0.1, vision_warmup_shift=shift)
+        train(copy.deepcopy(base[0]), base[1], _corner_examples(), cfg, should_stop=lambda: True,
+              progress=lambda *a: seen.append(a))
+        losses[shift] = [loss for stage, _, _, loss in seen if stage == "train: vision warmup"]
+    assert losses[0] != losses[4]  # the same seed: only the moved pixels differ
+    assert sum(losses[4][-10:]) / 10 < 0.6 * losses[4][0]
+
+
+def test_shifted_moves_each_image_by_at_most_the_shift_and_repeats_the_edges():
+    img = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(1))
+    img[:, 5, 6] = 2.0  # one marked pixel (rand is below 1) tells where the image went
+    batch = img.repeat(200, 1, 1, 1)
+    out = shifted(batch, 2, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape
+    moves = set()
+    for k in range(len(out)):
+        (y, x), = (out[k, 0] == 2.0).nonzero().tolist()
+        dy, dx = y - 5, x - 6
+        moves.add((dy, dx))
+        rows, cols = (torch.arange(12) - dy).clamp(0, 11), (torch.arange(12) - dx).clamp(0, 11)
+        assert torch.equal(out[k], img[:, rows][:, :, cols])  # moved, the edges repeated
+    assert moves == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # all 25 drawn
+
+
 def test_mirror_word_names_the_place_in_the_mirrored_image():
     assert mirror_word("upper-left", "h") == "upper-right"
     assert mirror_word("upper-left", "v") == "lower-left"
@@ -507,6 +536,8 @@ def test_warmup_needs_full_mode_and_sane_numbers():
         TrainConfig(mode="lora", vision_warmup_steps=10)
     with pytest.raises(ValueError, match="vision_warmup"):
         TrainConfig(mode="full", vision_warmup_steps=-1)
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        TrainConfig(mode="full", vision_warmup_shift=-2)
 
 
 # --- hard examples ---------------------------------------------------------------------------
