@@ -25,6 +25,9 @@ labels that is what lets the captions reach the pseudo answers (bench/RESULTS.md
 from __future__ import annotations
 
 import math
+import random
+import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -63,6 +66,9 @@ class GeneratorConfig:
     answer_ratio: float = _f(4.0, "answer-stream steps per seed-QA step")
     caption_context: bool = _f(True, "start G's QA prompts with the image's teacher caption, in "
                                      "training and pseudo QA (needs captions)")
+    caption_swaps: int = _f(0, "answer stream, with caption context: per seed pair whose answer "
+                               "its caption names, this many copies with that name swapped for "
+                               "another seed answer of the question, in caption and answer")
 
     def __post_init__(self):
         if isinstance(self.train, dict):
@@ -74,7 +80,8 @@ class GeneratorConfig:
                   (self.qa_epochs > 0, "qa_epochs must be > 0"),
                   (self.min_qa_steps >= 1 and self.max_qa_steps >= 0, "min_qa_steps >= 1, max_qa_steps >= 0"),
                   (self.importance_batch_size >= 1, "importance_batch_size must be >= 1"),
-                  (self.max_captions >= 0, "max_captions must be >= 0")]
+                  (self.max_captions >= 0, "max_captions must be >= 0"),
+                  (self.caption_swaps >= 0, "caption_swaps must be >= 0")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GeneratorConfig: {msg}")
@@ -126,6 +133,44 @@ def answer_examples(rows: Sequence[dict], image_file: Callable[[dict], str], *,
     return [Example(image_file(r), with_context(_context(r, context), r["question"].strip()),
                     r["answer"].strip(), open=r["answer"].strip().lower() not in ("yes", "no"))
             for r in rows]
+
+
+def named_at(text: str, answer: str) -> tuple[int, int] | None:
+    """Where ``text`` names ``answer`` as a whole phrase (case ignored; "center" is not named
+    by "upper-center"), as (start, end); None if it does not."""
+    if not answer:
+        return None
+    m = re.search(r"(?<![\w-])" + re.escape(answer) + r"(?![\w-])", text, re.I)
+    return m.span() if m else None
+
+
+def swapped_examples(rows: Sequence[dict], image_file: Callable[[dict], str], swaps: int,
+                     seed: int = 0) -> list[Example]:
+    """Counterfactual answer-stream examples that teach G to read the caption: for each seed
+    pair whose image caption (``image_caption``) names its answer, up to ``swaps`` copies in
+    which that name is replaced, in the caption and in the answer alike, by another answer the
+    seed set gives to the same question (one the caption does not name). Yes/no answers are
+    left alone. The image stays as it is, so only the caption tells the answer: on 30 labelled
+    images G otherwise answers places and colours from the image and its priors, although the
+    captions name them (bench/RESULTS.md)."""
+    if not swaps:
+        return []
+    answers: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        answers[r["question"].strip()].add(r["answer"].strip())
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        q, a, caption = r["question"].strip(), r["answer"].strip(), r.get("image_caption") or ""
+        span = None if a.lower() in ("yes", "no") else named_at(caption, a)
+        if not span:
+            continue
+        others = sorted(x for x in answers[q] if x.lower() not in (a.lower(), "yes", "no")
+                        and not named_at(caption, x))
+        for alt in rng.sample(others, min(swaps, len(others))):
+            swapped = caption[:span[0]] + alt + caption[span[1]:]
+            out.append(Example(image_file(r), with_context(swapped, q), alt, open=True))
+    return out
 
 
 def caption_examples(rows: Sequence[dict], image_file: Callable[[dict], str]) -> list[Example]:

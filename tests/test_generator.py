@@ -59,6 +59,38 @@ def test_caption_context_and_answer_stream_examples():
     assert generator.known_form(old) == ("generate", False)
 
 
+WHERE = "Where in the image is the polyp?"
+
+
+def test_named_at_finds_whole_phrases_only():
+    assert generator.named_at("A polyp in the Upper-Left.", "upper-left") == (15, 25)
+    assert generator.named_at("A polyp in the upper-center.", "center") is None  # part of a place
+    assert generator.named_at("A polyp at >20mm.", ">20mm") == (11, 16)
+    assert generator.named_at("A red polyp.", "") is None
+
+
+def test_swapped_examples_change_the_named_answer_in_caption_and_target_alike():
+    rows = [{"question": WHERE, "answer": "upper-left", "image_caption": "A polyp in the upper-left."},
+            {"question": WHERE, "answer": "center", "image_caption": "A polyp in the center, a clip "
+                                                                       "in the lower-right."},
+            {"question": WHERE, "answer": "lower-right", "image_caption": "A polyp, unplaced."},
+            {"question": "Is there text?", "answer": "no", "image_caption": "No text, no polyp."}]
+    out = generator.swapped_examples(rows, lambda r: r["answer"], swaps=5, seed=0)
+    got = sorted((e.image, e.instruction, e.target) for e in out)
+    # row 1: every other answer of the question; row 2: not the one its caption names already;
+    # row 3: the caption does not name its answer; row 4: yes/no is left alone
+    assert got == sorted([
+        ("upper-left", f"A polyp in the center.\n{WHERE}", "center"),
+        ("upper-left", f"A polyp in the lower-right.\n{WHERE}", "lower-right"),
+        ("center", f"A polyp in the upper-left, a clip in the lower-right.\n{WHERE}", "upper-left")])
+    assert all(e.open for e in out)
+    one = generator.swapped_examples(rows, str, swaps=1, seed=0)
+    assert len(one) == 2 and one == generator.swapped_examples(rows, str, swaps=1, seed=0)
+    assert generator.swapped_examples(rows, str, swaps=0) == []
+    with pytest.raises(ValueError, match="caption_swaps"):
+        GeneratorConfig(caption_swaps=-1)
+
+
 def test_config_validates_and_round_trips():
     with pytest.raises(ValueError, match="mode must be 'full'"):
         GeneratorConfig(train=TrainConfig(mode="lora"))
