@@ -130,9 +130,8 @@ def main(argv=None) -> int:
     for q in base:
         print(f"{q[:52]:52s} {base[q]:9.1f} {new[q]:15.1f} {new[q] - base[q]:+6.1f}")
     print(f"ratio {b} / {a} (overall): {new['overall'] / base['overall']:.3f}")
-    print(json.dumps({"change": args.change, "shift": args.shift, "steps": args.steps, "batch_size": args.batch_size,
-                      "seed": args.seed,
-                      **results}))
+    print(json.dumps({"change": args.change, "shift": args.shift, "steps": args.steps,
+                      "batch_size": args.batch_size, "seed": args.seed, **results}))
     return 0
 
 

@@ -41,6 +41,7 @@ from leaml.train import Stream, TrainConfig, TrainResult, train
 from leaml.config import option as _f
 
 CAPTION_INSTRUCTION = "Describe the image."
+_YES_NO = ("yes", "no")
 
 
 def default_train() -> TrainConfig:
@@ -131,8 +132,21 @@ def answer_examples(rows: Sequence[dict], image_file: Callable[[dict], str], *,
                     context: bool = False) -> list[Example]:
     """G's answer-stream examples: the question -> the answer (after the caption with ``context``)."""
     return [Example(image_file(r), with_context(_context(r, context), r["question"].strip()),
-                    r["answer"].strip(), open=r["answer"].strip().lower() not in ("yes", "no"))
+                    r["answer"].strip(), open=r["answer"].strip().lower() not in _YES_NO)
             for r in rows]
+
+
+def answer_stream(rows: Sequence[dict], image_file: Callable[[dict], str],
+                  cfg: GeneratorConfig, seed: int = 0) -> list[Example]:
+    """G's answer stream as ``cfg`` sets it: none without ``answer_stream``; else the seed
+    pairs as question -> answer and, with caption context, ``caption_swaps`` counterfactual
+    copies of those whose caption names the answer (``swapped_examples``)."""
+    if not cfg.answer_stream:
+        return []
+    out = answer_examples(rows, image_file, context=cfg.context)
+    if cfg.context:
+        out += swapped_examples(rows, image_file, cfg.caption_swaps, seed)
+    return out
 
 
 def named_at(text: str, answer: str) -> tuple[int, int] | None:
@@ -148,11 +162,11 @@ def swapped_examples(rows: Sequence[dict], image_file: Callable[[dict], str], sw
                      seed: int = 0) -> list[Example]:
     """Counterfactual answer-stream examples that teach G to read the caption: for each seed
     pair whose image caption (``image_caption``) names its answer, up to ``swaps`` copies in
-    which that name is replaced, in the caption and in the answer alike, by another answer the
-    seed set gives to the same question (one the caption does not name). Yes/no answers are
-    left alone. The image stays as it is, so only the caption tells the answer: on 30 labelled
-    images G otherwise answers places and colours from the image and its priors, although the
-    captions name them (bench/RESULTS.md)."""
+    which that name (its first mention) is replaced, in the caption and in the answer alike,
+    by another answer the seed set gives to the same question (one the caption does not
+    name). Yes/no answers are left alone. The image stays as it is, so only the caption tells
+    the answer: on 30 labelled images G otherwise answers places and colours from the image
+    and its priors, although the captions name them (bench/RESULTS.md)."""
     if not swaps:
         return []
     answers: dict[str, set[str]] = defaultdict(set)
@@ -162,10 +176,10 @@ def swapped_examples(rows: Sequence[dict], image_file: Callable[[dict], str], sw
     out = []
     for r in rows:
         q, a, caption = r["question"].strip(), r["answer"].strip(), r.get("image_caption") or ""
-        span = None if a.lower() in ("yes", "no") else named_at(caption, a)
+        span = None if a.lower() in _YES_NO else named_at(caption, a)
         if not span:
             continue
-        others = sorted(x for x in answers[q] if x.lower() not in (a.lower(), "yes", "no")
+        others = sorted(x for x in answers[q] if x.lower() not in (a.lower(), *_YES_NO)
                         and not named_at(caption, x))
         for alt in rng.sample(others, min(swaps, len(others))):
             swapped = caption[:span[0]] + alt + caption[span[1]:]

@@ -109,10 +109,7 @@ def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: s
     model, processor = models.load(base_model)
     try:
         qa = generator.qa_examples(data.seed_rows, file_of, context=cfg.context)
-        answers = (generator.answer_examples(data.seed_rows, file_of, context=cfg.context)
-                   if cfg.answer_stream else [])
-        if answers and cfg.context:
-            answers += generator.swapped_examples(data.seed_rows, file_of, cfg.caption_swaps, seed)
+        answers = generator.answer_stream(data.seed_rows, file_of, cfg, seed)
         res = generator.train_generator(model, processor, qa, generator.caption_examples(captions, file_of),
                                         cfg, answers=answers, work_dir=work_dir, progress=progress,
                                         should_stop=should_stop)

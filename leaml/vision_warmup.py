@@ -156,7 +156,8 @@ def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Te
     """Train the model's trainable parameters (the image path) and fresh heads on ``targets``
     for ``steps`` SGD steps (momentum 0.9, linear warmup over 5%, cosine decay) of
     ``batch_size`` images drawn with replacement, mirrored with ``flips``/``transpose`` and
-    moved by up to ``shift`` pixels; ``pixels_of(image ids)`` gives their pixel tensors. Returns the heads and the losses."""
+    moved by up to ``shift`` pixels; ``pixels_of(image ids)`` gives their pixel tensors.
+    Returns the heads and the losses."""
     with torch.no_grad():  # the features' width, device and dtype
         probe = image_features(model, pixels_of(targets.images[:1]))
     heads = AnswerHeads(probe.shape[-1], targets).to(probe.device, probe.dtype)

@@ -89,6 +89,13 @@ def test_swapped_examples_change_the_named_answer_in_caption_and_target_alike():
     assert generator.swapped_examples(rows, str, swaps=0) == []
     with pytest.raises(ValueError, match="caption_swaps"):
         GeneratorConfig(caption_swaps=-1)
+    # the stream G trains on: the swaps only with caption context, nothing without the stream
+    plain = generator.answer_examples(rows, str, context=True)
+    assert generator.answer_stream(rows, str, GeneratorConfig(caption_swaps=1)) == plain + one
+    assert generator.answer_stream(rows, str, GeneratorConfig()) == plain
+    assert generator.answer_stream(rows, str, GeneratorConfig(caption_swaps=1, captions=False)) == \
+        generator.answer_examples(rows, str)
+    assert generator.answer_stream(rows, str, GeneratorConfig(answer_stream=False)) == []
 
 
 def test_config_validates_and_round_trips():
