@@ -36,12 +36,11 @@ import torch
 
 from leaml import models, neurons
 from leaml.batches import Example, ImageSource, TextCache
-from leaml.pseudo import QA_INSTRUCTION, format_qa, with_context
+from leaml.pseudo import QA_INSTRUCTION, YES_NO, format_qa, named_at, with_context
 from leaml.train import Stream, TrainConfig, TrainResult, train
 from leaml.config import option as _f
 
 CAPTION_INSTRUCTION = "Describe the image."
-_YES_NO = ("yes", "no")
 
 
 def default_train() -> TrainConfig:
@@ -132,7 +131,7 @@ def answer_examples(rows: Sequence[dict], image_file: Callable[[dict], str], *,
                     context: bool = False) -> list[Example]:
     """G's answer-stream examples: the question -> the answer (after the caption with ``context``)."""
     return [Example(image_file(r), with_context(_context(r, context), r["question"].strip()),
-                    r["answer"].strip(), open=r["answer"].strip().lower() not in _YES_NO)
+                    r["answer"].strip(), open=r["answer"].strip().lower() not in YES_NO)
             for r in rows]
 
 
@@ -147,15 +146,6 @@ def answer_stream(rows: Sequence[dict], image_file: Callable[[dict], str],
     if cfg.context:
         out += swapped_examples(rows, image_file, cfg.caption_swaps, seed)
     return out
-
-
-def named_at(text: str, answer: str) -> tuple[int, int] | None:
-    """Where ``text`` names ``answer`` as a whole phrase (case ignored; "center" is not named
-    by "upper-center"), as (start, end); None if it does not."""
-    if not answer:
-        return None
-    m = re.search(r"(?<![\w-])" + re.escape(answer) + r"(?![\w-])", text, re.I)
-    return m.span() if m else None
 
 
 def swapped_examples(rows: Sequence[dict], image_file: Callable[[dict], str], swaps: int,
@@ -176,10 +166,10 @@ def swapped_examples(rows: Sequence[dict], image_file: Callable[[dict], str], sw
     out = []
     for r in rows:
         q, a, caption = r["question"].strip(), r["answer"].strip(), r.get("image_caption") or ""
-        span = None if a.lower() in _YES_NO else named_at(caption, a)
+        span = None if a.lower() in YES_NO else named_at(caption, a)
         if not span:
             continue
-        others = sorted(x for x in answers[q] if x.lower() not in (a.lower(), *_YES_NO)
+        others = sorted(x for x in answers[q] if x.lower() not in (a.lower(), *YES_NO)
                         and not named_at(caption, x))
         for alt in rng.sample(others, min(swaps, len(others))):
             swapped = caption[:span[0]] + alt + caption[span[1]:]

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 from leaml.config import option as _f
 
 QA_INSTRUCTION = "Generate a question about this image and answer it."
+YES_NO = ("yes", "no")
 _QA = re.compile(r"\A\s*Question:[ \t]*(?P<q>[^\n]*?)[ \t]*\n[ \t]*Answer:[ \t]*(?P<a>[^\n]*?)\s*\Z")
 
 
@@ -38,6 +39,31 @@ def with_context(context: str | None, text: str, limit: int = CONTEXT_CHARS) -> 
         context = context[:limit + 1].rsplit(" ", 1)[0] if " " in context[:limit + 1] \
             else context[:limit]
     return f"{context}\n{text}" if context else text
+
+
+def named_at(text: str, answer: str) -> tuple[int, int] | None:
+    """Where ``text`` names ``answer`` as a whole phrase (case ignored; "center" is not named
+    by "upper-center"), as (start, end); None if it does not."""
+    if not answer:
+        return None
+    m = re.search(r"(?<![\w-])" + re.escape(answer) + r"(?![\w-])", text, re.I)
+    return m.span() if m else None
+
+
+def _items(answer: str) -> frozenset[str]:
+    """The items of an answer that lists several ("red, white"), lowercased."""
+    return frozenset(x.strip().lower() for x in answer.split(",") if x.strip())
+
+
+def caption_choices(choices: Sequence[str], caption: str | None) -> list[str]:
+    """The ``choices`` that ``caption`` names, or all of them when it names none: a teacher
+    caption that names an answer outweighs G's guess. An answer is named when each of its
+    items is named as a whole phrase (yes/no never count); one whose items another named
+    answer holds too gives way to it ("red" to "red, white" after "red and white mucosa")."""
+    named = [a for a in choices if a.strip().lower() not in YES_NO and _items(a)
+             and all(named_at(caption or "", x) for x in _items(a))]
+    named = [a for a in named if not any(_items(a) < _items(b) for b in named)]
+    return named or list(choices)
 
 
 def known_prompt(question: str, form: str = "generate", context: str | None = None) -> tuple[str, str]:
@@ -77,6 +103,8 @@ class PseudoConfig:
                           "(the most frequent in the seed QA)")
     known_questions: bool = _f(True, "keep only questions the project already asks (seed/test/"
                                "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
+    caption_choices: bool = _f(True, "answer_mode 'choose', generator reading captions: choose "
+                               "only among the answers the image's caption names, where it names any")
 
     def __post_init__(self):
         for ok, msg in [(self.k >= 1, "k must be >= 1"), (self.temperature > 0, "temperature must be > 0"),
@@ -380,15 +408,18 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
     """For each given question per image, the answer among ``choices[question]`` with the
     highest log-probability of its answer tokens (end of turn included) after
     :func:`known_prompt` (in ``form``, after the image's caption in ``contexts`` if given)
-    under G; confidence = the geometric mean probability of the chosen answer's tokens, as in
-    the other modes. One forward pass per (image, question, choice), batched; nothing is
+    under G, among those the caption names if it names any and ``cfg.caption_choices``
+    (:func:`caption_choices`); confidence = the geometric mean probability of the chosen
+    answer's tokens, as in the other modes. One forward pass per (image, question, choice), batched; nothing is
     decoded, so no answer is misspelt or outside the seed's answers."""
     import torch
 
     from leaml import models
     tok = processor.tokenizer
     contexts = contexts or [None] * len(questions)
-    rows = [(i, q, a) for i, qs in enumerate(questions) for q in qs for a in choices.get(q, ())]
+    options = (lambda i, q: caption_choices(choices.get(q, ()), contexts[i])) if cfg.caption_choices \
+        else (lambda i, q: choices.get(q, ()))
+    rows = [(i, q, a) for i, qs in enumerate(questions) for q in qs for a in options(i, q)]
     stats.sampled += sum(len(qs) for qs in questions)
     starts: dict[tuple[str, str], int] = {}  # (q, a) -> index of the first answer token
     prefix = {q: known_prompt(q, form)[1] for qs in questions for q in qs}

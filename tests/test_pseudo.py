@@ -188,7 +188,7 @@ def test_answer_form_with_caption_context_scores_the_question_as_the_prompt(tiny
         pos = (labels != -100).nonzero().flatten()
         return logits[pos - 1].log_softmax(-1).gather(-1, labels[pos, None]).flatten().tolist()
 
-    cfg = pseudo.PseudoConfig(answer_mode="choose", batch_size=2, k=1)
+    cfg = pseudo.PseudoConfig(answer_mode="choose", batch_size=2, k=1, caption_choices=False)
     got = pseudo.choose_known(model, proc, models.pixel_values(proc, imgs), [0, 1], [[q], [q]],
                               choices, cfg, pseudo.ParseStats(), form="answer", contexts=captions)
     assert len(got) == 2
@@ -214,3 +214,63 @@ def test_a_long_caption_is_cut_at_a_word_in_gs_prompt():
     assert text == "Q?" and len(context) <= pseudo.CONTEXT_CHARS
     assert long.startswith(context + " ") and len(context) > pseudo.CONTEXT_CHARS - 10
     assert pseudo.with_context("x" * 900, "Q?", limit=100) == "x" * 100 + "\nQ?"  # no space
+
+
+def test_named_at_finds_whole_phrases_only():
+    assert pseudo.named_at("A polyp in the Upper-Left.", "upper-left") == (15, 25)
+    assert pseudo.named_at("A polyp in the upper-center.", "center") is None  # part of a place
+    assert pseudo.named_at("A polyp at >20mm.", ">20mm") == (11, 16)
+    assert pseudo.named_at("A red polyp.", "") is None
+
+
+def test_caption_choices_keeps_the_named_answers_or_all():
+    places = ["upper-left", "center", "lower-right"]
+    assert pseudo.caption_choices(places, "A polyp in the upper-left and an instrument in the "
+                                          "center.") == ["upper-left", "center"]
+    assert pseudo.caption_choices(places, "A polyp in the upper-center.") == places  # none named
+    assert pseudo.caption_choices(places, None) == places
+    # yes/no never count as named: "no" in "no bleeding" says nothing about the question
+    assert pseudo.caption_choices(["yes", "no", "polyp"], "A frame, no bleeding.") == ["yes", "no", "polyp"]
+    assert pseudo.caption_choices(["no", "polyp"], "A small polyp, no bleeding.") == ["polyp"]
+    # a listed answer is named when each item is, and then outranks its parts
+    colours = ["red", "white", "red, white", "pink, red"]
+    assert pseudo.caption_choices(colours, "Red and white inflamed mucosa.") == ["red, white"]
+    assert pseudo.caption_choices(colours, "A red polyp.") == ["red"]
+    assert pseudo.caption_choices(colours, "A red polyp on white light, pink mucosa.") == [
+        "red, white", "pink, red"]
+
+
+def test_choose_mode_takes_the_answer_the_caption_names(tiny):
+    """With caption_choices, G chooses among the answers the caption names: a caption naming
+    one answer gets that answer, scored by its own tokens; one naming none leaves every choice."""
+    model, proc = tiny
+    img = Image.new("RGB", (64, 64), (180, 90, 90))
+    q = "What color is the abnormality?"
+    choices = {q: ["red", "green", "blue"]}
+    pv = models.pixel_values(proc, [img])
+
+    def score(caption, answer):
+        batch = models.encode(proc, [img], [pseudo.with_context(caption, q)], [answer])
+        with torch.no_grad():
+            logits = model(**batch).logits[0]
+        labels = batch["labels"][0]
+        pos = (labels != -100).nonzero().flatten()
+        lps = logits[pos - 1].log_softmax(-1).gather(-1, labels[pos, None]).flatten()
+        return float(lps.sum()), math.exp(float(lps.mean()))
+
+    on, off = (pseudo.PseudoConfig(answer_mode="choose", k=1, caption_choices=c) for c in (True, False))
+    picks_off = set()
+    for colour in choices[q]:
+        caption = f"A frame with a {colour} polyp."
+        got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
+                                  form="answer", contexts=[caption])
+        assert [c.answer for c in got] == [colour]
+        assert got[0].confidence == pytest.approx(score(caption, colour)[1], rel=1e-4)
+        picks_off |= {c.answer for c in pseudo.choose_known(
+            model, proc, pv, [0], [[q]], choices, off, pseudo.ParseStats(), form="answer",
+            contexts=[caption])}
+    assert len(picks_off) < 3  # without the rule G does not follow every caption
+    caption = "A frame with a red and green polyp."
+    got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
+                              form="answer", contexts=[caption])
+    assert got[0].answer == max(["red", "green"], key=lambda a: score(caption, a)[0])
