@@ -55,15 +55,19 @@ def _items(answer: str) -> frozenset[str]:
     return frozenset(x.strip().lower() for x in answer.split(",") if x.strip())
 
 
-def caption_choices(choices: Sequence[str], caption: str | None) -> list[str]:
-    """The ``choices`` that ``caption`` names, or all of them when it names none: a teacher
-    caption that names an answer outweighs G's guess. An answer is named when each of its
-    items is named as a whole phrase (yes/no never count); one whose items another named
-    answer holds too gives way to it ("red" to "red, white" after "red and white mucosa")."""
+def named_choices(choices: Sequence[str], caption: str | None) -> list[str]:
+    """The ``choices`` that ``caption`` names. An answer is named when each of its items is
+    named as a whole phrase (yes/no never count); one whose items another named answer holds
+    too gives way to it ("red" to "red, white" after "red and white mucosa")."""
     named = [a for a in choices if a.strip().lower() not in YES_NO and _items(a)
              and all(named_at(caption or "", x) for x in _items(a))]
-    named = [a for a in named if not any(_items(a) < _items(b) for b in named)]
-    return named or list(choices)
+    return [a for a in named if not any(_items(a) < _items(b) for b in named)]
+
+
+def caption_choices(choices: Sequence[str], caption: str | None) -> list[str]:
+    """The ``choices`` that ``caption`` names (:func:`named_choices`), or all of them when it
+    names none: a teacher caption that names an answer outweighs G's guess."""
+    return named_choices(choices, caption) or list(choices)
 
 
 def known_prompt(question: str, form: str = "generate", context: str | None = None) -> tuple[str, str]:
@@ -105,6 +109,9 @@ class PseudoConfig:
                                "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
     caption_choices: bool = _f(True, "answer_mode 'choose', generator reading captions: choose "
                                "only among the answers the image's caption names, where it names any")
+    caption_questions: bool = _f(False, "'known' questions, generator reading captions: ask a "
+                                 "question that the seed QA asks of only some images (where is the "
+                                 "abnormality?) only of images whose caption names one of its answers")
 
     def __post_init__(self):
         for ok, msg in [(self.k >= 1, "k must be >= 1"), (self.temperature > 0, "temperature must be > 0"),
@@ -410,16 +417,18 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
     :func:`known_prompt` (in ``form``, after the image's caption in ``contexts`` if given)
     under G, among those the caption names if it names any and ``cfg.caption_choices``
     (:func:`caption_choices`); confidence = the geometric mean probability of the chosen
-    answer's tokens, as in the other modes. One forward pass per (image, question, choice), batched; nothing is
+    answer's tokens, as in the other modes, or, where the caption named some of the choices,
+    G's share of probability among those (1.0 for the one answer a caption names: the
+    teacher's word, not G's, decided it). One forward pass per (image, question, choice), batched; nothing is
     decoded, so no answer is misspelt or outside the seed's answers."""
     import torch
 
     from leaml import models
     tok = processor.tokenizer
     contexts = contexts or [None] * len(questions)
-    options = (lambda i, q: caption_choices(choices.get(q, ()), contexts[i])) if cfg.caption_choices \
-        else (lambda i, q: choices.get(q, ()))
-    rows = [(i, q, a) for i, qs in enumerate(questions) for q in qs for a in options(i, q)]
+    options = {(i, q): (caption_choices(choices.get(q, ()), contexts[i]) if cfg.caption_choices
+                        else list(choices.get(q, ()))) for i, qs in enumerate(questions) for q in qs}
+    rows = [(i, q, a) for (i, q), opts in options.items() for a in opts]
     stats.sampled += sum(len(qs) for qs in questions)
     starts: dict[tuple[str, str], int] = {}  # (q, a) -> index of the first answer token
     prefix = {q: known_prompt(q, form)[1] for qs in questions for q in qs}
@@ -449,7 +458,9 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
             ans = lps[starts[q, a]:].tolist()
             scores.setdefault((i, q), []).append((sum(ans), geometric_mean_prob(ans), len(ans), a))
     out = []
-    for (i, q), options in scores.items():
-        _, conf, n, answer = max(options, key=lambda o: o[0])
+    for (i, q), scored in scores.items():
+        best, conf, n, answer = max(scored, key=lambda o: o[0])
+        if len(scored) < len(choices[q]):  # the caption named these: G's share among them
+            conf = 1 / sum(math.exp(o[0] - best) for o in scored)
         out.append(Candidate(image_indices[i], q, answer.strip(), conf, n, 1.0))
     return dedup(out, stats)

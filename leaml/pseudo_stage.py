@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Sequence
 
 from leaml import pseudo
 from leaml.pseudo import ParseStats, PseudoConfig, question_key
@@ -48,10 +48,11 @@ def known_questions(db, project_id: int) -> dict[str, str]:
 
 
 def _seed_qa(db, gen_run: dict) -> list[dict]:
-    """(question, answer) of the seed QA the generator was trained on (its labeled images only)."""
+    """(image_id, question, answer) of the seed QA the generator was trained on (its labeled
+    images only)."""
     import json
     return list(db.query(
-        "SELECT question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
+        "SELECT image_id, question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
         " (SELECT value FROM json_each(?))", [json.dumps(gen_run["params"].get("kept_images") or [])]))
 
 
@@ -74,14 +75,45 @@ def seed_answers(db, gen_run: dict, limit: int) -> dict[str, list[str]]:
     return {q: [a for a, _ in c.most_common(limit)] for q, c in votes.items()}
 
 
-def _draw_questions(counts: Counter, n: int, k: int, seed: int) -> list[list[str]]:
-    """Per image, ``k`` distinct questions drawn by their ``counts``."""
+def _draw_questions(counts: Counter, n: int, k: int, seed: int,
+                    allowed: Sequence[set[str]] | None = None) -> list[list[str]]:
+    """Per image, ``k`` distinct questions drawn by their ``counts``; only those in
+    ``allowed[i]`` for image i when given (fewer than ``k`` if fewer are allowed)."""
     import torch
     qs, w = list(counts), torch.tensor([float(c) for c in counts.values()])
     g = torch.Generator().manual_seed(seed)
-    k = min(k, len(qs))
-    return [[qs[j] for j in torch.multinomial(w, k, replacement=False, generator=g).tolist()]
-            for _ in range(n)]
+    out = []
+    for i in range(n):
+        wi = w if allowed is None else w * torch.tensor([float(q in allowed[i]) for q in qs])
+        ki = min(k, int((wi > 0).sum()))
+        out.append([qs[j] for j in torch.multinomial(wi, ki, replacement=False, generator=g).tolist()]
+                   if ki else [])
+    return out
+
+
+def conditional_answers(db, gen_run: dict) -> dict[str, list[str]]:
+    """The questions the generator's seed QA asks of only some of its images, each with its
+    answers other than yes/no (questions with none left out): caption_questions asks these only
+    of images whose caption names one of those answers."""
+    from leaml.pseudo import YES_NO
+    rows = _seed_qa(db, gen_run)
+    n_images = len({r["image_id"] for r in rows})
+    asked: dict[str, set[int]] = {}
+    answers: dict[str, set[str]] = {}
+    for r in rows:
+        asked.setdefault(r["question"], set()).add(r["image_id"])
+        if r["answer"].strip().lower() not in YES_NO and r["answer"].strip():
+            answers.setdefault(r["question"], set()).add(r["answer"].strip())
+    return {q: sorted(answers[q]) for q, ims in asked.items() if len(ims) < n_images and q in answers}
+
+
+def _allowed_questions(counts: Counter, conditional: dict[str, list[str]],
+                       captions: Sequence[str | None]) -> list[set[str]]:
+    """Per image, the questions it may be asked: all but the conditional ones whose answers its
+    caption does not name."""
+    from leaml.pseudo import named_choices
+    return [{q for q in counts if q not in conditional or named_choices(conditional[q], c)}
+            for c in captions]
 
 
 def _done_images(db, gen_run_id: int) -> set[int]:
@@ -117,10 +149,12 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
     model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
     form, use_context = known_form(run["params"].get("config") or {})
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
-    known, counts, choices = None, None, None  # 'sample' mode filters by known wordings, 'known' draws them
+    # 'sample' mode filters by known wordings, 'known' draws them
+    known, counts, choices, conditional = None, None, None, None
     if cfg.question_mode == "known":
         counts = seed_question_counts(db, run)
         choices = seed_answers(db, run, cfg.max_choices) if cfg.answer_mode == "choose" else None
+        conditional = conditional_answers(db, run) if cfg.caption_questions and use_context else None
     elif cfg.known_questions:
         known = known_questions(db, run["project_id"])
     stats, t0, stored = ParseStats(), time.monotonic(), 0
@@ -133,7 +167,8 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
         pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
         contexts = [r.get("caption") for r in chunk] if use_context else None
         if cfg.question_mode == "known":
-            qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index))
+            allowed = _allowed_questions(counts, conditional, contexts) if conditional else None
+            qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index), allowed)
             if choices is not None:
                 cands = pseudo.choose_known(model, processor, pv, list(range(len(chunk))), qs,
                                             choices, cfg, stats, form=form, contexts=contexts)

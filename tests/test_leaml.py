@@ -188,3 +188,37 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
                     for c in got]
     assert _pseudo_pairs(db, g["generator_run"]) == sorted(direct)
     assert sorted(direct) != sorted(blind)  # the captions were in the prompts
+
+
+def test_caption_questions_asks_conditional_questions_only_where_the_caption_names_an_answer(home):
+    """caption_questions: a question the seed QA asks of only some images (a polyp's size) is
+    asked of an unlabeled image only if its caption names one of that question's answers;
+    questions asked of every seed image are asked regardless."""
+    from leaml.pseudo import YES_NO, named_choices
+    from leaml.pseudo_stage import conditional_answers, unlabeled_images
+    db = connect(home)
+    g = leaml_method.generator_command(db, "demo", label_fraction=0.5, seed=0, overrides=FAST)
+    run = leaml_method.check_generator_run(db, g["generator_run"])
+    kept = set(run["params"]["kept_images"])
+    seed = [r for r in list_qa(db, _pid(db), origin="seed") if r["image_id"] in kept]
+    asked = {}
+    for r in seed:
+        asked.setdefault(r["question"], set()).add(r["image_id"])
+    cond = conditional_answers(db, run)
+    assert cond and set(cond) < set(asked)  # the demo asks some questions of some images only
+    for q, answers in cond.items():
+        assert len(asked[q]) < len(kept)
+        assert answers == sorted({r["answer"] for r in seed if r["question"] == q
+                                  and r["answer"].lower() not in YES_NO})
+    over = {**FAST, "pseudo": {**FAST["pseudo"], "k": 15, "caption_questions": True}}
+    leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=over)
+    captions = {r["id"]: r["caption"] for r in unlabeled_images(db, run)}
+    pairs = [r for r in list_qa(db, _pid(db), origin="pseudo") if r["gen_run_id"] == g["generator_run"]]
+    by_image = {}
+    for r in pairs:
+        by_image.setdefault(r["image_id"], set()).add(r["question"])
+    assert set(by_image) == set(captions)
+    for image, questions in by_image.items():  # k covers every question: exactly the allowed ones
+        assert questions == {q for q in asked if q not in cond or named_choices(cond[q], captions[image])}
+    assert any(q in cond for qs in by_image.values() for q in qs)  # some were named
+    assert any(not set(cond) <= qs for qs in by_image.values())    # and some were not

@@ -242,7 +242,8 @@ def test_caption_choices_keeps_the_named_answers_or_all():
 
 def test_choose_mode_takes_the_answer_the_caption_names(tiny):
     """With caption_choices, G chooses among the answers the caption names: a caption naming
-    one answer gets that answer, scored by its own tokens; one naming none leaves every choice."""
+    one answer gets that answer at confidence 1; one naming several, G's likeliest of them at
+    its share of their probability; one naming none, every choice as before."""
     model, proc = tiny
     img = Image.new("RGB", (64, 64), (180, 90, 90))
     q = "What color is the abnormality?"
@@ -264,13 +265,24 @@ def test_choose_mode_takes_the_answer_the_caption_names(tiny):
         caption = f"A frame with a {colour} polyp."
         got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
                                   form="answer", contexts=[caption])
-        assert [c.answer for c in got] == [colour]
-        assert got[0].confidence == pytest.approx(score(caption, colour)[1], rel=1e-4)
+        assert [c.answer for c in got] == [colour] and got[0].confidence == 1.0  # the caption's word
         picks_off |= {c.answer for c in pseudo.choose_known(
             model, proc, pv, [0], [[q]], choices, off, pseudo.ParseStats(), form="answer",
             contexts=[caption])}
     assert len(picks_off) < 3  # without the rule G does not follow every caption
+    # two named: G's choice between them, confident by its share of their probability
     caption = "A frame with a red and green polyp."
     got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
                               form="answer", contexts=[caption])
-    assert got[0].answer == max(["red", "green"], key=lambda a: score(caption, a)[0])
+    sums = {a: score(caption, a)[0] for a in ("red", "green")}
+    best = max(sums, key=sums.get)
+    assert got[0].answer == best
+    assert got[0].confidence == pytest.approx(1 / sum(math.exp(v - sums[best]) for v in sums.values()),
+                                              rel=1e-4)
+    # a caption naming none: every choice, scored by the geometric mean of the answer's tokens
+    caption = "A frame with a polyp."
+    got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
+                              form="answer", contexts=[caption])
+    best = max(choices[q], key=lambda a: score(caption, a)[0])
+    assert got[0].answer == best
+    assert got[0].confidence == pytest.approx(score(caption, best)[1], rel=1e-4)
