@@ -70,6 +70,24 @@ def caption_choices(choices: Sequence[str], caption: str | None) -> list[str]:
     return named_choices(choices, caption) or list(choices)
 
 
+def caption_reliability(rows: Iterable[dict], captions: dict[int, str | None],
+                        choices: dict[str, Sequence[str]]) -> dict[str, float]:
+    """Per question, how often the answers a teacher caption names hold the true one, on the
+    labelled ``rows`` (image_id, question, answer) whose caption (``captions[image_id]``) names
+    some of the question's ``choices``: (right + 1) / (named + 2), 0.5 where none was named. A
+    caption-decided pair's confidence scales by it, so the caption's word ranks as high as it
+    proved right on the seed images, not above G's surest answers."""
+    seen: dict[str, list[int]] = {}
+    for r in rows:
+        q = r["question"]
+        named = named_choices(choices.get(q, ()), captions.get(r["image_id"]))
+        if named:
+            tally = seen.setdefault(q, [0, 0])
+            tally[0] += any(_items(a) == _items(r["answer"]) for a in named)
+            tally[1] += 1
+    return {q: (seen.get(q, [0, 0])[0] + 1) / (seen.get(q, [0, 0])[1] + 2) for q in choices}
+
+
 def known_prompt(question: str, form: str = "generate", context: str | None = None) -> tuple[str, str]:
     """How G answers a known question: (instruction, the start of G's reply before the answer).
 
@@ -411,16 +429,18 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
 def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
                  questions: Sequence[Sequence[str]], choices: dict[str, Sequence[str]],
                  cfg: PseudoConfig, stats: ParseStats, *, form: str = "generate",
-                 contexts: Sequence[str | None] | None = None) -> list[Candidate]:
+                 contexts: Sequence[str | None] | None = None,
+                 reliability: dict[str, float] | None = None) -> list[Candidate]:
     """For each given question per image, the answer among ``choices[question]`` with the
     highest log-probability of its answer tokens (end of turn included) after
     :func:`known_prompt` (in ``form``, after the image's caption in ``contexts`` if given)
     under G, among those the caption names if it names any and ``cfg.caption_choices``
     (:func:`caption_choices`); confidence = the geometric mean probability of the chosen
     answer's tokens, as in the other modes, or, where the caption named some of the choices,
-    G's share of probability among those (1.0 for the one answer a caption names: the
-    teacher's word, not G's, decided it). One forward pass per (image, question, choice), batched; nothing is
-    decoded, so no answer is misspelt or outside the seed's answers."""
+    G's share of probability among them times the question's ``reliability`` (how often such
+    captions held the truth on the seed images, :func:`caption_reliability`; 1 if not given):
+    the teacher's word, not G's, decided it. One forward pass per (image, question, choice),
+    batched; nothing is decoded, so no answer is misspelt or outside the seed's answers."""
     import torch
 
     from leaml import models
@@ -461,6 +481,6 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
     for (i, q), scored in scores.items():
         best, conf, n, answer = max(scored, key=lambda o: o[0])
         if len(scored) < len(choices[q]):  # the caption named these: G's share among them
-            conf = 1 / sum(math.exp(o[0] - best) for o in scored)
+            conf = (reliability or {}).get(q, 1.0) / sum(math.exp(o[0] - best) for o in scored)
         out.append(Candidate(image_indices[i], q, answer.strip(), conf, n, 1.0))
     return dedup(out, stats)

@@ -91,6 +91,17 @@ def _draw_questions(counts: Counter, n: int, k: int, seed: int,
     return out
 
 
+def seed_caption_reliability(db, gen_run: dict, choices: dict[str, list[str]]) -> dict[str, float]:
+    """:func:`leaml.pseudo.caption_reliability` on the generator's seed QA and the captions of
+    its images."""
+    import json
+    rows = _seed_qa(db, gen_run)
+    captions = {r["id"]: r["caption"] for r in db.query(
+        "SELECT id, caption FROM images WHERE id IN (SELECT value FROM json_each(?))",
+        [json.dumps(sorted({r["image_id"] for r in rows}))])}
+    return pseudo.caption_reliability(rows, captions, choices)
+
+
 def conditional_answers(db, gen_run: dict) -> dict[str, list[str]]:
     """The questions the generator's seed QA asks of only some of its images, each with its
     answers other than yes/no (questions with none left out): caption_questions asks these only
@@ -150,11 +161,13 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
     form, use_context = known_form(run["params"].get("config") or {})
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
     # 'sample' mode filters by known wordings, 'known' draws them
-    known, counts, choices, conditional = None, None, None, None
+    known, counts, choices, conditional, reliability = None, None, None, None, None
     if cfg.question_mode == "known":
         counts = seed_question_counts(db, run)
         choices = seed_answers(db, run, cfg.max_choices) if cfg.answer_mode == "choose" else None
         conditional = conditional_answers(db, run) if cfg.caption_questions and use_context else None
+        reliability = (seed_caption_reliability(db, run, choices)
+                       if choices and cfg.caption_choices and use_context else None)
     elif cfg.known_questions:
         known = known_questions(db, run["project_id"])
     stats, t0, stored = ParseStats(), time.monotonic(), 0
@@ -171,7 +184,8 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
             qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index), allowed)
             if choices is not None:
                 cands = pseudo.choose_known(model, processor, pv, list(range(len(chunk))), qs,
-                                            choices, cfg, stats, form=form, contexts=contexts)
+                                            choices, cfg, stats, form=form, contexts=contexts,
+                                            reliability=reliability)
             else:
                 cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs,
                                             cfg, stats, form=form, contexts=contexts)

@@ -158,7 +158,7 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     """A generator trained with the answer stream and caption context answers known questions
     as question -> answer after the image's teacher caption; the stage stores exactly that."""
     from leaml import generator, models, pseudo
-    from leaml.pseudo_stage import (_chunk_seed, _draw_questions, seed_answers,
+    from leaml.pseudo_stage import (_chunk_seed, _draw_questions, seed_answers, seed_caption_reliability,
                                     seed_question_counts, unlabeled_images)
     from leaml.store.images import image_path
     from leaml.train import load_trained
@@ -176,6 +176,7 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     images = unlabeled_images(db, run)
     assert all(r["caption"] for r in images)
     counts, choices = seed_question_counts(db, run), seed_answers(db, run, cfg.max_choices)
+    reliability = seed_caption_reliability(db, run, choices)
     direct, blind = [], []
     for index in range(0, len(images), cfg.chunk):
         chunk = images[index:index + cfg.chunk]
@@ -183,7 +184,8 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
         qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index // cfg.chunk))
         for out, contexts in ((direct, [r["caption"] for r in chunk]), (blind, None)):
             got = pseudo.choose_known(model, proc, pv, list(range(len(chunk))), qs, choices, cfg,
-                                      pseudo.ParseStats(), form="answer", contexts=contexts)
+                                      pseudo.ParseStats(), form="answer", contexts=contexts,
+                                      reliability=reliability)
             out += [(chunk[c.image_index]["id"], c.question, c.answer, round(c.confidence, 6))
                     for c in got]
     assert _pseudo_pairs(db, g["generator_run"]) == sorted(direct)

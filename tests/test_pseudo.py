@@ -270,6 +270,9 @@ def test_choose_mode_takes_the_answer_the_caption_names(tiny):
             model, proc, pv, [0], [[q]], choices, off, pseudo.ParseStats(), form="answer",
             contexts=[caption])}
     assert len(picks_off) < 3  # without the rule G does not follow every caption
+    got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
+                              form="answer", contexts=["A green polyp."], reliability={q: 0.8})
+    assert got[0].answer == "green" and got[0].confidence == pytest.approx(0.8)
     # two named: G's choice between them, confident by its share of their probability
     caption = "A frame with a red and green polyp."
     got = pseudo.choose_known(model, proc, pv, [0], [[q]], choices, on, pseudo.ParseStats(),
@@ -286,3 +289,18 @@ def test_choose_mode_takes_the_answer_the_caption_names(tiny):
     best = max(choices[q], key=lambda a: score(caption, a)[0])
     assert got[0].answer == best
     assert got[0].confidence == pytest.approx(score(caption, best)[1], rel=1e-4)
+
+
+def test_caption_reliability_is_how_often_named_answers_held_the_truth_on_seed_images():
+    q, where = "What color is the abnormality?", "Where is it?"
+    choices = {q: ["red", "pink", "red, white"], where: ["center", "upper-left"], "Is there text?": ["yes", "no"]}
+    captions = {1: "A red polyp.", 2: "Red and white mucosa.", 3: "A pink polyp.", 4: "A polyp.",
+                5: "A polyp in the center and one in the upper-left."}
+    rows = [{"image_id": 1, "question": q, "answer": "red"},             # named, right
+            {"image_id": 2, "question": q, "answer": "white, red"},      # named as a list, right
+            {"image_id": 3, "question": q, "answer": "red"},             # named, wrong
+            {"image_id": 4, "question": q, "answer": "red"},             # not named: not counted
+            {"image_id": 5, "question": where, "answer": "upper-left"},  # among the two named
+            {"image_id": 1, "question": "Is there text?", "answer": "no"}]
+    got = pseudo.caption_reliability(rows, captions, choices)
+    assert got == {q: (2 + 1) / (3 + 2), where: (1 + 1) / (1 + 2), "Is there text?": 0.5}
