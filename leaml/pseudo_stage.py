@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 from leaml import pseudo
-from leaml.pseudo import ParseStats, PseudoConfig, question_key
+from leaml.pseudo import YES_NO, ParseStats, PseudoConfig, named_choices, question_key
 
 Progress = Callable[[str, int, int, float], None]
 
@@ -106,7 +106,6 @@ def conditional_answers(db, gen_run: dict) -> dict[str, list[str]]:
     """The questions the generator's seed QA asks of only some of its images, each with its
     answers other than yes/no (questions with none left out): caption_questions asks these only
     of images whose caption names one of those answers."""
-    from leaml.pseudo import YES_NO
     rows = _seed_qa(db, gen_run)
     n_images = len({r["image_id"] for r in rows})
     asked: dict[str, set[int]] = {}
@@ -122,7 +121,6 @@ def _allowed_questions(counts: Counter, conditional: dict[str, list[str]],
                        captions: Sequence[str | None]) -> list[set[str]]:
     """Per image, the questions it may be asked: all but the conditional ones whose answers its
     caption does not name."""
-    from leaml.pseudo import named_choices
     return [{q for q in counts if q not in conditional or named_choices(conditional[q], c)}
             for c in captions]
 
