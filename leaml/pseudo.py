@@ -108,7 +108,8 @@ def known_target(prefix: str, answer: str) -> str:
 @dataclass
 class PseudoConfig:
     """How pseudo QA is sampled from the generator and which pairs may train the target."""
-    k: int = _f(4, "candidates sampled per unlabeled image")
+    k: int = _f(12, "per unlabeled image: known questions asked ('known' mode), or QA candidates "
+                "sampled ('sample' mode)")
     temperature: float = _f(0.7, "sampling temperature")
     top_p: float = _f(0.95, "nucleus sampling mass")
     max_new_tokens: int = _f(48, "generation budget; a candidate that hits it is dropped as cut off")
@@ -127,7 +128,7 @@ class PseudoConfig:
                                "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
     caption_choices: bool = _f(True, "answer_mode 'choose', generator reading captions: choose "
                                "only among the answers the image's caption names, where it names any")
-    caption_questions: bool = _f(False, "'known' questions, generator reading captions: ask a "
+    caption_questions: bool = _f(True, "'known' questions, generator reading captions: ask a "
                                  "question that the seed QA asks of only some images (where is the "
                                  "abnormality?) only of images whose caption names one of its answers")
 

@@ -158,8 +158,9 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     """A generator trained with the answer stream and caption context answers known questions
     as question -> answer after the image's teacher caption; the stage stores exactly that."""
     from leaml import generator, models, pseudo
-    from leaml.pseudo_stage import (_chunk_seed, _draw_questions, seed_answers, seed_caption_reliability,
-                                    seed_question_counts, unlabeled_images)
+    from leaml.pseudo_stage import (_allowed_questions, _chunk_seed, _draw_questions, conditional_answers,
+                                    seed_answers, seed_caption_reliability, seed_question_counts,
+                                    unlabeled_images)
     from leaml.store.images import image_path
     from leaml.train import load_trained
     db = connect(home)
@@ -181,7 +182,8 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     for index in range(0, len(images), cfg.chunk):
         chunk = images[index:index + cfg.chunk]
         pv = models.pixel_values(proc, [image_path(db, r) for r in chunk])
-        qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index // cfg.chunk))
+        allowed = _allowed_questions(counts, conditional_answers(db, run), [r["caption"] for r in chunk])
+        qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index // cfg.chunk), allowed)
         for out, contexts in ((direct, [r["caption"] for r in chunk]), (blind, None)):
             got = pseudo.choose_known(model, proc, pv, list(range(len(chunk))), qs, choices, cfg,
                                       pseudo.ParseStats(), form="answer", contexts=contexts,
