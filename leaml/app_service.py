@@ -268,7 +268,7 @@ _TRAIN_HP = [("mode", str, "'lora' (adapters) or 'full' finetuning"),
              ("lora_r", int, "LoRA rank"),
              ("max_steps", int, "optimizer steps (0 = derive from epochs)"),
              ("min_steps", int, "at least this many steps")]
-_PSEUDO_HP = [("k", int, "candidates sampled per unlabeled image"),
+_PSEUDO_HP = [("k", int, "known questions asked (or QA candidates sampled) per unlabeled image"),
               ("temperature", float, "sampling temperature"),
               ("max_images", int, "sample at most this many unlabeled images (0 = all)")]
 _NEURON_HP = [("rho", float, "share of neurons per layer updated by caption distillation")]
