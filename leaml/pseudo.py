@@ -339,26 +339,46 @@ def confidence_cut(confidences: Sequence[float], *, keep_top: float | None = 0.6
 
 # --- precision against hidden truth ---------------------------------------------------------
 
+def rank_in_question(pairs: Sequence[dict]) -> list[float]:
+    """Each pair's confidence rank among the pairs of its question, as a fraction in (0, 1):
+    the order the per-question confidence cut keeps pairs in."""
+    by_q: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_q.setdefault(question_key(p["question"]), []).append(i)
+    rank = [0.0] * len(pairs)
+    for idx in by_q.values():
+        for pos, i in enumerate(sorted(idx, key=lambda i: pairs[i]["confidence"])):
+            rank[i] = (pos + 0.5) / len(idx)
+    return rank
+
+
 def precision_by_bin(pairs: Sequence[dict], truth: dict[tuple[int, str], str], *,
-                     bins: int = 5, match=None) -> list[dict]:
+                     bins: int = 5, match=None, per_question: bool = False) -> list[dict]:
     """Fraction of pseudo pairs that are correct, per confidence bin (equal-count bins).
 
     ``pairs``: dicts with image_id, question, answer, confidence. ``truth``: (image_id,
     question_key) -> true answer. A pair whose question has no true answer for that image
     (a hallucinated question) counts as wrong in ``precision`` and is left out of
     ``precision_known``. ``match(pred, gold)`` compares answers (default: normalised equality).
+    ``per_question``: bin by each pair's confidence rank within its question
+    (:func:`rank_in_question`; ``lo``/``hi`` are then those ranks), as the per-question cut
+    ranks them, instead of by the confidence itself.
     """
     match = match or (lambda p, g: _norm(p) == _norm(g))
-    ranked = sorted(pairs, key=lambda p: p["confidence"])
+    key = rank_in_question(pairs) if per_question else [p["confidence"] for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: key[i])
+    ranked = [pairs[i] for i in order]
+    keys = [key[i] for i in order]
     out = []
     for b in range(bins):
-        part = ranked[b * len(ranked) // bins:(b + 1) * len(ranked) // bins]
+        lo, hi = b * len(ranked) // bins, (b + 1) * len(ranked) // bins
+        part = ranked[lo:hi]
         if not part:
             continue
         gold = [truth.get((p["image_id"], question_key(p["question"]))) for p in part]
         right = sum(1 for p, g in zip(part, gold) if g is not None and match(p["answer"], g))
         known = sum(1 for g in gold if g is not None)
-        out.append({"bin": b, "lo": part[0]["confidence"], "hi": part[-1]["confidence"],
+        out.append({"bin": b, "lo": keys[lo], "hi": keys[hi - 1],
                     "n": len(part), "n_known": known, "precision": right / len(part),
                     "precision_known": right / known if known else None})
     return out

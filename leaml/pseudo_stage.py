@@ -212,12 +212,13 @@ def _record(db, gen_run_id: int, info: dict, cfg: PseudoConfig) -> None:
     update_run(db, gen_run_id, params=params)
 
 
-def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5) -> list[dict]:
+def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5, per_question: bool = False) -> list[dict]:
     """Precision of a generator run's pseudo pairs per confidence bin (equal-count bins),
     against the project's own labels of the same images: in the demo project, images a run
     treated as unlabeled still hold their true seed QA, so every pseudo pair can be checked
     (normalised exact match, answer sets as sets). Pairs whose question has no true answer
-    for that image count as wrong (``precision``) and are left out of ``precision_known``."""
+    for that image count as wrong (``precision``) and are left out of ``precision_known``.
+    ``per_question``: bins by confidence rank within each question (as the cut ranks)."""
     from leaml.evaluate import exact_match
     pairs = list(db.query("SELECT image_id, question, answer, confidence FROM qa WHERE gen_run_id = ?"
                           " AND origin = 'pseudo' AND confidence IS NOT NULL", [gen_run_id]))
@@ -225,5 +226,5 @@ def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5) -> list[dict]
     truth = {(r["image_id"], question_key(r["question"])): r["answer"] for r in db.query(
         "SELECT image_id, question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
         " (SELECT value FROM json_each(?))", [str(images)])}
-    return pseudo.precision_by_bin(pairs, truth, bins=bins,
+    return pseudo.precision_by_bin(pairs, truth, bins=bins, per_question=per_question,
                                    match=lambda p, g: exact_match(p, g) == 1.0)

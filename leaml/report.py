@@ -93,14 +93,16 @@ def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=
     load_demo(db, DemoConfig(n_train=plan.n_train, n_test=plan.n_test, seed=0), project=plan.project)
     log(f"demo project '{plan.project}': {plan.n_train} train / {plan.n_test} test images "
         f"(built in {time.monotonic() - t0:.0f} s); label fraction {plan.label_fraction}")
-    runs, precision = [], {}
+    runs, precision, per_question = [], {}, {}
     for label, method, extra in rows:
         for seed in plan.seeds:
             runs.append(_one(db, plan, label, method, extra, seed, progress, log, base_model))
             if label == "LEAML":
                 precision[seed] = _precision(db, runs[-1]["run_id"])
+                per_question[seed] = _precision(db, runs[-1]["run_id"], per_question=True)
     results = {"plan": {k: v for k, v in plan.__dict__.items()}, "runs": runs,
                "table": mean_table(runs), "pseudo_precision": precision,
+               "pseudo_precision_per_question": per_question,
                "seconds": round(time.monotonic() - t0, 1)}
     folder = Path(out) if out else Path(db.home)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,6 +111,7 @@ def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=
     log(format_table(results["table"]))
     for seed, bins in precision.items():
         log(format_precision(bins, seed))
+        log(format_precision(per_question[seed], seed, per_question=True))
     log(f"wrote {folder / 'results.json'} and {folder / 'results.html'} "
         f"({results['seconds']:.0f} s in all)")
     return results
@@ -124,11 +127,11 @@ def _one(db, plan: DemoPlan, label, method, extra, seed, progress, log, base_mod
     return {"label": label, "seed": seed, **r}
 
 
-def _precision(db, run_id: int) -> list[dict]:
+def _precision(db, run_id: int, per_question: bool = False) -> list[dict]:
     from leaml.pseudo_stage import pseudo_precision_by_bin
     from leaml.store.runs import get_run
     gen = get_run(db, run_id)["params"].get("generator_run")
-    return pseudo_precision_by_bin(db, gen) if gen else []
+    return pseudo_precision_by_bin(db, gen, per_question=per_question) if gen else []
 
 
 def mean_table(runs: list[dict]) -> dict:
@@ -154,14 +157,16 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def format_precision(bins: list[dict], seed) -> str:
-    """Pseudo-QA precision per confidence bin, one line per bin."""
-    lines = [f"LEAML pseudo-QA precision by confidence bin (seed {seed}; correct / all pairs, "
+def format_precision(bins: list[dict], seed, per_question: bool = False) -> str:
+    """Pseudo-QA precision per confidence bin, one line per bin; ``per_question``: bins of the
+    confidence rank within each question (what the per-question cut keeps)."""
+    by = "confidence rank within its question" if per_question else "confidence"
+    lines = [f"LEAML pseudo-QA precision by {by} (seed {seed}; correct / all pairs, "
              "hallucinated questions count as wrong):"]
     for b in bins:
         known = "-" if b["precision_known"] is None else f"{100 * b['precision_known']:.0f}%"
-        lines.append(f"  conf {b['lo']:.3f}-{b['hi']:.3f}: n={b['n']:>5}  precision "
-                     f"{100 * b['precision']:5.1f}%  (of answerable questions: {known})")
+        lines.append(f"  {'rank' if per_question else 'conf'} {b['lo']:.3f}-{b['hi']:.3f}: n={b['n']:>5}  "
+                     f"precision {100 * b['precision']:5.1f}%  (of answerable questions: {known})")
     return "\n".join(lines)
 
 

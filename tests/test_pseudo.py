@@ -154,6 +154,25 @@ def test_precision_by_bin_counts_hallucinated_questions_as_wrong():
     assert bins[1]["precision_known"] == 1.0 and bins[1]["n_known"] == 2
 
 
+def test_precision_per_question_bins_by_rank_within_each_question():
+    """Two questions on different confidence scales: by confidence the sure-but-wrong yes/no
+    pairs fill the top bin; by rank within each question each question's best pairs do."""
+    colour = [{"image_id": i, "question": "What color?", "answer": "red" if i % 2 else "pink",
+               "confidence": 0.2 + i / 100} for i in range(4)]          # ranks: 0.125 .. 0.875
+    text = [{"image_id": i, "question": "Is there text?", "answer": "yes" if i >= 2 else "no",
+             "confidence": 0.9 + i / 100} for i in range(4)]
+    truth = {**{(i, "what color"): "red" for i in range(4)}, **{(i, "is there text"): "no" for i in range(4)}}
+    assert pseudo.rank_in_question(colour + text) == [0.125, 0.375, 0.625, 0.875] * 2
+    by_conf = pseudo.precision_by_bin(colour + text, truth, bins=2)
+    assert [b["precision"] for b in by_conf] == [0.5, 0.5]
+    assert by_conf[1]["lo"] == 0.9 and by_conf[1]["hi"] == 0.93
+    by_rank = pseudo.precision_by_bin(colour + text, truth, bins=2, per_question=True)
+    assert [b["n"] for b in by_rank] == [4, 4]
+    assert [b["lo"] for b in by_rank] == [0.125, 0.625] and by_rank[1]["hi"] == 0.875
+    # low ranks: colour 0 (pink, wrong), 1 (red, right); text 0, 1 (no, right)
+    assert [b["precision"] for b in by_rank] == [0.75, 0.25]
+
+
 def test_known_questions_only_keeps_and_rewords_known_ones(tiny):
     _, proc = tiny
     tok, stats = proc.tokenizer, pseudo.ParseStats()
@@ -293,7 +312,8 @@ def test_choose_mode_takes_the_answer_the_caption_names(tiny):
 
 def test_caption_reliability_is_how_often_named_answers_held_the_truth_on_seed_images():
     q, where = "What color is the abnormality?", "Where is it?"
-    choices = {q: ["red", "pink", "red, white"], where: ["center", "upper-left"], "Is there text?": ["yes", "no"]}
+    choices = {q: ["red", "pink", "red, white"], where: ["center", "upper-left"],
+               "Is there text?": ["yes", "no"]}
     captions = {1: "A red polyp.", 2: "Red and white mucosa.", 3: "A pink polyp.", 4: "A polyp.",
                 5: "A polyp in the center and one in the upper-left."}
     rows = [{"image_id": 1, "question": q, "answer": "red"},             # named, right
@@ -304,3 +324,14 @@ def test_caption_reliability_is_how_often_named_answers_held_the_truth_on_seed_i
             {"image_id": 1, "question": "Is there text?", "answer": "no"}]
     got = pseudo.caption_reliability(rows, captions, choices)
     assert got == {q: (2 + 1) / (3 + 2), where: (1 + 1) / (1 + 2), "Is there text?": 0.5}
+
+
+def test_demo_report_prints_both_precision_tables():
+    from leaml.report import format_precision
+    bins = [{"bin": 0, "lo": 0.125, "hi": 0.375, "n": 4, "n_known": 3, "precision": 0.5,
+             "precision_known": 2 / 3}]
+    by_conf = format_precision(bins, 0)
+    assert "by confidence (seed 0" in by_conf and "conf 0.125-0.375: n=    4  precision  50.0%" in by_conf
+    by_rank = format_precision(bins, 0, per_question=True)
+    assert "by confidence rank within its question" in by_rank and "rank 0.125-0.375" in by_rank
+    assert "(of answerable questions: 67%)" in by_rank
