@@ -80,7 +80,8 @@ def _add_pseudo(sub, common) -> None:
     _shared(p)
     p.add_argument("--generator-run", type=int, default=None, metavar="ID",
                    help="generator run id (printed by `generator`; default: the newest)")
-    p.add_argument("-k", type=int, default=None, help="known questions asked (or QA candidates sampled) per image (default 12)")
+    p.add_argument("-k", type=int, default=None,
+                   help="known questions asked (or QA candidates sampled) per image (default 12)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the generator's)")
     from leaml.cli_serve import add_from_captions_args  # --from-captions (serve engineer)
     add_from_captions_args(p)

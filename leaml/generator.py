@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
