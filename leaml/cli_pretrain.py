@@ -46,6 +46,9 @@ def _add_pretrain_tiny(sub, common) -> None:
                    "a GPU is at hand (default cpu)")
     p.add_argument("--init-from", default="",
                    help="continue from a saved base folder (give its skipped stages 0 steps)")
+    p.add_argument("--patch-size", type=int, default=0,
+                   help="with --init-from: re-cut the image into patches of this many pixels "
+                        "(kernel resized, position embeddings interpolated) before training")
     p.add_argument("--qa-weights", type=_weights, default={},
                    help="question-type sampling weights in stages B/C: 'auto' (each type's "
                         "current error rate) or TYPE=W pairs; default uniform")
@@ -65,7 +68,7 @@ def cmd_pretrain_tiny(args) -> int:
         opts["batch_size"] = args.batch_size
     cfg = PretrainConfig(seed=args.seed, minutes=args.minutes, steps=args.steps or {},
                          threads=args.threads, device=args.device, init_from=args.init_from,
-                         qa_weights=args.qa_weights, **opts)
+                         qa_weights=args.qa_weights, patch_size=args.patch_size, **opts)
     metrics = pretrain_tiny(args.out, cfg)
     if args.json:
         print(json.dumps(metrics, default=str))

@@ -53,6 +53,7 @@ class PretrainConfig:
     device: str = "cpu"                # "cuda" where a GPU is at hand (same steps, not bit-equal)
     tiny: dict = field(default_factory=dict)   # overrides of models.TinyConfig
     init_from: str = ""                # continue from a saved base instead of building one
+    patch_size: int = 0                # with init_from: re-cut the tower's patches (repatch)
     qa_weights: dict | str = field(default_factory=dict)  # question-type sampling weights in
     # stages B/C: {} = uniform, {"color": 4, ...} (missing types weigh 1), or "auto" = each
     # type's error (+0.1) on 400 training scenes before stage B: weak types get more samples
@@ -65,6 +66,9 @@ class PretrainConfig:
             raise ValueError("warmup_steps must be >= 2 (the pace is measured over them)")
         if not 0 < self.vision_share + self.align_share < 1:
             raise ValueError("vision_share + align_share must be in (0, 1)")
+        if self.patch_size < 0 or (self.patch_size and not self.init_from):
+            raise ValueError("patch_size re-cuts a saved base: give init_from too (a base "
+                             "built from scratch takes tiny={'patch_size': N})")
         if isinstance(self.qa_weights, str) and self.qa_weights != "auto":
             raise ValueError(f"qa_weights must be 'auto' or a dict, not {self.qa_weights!r}")
         given = self.qa_weights if isinstance(self.qa_weights, dict) else {}
@@ -303,6 +307,8 @@ def pretrain_tiny(out_dir=None, cfg: PretrainConfig | None = None, progress=_pri
     t0 = time.time()
     if cfg.init_from:
         model, processor = models.load(cfg.init_from)
+        if cfg.patch_size:
+            repatch(model, processor, cfg.patch_size)
     else:
         model, processor = models.build_tiny(cfg.seed, **cfg.tiny)
     model.to(cfg.device)
@@ -318,6 +324,37 @@ def pretrain_tiny(out_dir=None, cfg: PretrainConfig | None = None, progress=_pri
     metrics["eval_seconds"] = round(time.time() - t0 - metrics["train_seconds"], 1)
     _write_report(out, metrics)
     return metrics
+
+
+def repatch(model, processor, patch_size: int) -> None:
+    """Re-cut a tiny LLaVA's image into ``patch_size`` patches, in place: more (or fewer) image
+    tokens from the same weights, for a continued pretraining to adapt. The patch kernel is
+    area-resized (scaled so a flat image embeds as before) and the patch position embeddings
+    are interpolated bicubically on their grid; model config and processor follow."""
+    import torch.nn.functional as F
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+    tower, vc = model.model.vision_tower, model.config.vision_config
+    old = tower.embeddings
+    if vc.image_size % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide image size {vc.image_size}")
+    if patch_size == vc.patch_size:
+        return
+    vc.patch_size = patch_size
+    new = CLIPVisionEmbeddings(vc).to(old.class_embedding.device, old.class_embedding.dtype)
+    g_old, g_new = int(round((old.num_positions - 1) ** 0.5)), vc.image_size // patch_size
+    with torch.no_grad():
+        new.class_embedding.copy_(old.class_embedding)
+        w = old.patch_embedding.weight
+        new.patch_embedding.weight.copy_(
+            F.interpolate(w, size=(patch_size, patch_size), mode="area")
+            * (w.shape[-1] / patch_size) ** 2)
+        pos = old.position_embedding.weight
+        grid = pos[1:].T.reshape(1, -1, g_old, g_old)
+        grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+        new.position_embedding.weight.copy_(torch.cat([pos[:1], grid.reshape(-1, g_new ** 2).T]))
+    tower.embeddings = new
+    model.config.image_seq_length = g_new ** 2
+    processor.patch_size = patch_size
 
 
 def _corpus(model, processor, cfg) -> dict:

@@ -116,6 +116,8 @@ def report_markdown(metrics: dict) -> str:
     ev, cfg = metrics["eval"], metrics["config"]
     steps = ",".join(str(metrics["exact_steps"].get(k, 0)) for k in ("vision", "align", "instruct"))
     init = f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""
+    if cfg.get("patch_size"):
+        init += f" --patch-size {cfg['patch_size']}"
     if cfg.get("qa_weights"):
         w = cfg["qa_weights"]
         init += " --qa-weights " + (w if isinstance(w, str) else

@@ -78,6 +78,8 @@ class TrainConfig:
                                    "('upper-left') with them")
     vision_warmup_transpose: bool = _f(False, "vision warmup, with flips: transpose images "
                                        "(square ones) at random too, place answers following")
+    vision_warmup_where: bool = _f(False, "vision warmup: the heads learn a bias per image "
+                                   "token and answer word (place words find their tokens)")
     vision_warmup_shift: int = _f(0, "vision warmup: move each image by up to this many pixels "
                                   "along each axis at random (edges repeated); answers kept")
     hard_fraction: float = _f(0.0, "fraction of every batch drawn by question, each with "
@@ -464,7 +466,7 @@ def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: Tr
     _, losses = fit_heads(model, targets, batches.images.batch, steps=steps, batch_size=size,
                           lr=config.vision_warmup_lr, flips=config.vision_warmup_flips,
                           transpose=config.vision_warmup_transpose,
-                          shift=config.vision_warmup_shift,
+                          shift=config.vision_warmup_shift, where=config.vision_warmup_where,
                           seed=config.seed, max_grad_norm=config.max_grad_norm, progress=report)
     return losses
 

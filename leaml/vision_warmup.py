@@ -117,17 +117,27 @@ class AnswerHeads(torch.nn.Module):
     Max pooling, not a learned attention query: an attention query must first find the one
     token that holds a small detail before it gets a useful gradient (the same plateau the
     language model is stuck on); the maximum passes the gradient to that token at once.
+
+    With ``tokens`` (the number of image tokens), each answer word also gets a learned bias
+    per token: a place word ("upper-left") can then prefer the tokens of its place, so the
+    tower only has to say what is in a token, and the language model reads where from the
+    tokens' order, as its pretraining taught it.
     """
 
-    def __init__(self, width: int, targets: AnswerTargets):
+    def __init__(self, width: int, targets: AnswerTargets, tokens: int = 0):
         super().__init__()
         self.norm = torch.nn.LayerNorm(width)
         self.score = torch.nn.Linear(width, len(targets.labels))
+        self.where = torch.nn.Parameter(torch.zeros(tokens, len(targets.labels))) \
+            if tokens else None
         self.register_buffer("label_question", targets.label_question)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (B, T, W) -> logits (B, labels)."""
-        return self.score(self.norm(feats)).max(dim=1).values
+        scores = self.score(self.norm(feats))
+        if self.where is not None:
+            scores = scores + self.where
+        return scores.max(dim=1).values
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -149,18 +159,20 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, asked: torch.Tensor,
 
 def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Tensor], *,
         steps: int, batch_size: int, lr: float, flips: bool = True, transpose: bool = False,
-        shift: int = 0, seed: int = 0,
+        shift: int = 0, where: bool = False, seed: int = 0,
         max_grad_norm: float = 1.0,
         progress: Callable[[int, int, float], None] | None = None
         ) -> tuple[AnswerHeads, list[float]]:
     """Train the model's trainable parameters (the image path) and fresh heads on ``targets``
     for ``steps`` SGD steps (momentum 0.9, linear warmup over 5%, cosine decay) of
     ``batch_size`` images drawn with replacement, mirrored with ``flips``/``transpose`` and
-    moved by up to ``shift`` pixels; ``pixels_of(image ids)`` gives their pixel tensors.
+    moved by up to ``shift`` pixels, with a bias per image token and answer word if ``where``;
+    ``pixels_of(image ids)`` gives their pixel tensors.
     Returns the heads and the losses."""
     with torch.no_grad():  # the features' width, device and dtype
         probe = image_features(model, pixels_of(targets.images[:1]))
-    heads = AnswerHeads(probe.shape[-1], targets).to(probe.device, probe.dtype)
+    heads = AnswerHeads(probe.shape[-1], targets, probe.shape[1] if where else 0).to(
+        probe.device, probe.dtype)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     warm = max(1, steps // 20)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
@@ -90,3 +92,28 @@ def test_auto_qa_weights_follow_the_error_rate(tmp_path):
     assert sum(w0.values()) > sum(w.values()) + 2.0
     record = (tmp_path / "w" / "PRETRAIN.md").read_text()
     assert "--qa-weights auto --batch-size 8 --lr-lm 0.003" in record  # the rerun line is exact
+
+
+def test_repatch_recuts_the_image_into_more_tokens(tmp_path):
+    """16 px patches from the committed 32 px base: 36 image tokens end to end, a flat image
+    embeds as before, the folder reloads; a patch size that does not divide the image fails."""
+    from PIL import Image
+    model, proc = models.load("tiny")
+    flat = models.pixel_values(proc, [Image.new("RGB", (96, 96), (120, 60, 50))])
+    emb = model.model.vision_tower.embeddings
+    before = emb.patch_embedding(flat)[0, :, 0, 0]
+    P.repatch(model, proc, 16)
+    emb = model.model.vision_tower.embeddings
+    after = emb.patch_embedding(flat)[0, :, 0, 0]
+    assert torch.allclose(before, after, atol=1e-4)
+    assert emb.position_embedding.weight.shape[0] == 37 and model.config.image_seq_length == 36
+    models.save(model, proc, tmp_path / "p16")
+    model, proc = models.load(str(tmp_path / "p16"))
+    batch = models.encode(proc, [Image.new("RGB", (80, 64))], ["What color is the background?"],
+                          ["gray"])
+    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == 36
+    assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(ValueError, match="does not divide"):
+        P.repatch(model, proc, 20)
+    with pytest.raises(ValueError, match="init_from"):
+        P.PretrainConfig(patch_size=16)

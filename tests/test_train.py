@@ -636,3 +636,37 @@ def test_a_huge_caption_is_cut_to_max_target_tokens_and_still_trains(tiny):
     result = train(model, proc, ex, _cfg(mode="full", max_steps=2, batch_size=2,
                                          max_target_tokens=64))
     assert any(not torch.equal(p, before[n]) for n, p in result.model.named_parameters())
+
+
+def test_heads_with_a_bias_per_token_tell_where_when_the_features_cannot():
+    """One "hot" token per image, the same vector wherever it is: the answer (which token) is
+    only in where it sits. Plain max-pooled heads cannot say it; ``where`` heads learn it."""
+    from leaml.vision_warmup import AnswerHeads, AnswerTargets, loss_fn
+    words = ["left", "center", "right"]
+    targets = AnswerTargets(["Where?"] * 3, words, [0, 1, 2])
+    feats = torch.zeros(3, 3, 8)
+    for i in range(3):
+        feats[i, i] = torch.linspace(-1, 1, 8)
+    torch.manual_seed(0)
+    acc = {}
+    for tokens in (0, 3):
+        heads = AnswerHeads(8, targets, tokens)
+        opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+        for _ in range(300):
+            loss = loss_fn(heads(feats), targets.y, targets.asked, heads.label_question)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        pred = heads(feats).argmax(1)
+        acc[tokens] = sum(targets.labels[int(p)][1] == w for p, w in zip(pred, words))
+    assert acc[3] == 3 and acc[0] <= 1
+
+
+def test_warmup_where_adds_the_bias_and_still_learns(base):
+    seen = []
+    cfg = TrainConfig(mode="full", batch_size=8, max_steps=5, vision_warmup_steps=60,
+                      vision_warmup_lr=0.1, vision_warmup_where=True)
+    train(copy.deepcopy(base[0]), base[1], _corner_examples(), cfg, should_stop=lambda: True,
+          progress=lambda *a: seen.append(a))
+    warm = [loss for stage, _, _, loss in seen if stage == "train: vision warmup"]
+    assert len(warm) == 60 and sum(warm[-10:]) / 10 < 0.6 * warm[0]
