@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+# embedded bases by name: "tiny" is the default; "tiny16" the same model re-cut into 16 px
+# patches (36 image tokens) and pretrained further (assets/tiny16/PRETRAIN.md)
+EMBEDDED = {"tiny": TINY_DIR, "tiny16": TINY_DIR.parent / "tiny16"}
 IGNORE_INDEX = -100
 
 # A simple user/assistant template; the image placeholder goes in the user turn. The
@@ -118,8 +121,9 @@ def arch_spec(model) -> ArchSpec:
 # --- loading and saving ---------------------------------------------------------------------
 
 def resolve_ref(ref: str) -> str:
-    """``"tiny"`` -> the embedded base folder; a Hugging Face id or local path unchanged."""
-    return str(TINY_DIR) if ref == "tiny" else str(ref)
+    """``"tiny"``/``"tiny16"`` -> the embedded base's folder; a Hugging Face id or local path
+    unchanged."""
+    return str(EMBEDDED.get(ref, ref))
 
 
 def load(ref: str = "tiny", *, device="cpu", dtype=torch.float32):
@@ -129,8 +133,9 @@ def load(ref: str = "tiny", *, device="cpu", dtype=torch.float32):
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
     path = resolve_ref(ref)
-    if ref == "tiny" and not (TINY_DIR / "config.json").exists():
-        raise FileNotFoundError(f"{TINY_DIR} holds no model; run `python -m leaml pretrain-tiny`")
+    if ref in EMBEDDED and not (EMBEDDED[ref] / "config.json").exists():
+        raise FileNotFoundError(f"{EMBEDDED[ref]} holds no model; run `python -m leaml "
+                                "pretrain-tiny` (PRETRAIN.md says how it was made)")
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
     _configure_padding(processor)

@@ -119,6 +119,7 @@ def test_arch_spec_targets_language_model_only(untrained):
 
 def test_resolve_ref():
     assert models.resolve_ref("tiny") == str(models.TINY_DIR)
+    assert models.resolve_ref("tiny16") == str(models.TINY_DIR.parent / "tiny16")
     assert models.resolve_ref("org/some-model") == "org/some-model"
 
 
@@ -131,9 +132,11 @@ def test_committed_tiny_loads_through_auto_classes():
     assert "<image>" in models.prompt_text(proc, "hi")
 
 
-def test_committed_tiny_answers_general_questions():
-    """The pretrained base reads generated scenes (seeds unseen in pretraining)."""
-    model, proc = models.load("tiny")
+@pytest.mark.parametrize("ref,tokens", [("tiny", 9), ("tiny16", 36)])
+def test_committed_tiny_answers_general_questions(ref, tokens):
+    """The pretrained bases read generated scenes (seeds unseen in pretraining)."""
+    model, proc = models.load(ref)
+    assert model.config.image_seq_length == tokens
     rng = random.Random(2026)
     items = []
     for _ in range(6):
