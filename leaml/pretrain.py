@@ -67,8 +67,9 @@ class PretrainConfig:
         if not 0 < self.vision_share + self.align_share < 1:
             raise ValueError("vision_share + align_share must be in (0, 1)")
         if self.patch_size < 0 or (self.patch_size and not self.init_from):
-            raise ValueError("patch_size re-cuts a saved base: give init_from too (a base "
-                             "built from scratch takes tiny={'patch_size': N})")
+            raise ValueError("--patch-size (patch_size) re-cuts a saved base: give --init-from "
+                             "(init_from) too; a base built from scratch takes "
+                             "tiny={'patch_size': N}")
         if isinstance(self.qa_weights, str) and self.qa_weights != "auto":
             raise ValueError(f"qa_weights must be 'auto' or a dict, not {self.qa_weights!r}")
         given = self.qa_weights if isinstance(self.qa_weights, dict) else {}

@@ -212,7 +212,8 @@ def _record(db, gen_run_id: int, info: dict, cfg: PseudoConfig) -> None:
     update_run(db, gen_run_id, params=params)
 
 
-def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5, per_question: bool = False) -> list[dict]:
+def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5,
+                            per_question: bool = False) -> list[dict]:
     """Precision of a generator run's pseudo pairs per confidence bin (equal-count bins),
     against the project's own labels of the same images: in the demo project, images a run
     treated as unlabeled still hold their true seed QA, so every pseudo pair can be checked

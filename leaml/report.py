@@ -165,7 +165,8 @@ def format_precision(bins: list[dict], seed, per_question: bool = False) -> str:
              "hallucinated questions count as wrong):"]
     for b in bins:
         known = "-" if b["precision_known"] is None else f"{100 * b['precision_known']:.0f}%"
-        lines.append(f"  {'rank' if per_question else 'conf'} {b['lo']:.3f}-{b['hi']:.3f}: n={b['n']:>5}  "
+        what = "rank" if per_question else "conf"
+        lines.append(f"  {what} {b['lo']:.3f}-{b['hi']:.3f}: n={b['n']:>5}  "
                      f"precision {100 * b['precision']:5.1f}%  (of answerable questions: {known})")
     return "\n".join(lines)
 

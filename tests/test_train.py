@@ -662,11 +662,15 @@ def test_heads_with_a_bias_per_token_tell_where_when_the_features_cannot():
     assert acc[3] == 3 and acc[0] <= 1
 
 
-def test_warmup_where_adds_the_bias_and_still_learns(base):
-    seen = []
-    cfg = TrainConfig(mode="full", batch_size=8, max_steps=5, vision_warmup_steps=60,
-                      vision_warmup_lr=0.1, vision_warmup_where=True)
-    train(copy.deepcopy(base[0]), base[1], _corner_examples(), cfg, should_stop=lambda: True,
-          progress=lambda *a: seen.append(a))
-    warm = [loss for stage, _, _, loss in seen if stage == "train: vision warmup"]
-    assert len(warm) == 60 and sum(warm[-10:]) / 10 < 0.6 * warm[0]
+def test_warmup_where_reaches_the_heads_and_it_still_learns(base):
+    losses = {}
+    for where in (False, True):
+        seen = []
+        cfg = TrainConfig(mode="full", batch_size=8, max_steps=5, vision_warmup_steps=60,
+                          vision_warmup_lr=0.1, vision_warmup_where=where)
+        train(copy.deepcopy(base[0]), base[1], _corner_examples(), cfg,
+              should_stop=lambda: True, progress=lambda *a: seen.append(a))
+        losses[where] = [loss for stage, _, _, loss in seen if stage == "train: vision warmup"]
+    # the same seed and start: the first step is the same, later ones differ by the bias alone
+    assert losses[True][0] == losses[False][0] and losses[True] != losses[False]
+    assert len(losses[True]) == 60 and sum(losses[True][-10:]) / 10 < 0.6 * losses[True][0]
