@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import sqlite_utils
 
 from leaml import auth, diversity, ingest, jobs
+from leaml.config import DEFAULT_BASE
 from leaml.store import app_queries
 from leaml.store import images as images_store
 from leaml.store import qa, runs
@@ -79,12 +80,12 @@ def reset_password(db: sqlite_utils.Database, user: dict, name: str, password: s
 
 # --- projects and import ------------------------------------------------------------------
 
-def create_project(db: sqlite_utils.Database, user: dict, name: str, base_model: str = "tiny",
+def create_project(db: sqlite_utils.Database, user: dict, name: str, base_model: str = DEFAULT_BASE,
                    seed_target: int | None = None) -> dict:
     """A new project (needs 'import'); ``seed_target`` is stored in its settings."""
     auth.require(user, "import")
     settings = {"seed_target": int(seed_target)} if seed_target else {}
-    return projects_store.create_project(db, (name or "").strip(), base_model=base_model or "tiny",
+    return projects_store.create_project(db, (name or "").strip(), base_model=base_model or DEFAULT_BASE,
                                          settings=settings, user=_name(user))
 
 

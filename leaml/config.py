@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 from dataclasses import field, is_dataclass
 
+# The base model of a new project and of models.load(): an embedded base (leaml/models.py)
+DEFAULT_BASE = "tiny16"
+
 
 def option(default, help: str, **kw):
     """A dataclass field with ``help`` in its metadata; mutable defaults (lists, dicts,

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from leaml import pipeline
+from leaml.config import DEFAULT_BASE
 from leaml.generator import GeneratorConfig, default_train
 from leaml.pipeline import MethodConfig, RunContext, Stage
 from leaml.pseudo import PseudoConfig
@@ -324,7 +325,7 @@ def generator_command(store, project, *, label_fraction: float = 1.0, seed: int 
     from leaml.store.runs import get_run
     db = _open(store)
     proj = get_project(db, project)
-    base = base_model or proj.get("base_model") or "tiny"
+    base = base_model or proj.get("base_model") or DEFAULT_BASE
     cfg = generator_config(pipeline.method_config("leaml", seed, overrides))
     data = _train_data(db, proj["id"], label_fraction, seed)
     wd = Path(work_dir) if work_dir else Path(db.home) / "work" / f"generator-{time.time_ns()}"

@@ -3,6 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from leaml import app_service, auth
+from leaml.config import DEFAULT_BASE
 from leaml.store import projects as projects_store
 from pages._common import (get_db, project_ui, require_page, select_project, show_flash,
                            user_errors)
@@ -34,9 +35,10 @@ def create_ui() -> tuple[str, str, int, bool]:
     """The new-project form: name, base model, seed target, submitted?"""
     with st.form("new_project", clear_on_submit=False):
         name = st.text_input("Name", placeholder="kvasir-vqa")
-        base = st.text_input("Base model", value="tiny",
-                             help="`tiny` (bundled, runs on a CPU), a Hugging Face id such as "
-                                  "`HuggingFaceTB/SmolVLM-256M-Instruct`, or a local path")
+        base = st.text_input("Base model", value=DEFAULT_BASE,
+                             help="`tiny16` or `tiny` (bundled, run on a CPU), a Hugging Face "
+                                  "id such as `HuggingFaceTB/SmolVLM-256M-Instruct`, or a "
+                                  "local path")
         target = st.number_input("Seed target (0 = 1% of the images)", 0, 100000, 0)
         go = st.form_submit_button("Create project", type="primary")
     return name, base, int(target), go

@@ -123,6 +123,22 @@ def test_resolve_ref():
     assert models.resolve_ref("org/some-model") == "org/some-model"
 
 
+def test_embedded_tower_attention_is_plain_and_computes_the_same():
+    """load() gives the embedded bases' towers plain attention (faster at 37 tokens); the image
+    features match SDPA's, and the language model keeps SDPA."""
+    model, proc = models.load(models.DEFAULT_BASE)
+    assert model.config.vision_config._attn_implementation == "eager"
+    assert model.config.text_config._attn_implementation == "sdpa"
+    pixels = torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        eager = model.get_image_features(pixel_values=pixels)
+        model.set_attn_implementation({"vision_config": "sdpa"})
+        sdpa = model.get_image_features(pixel_values=pixels)
+    eager, sdpa = (getattr(f, "pooler_output", f) for f in (eager, sdpa))
+    torch.testing.assert_close(torch.stack(list(eager)), torch.stack(list(sdpa)),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_committed_tiny_loads_through_auto_classes():
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained(models.TINY_DIR)

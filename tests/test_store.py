@@ -22,7 +22,7 @@ def _image(db, project_id, data: bytes, **kw):
 
 def test_create_get_list_project(db):
     p = projects.create_project(db, "kvasir", settings={"seed_target": 5}, user="al")
-    assert p["name"] == "kvasir" and p["base_model"] == "tiny" and p["created_by"] == "al"
+    assert p["name"] == "kvasir" and p["base_model"] == "tiny16" and p["created_by"] == "al"
     assert p["settings"] == {"seed_target": 5}
     assert projects.get_project(db, "kvasir") == p
     assert projects.get_project(db, p["id"]) == p

@@ -9,6 +9,7 @@ import re
 
 import sqlite_utils
 
+from leaml.config import DEFAULT_BASE
 from leaml.store.db import NotFoundError, log_event, now, row, transaction
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -28,12 +29,14 @@ def validate_name(name: str) -> str:
     return name
 
 
-def create_project(db: sqlite_utils.Database, name: str, *, base_model: str = "tiny",
+def create_project(db: sqlite_utils.Database, name: str, *,
+                   base_model: str = DEFAULT_BASE,
                    settings: dict | None = None, user: str | None = None) -> dict:
     """Create a project; ValueError on a bad name, an empty base model or a taken name."""
     validate_name(name)
     if not isinstance(base_model, str) or not base_model.strip():
-        raise ValueError("base_model is empty: give 'tiny', a Hugging Face id or a local path")
+        raise ValueError("base_model is empty: give 'tiny16', 'tiny', a Hugging Face id or a "
+                         "local path")
     if settings is not None and not isinstance(settings, dict):
         raise ValueError(f"settings must be a dict (JSON object), got {type(settings).__name__}")
     with transaction(db):
