@@ -257,7 +257,7 @@ def bulk_accept(db: sqlite_utils.Database, user: dict, project_id: int, min_conf
 
 # --- jobs ---------------------------------------------------------------------------------
 
-METHODS = ("leaml", "seed-lora", "seed-full", "caption-then-seed", "caption-qa")
+METHODS = ("leaml", "seed-lora", "seed-full", "caption-then-seed", "caption-qa", "zero-shot")
 # The main knobs per job kind: (name, type, help). Left empty in the form, a knob keeps the
 # method's own default (pipeline.DEFAULTS, which differ per method); the names are those of
 # TrainConfig / PseudoConfig (tests/test_app_service.py checks), mirrored so the app never
@@ -282,7 +282,7 @@ JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP
 TRAIN_STAGES = {"seed-lora": ["train"], "seed-full": ["train"],
                 "caption-then-seed": ["align", "train"], "caption-qa": ["train"],
                 "leaml": ["generator", "finetune"], "generator": ["generator"],
-                "finetune": ["finetune"], "pseudo": []}
+                "finetune": ["finetune"], "pseudo": [], "zero-shot": []}
 _ENGINE_HP = {name for name, _, _ in _TRAIN_HP}
 
 

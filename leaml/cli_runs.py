@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-METHODS_HELP = "leaml, seed-lora, seed-full, caption-then-seed"
+METHODS_HELP = "leaml, seed-lora, seed-full, caption-then-seed, caption-qa, zero-shot"
 
 
 def _print_json(obj) -> None:

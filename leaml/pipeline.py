@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Callable[[], MethodConfig]] = {
     "caption-then-seed": lambda: MethodConfig({"align": _align(), "train": _seed_full()}),
     "leaml": lambda: _leaml().default_config(),  # LEAML lives in leaml/leaml_method.py
     "caption-qa": lambda: _caption_qa().default_config(),  # leaml/caption_qa.py
+    "zero-shot": lambda: MethodConfig(),  # the base untrained: the floor every method starts at
 }
 
 
@@ -256,6 +257,21 @@ def train_stage(name: str, examples_of: Callable[[RunContext], list]) -> Stage:
     return Stage(name, run)
 
 
+def base_stage() -> Stage:
+    """The base as it is, saved as the stage's model so that the run is evaluated, served
+    and exported like a trained one (``zero-shot``: what the base answers before any
+    finetuning; a copy of the base's weights)."""
+    def run(ctx: RunContext) -> bool:
+        from leaml import models
+        from leaml.train import save_trained
+        model, processor = models.load(ctx.base_model)
+        out = save_trained(model, processor, ctx.stage_dir("base") / "model")
+        _done_file(ctx, "base").write_text(json.dumps({"model_dir": str(out)}))
+        ctx.model_dir = str(out)
+        return True
+    return Stage("base", run)
+
+
 def evaluate_stage() -> Stage:
     """Move the final model to ``<home>/models/run-<id>``, evaluate it, store the metrics."""
     def run(ctx: RunContext) -> bool:
@@ -307,6 +323,7 @@ METHODS: dict[str, Callable[[], list[Stage]]] = {
         evaluate_stage()],
     "leaml": lambda: _leaml().stages(),
     "caption-qa": lambda: _caption_qa().stages(),
+    "zero-shot": lambda: [base_stage(), evaluate_stage()],
 }
 
 

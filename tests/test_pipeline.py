@@ -51,6 +51,24 @@ def test_method_end_to_end_stores_json_run_and_metrics(project, method):
     assert not (Path(db.home) / "work" / f"run-{out['run_id']}").exists()
 
 
+def test_zero_shot_stores_the_untrained_base_as_a_run(project):
+    """zero-shot: no training; the run's model is the project's base, weight for weight, and
+    its accuracy is the base's own on the test split."""
+    from leaml import models
+    db = project
+    out = pipeline.run_method(db, "demo", "zero-shot")
+    run = get_run(db, out["run_id"])
+    assert run["status"] == "succeeded" and run["base_model"] == models.DEFAULT_BASE
+    assert run["params"]["stages"] == ["base", "evaluate"]
+    base, _ = models.load(models.DEFAULT_BASE)
+    stored, _ = models.load(str(Path(db.home) / run["model_dir"]))
+    for (name, a), b in zip(base.state_dict().items(), stored.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert pipeline.evaluate_run(db, out["run_id"])["accuracy"] == out["accuracy"]
+    with pytest.raises(ValueError, match="not a stage"):
+        pipeline.method_config("zero-shot", overrides={"train": {"lr": 1}})
+
+
 def test_stopped_run_resumes_in_the_same_run_row(project, tmp_path):
     db = project
     calls = {"n": 0}
