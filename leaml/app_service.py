@@ -80,12 +80,13 @@ def reset_password(db: sqlite_utils.Database, user: dict, name: str, password: s
 
 # --- projects and import ------------------------------------------------------------------
 
-def create_project(db: sqlite_utils.Database, user: dict, name: str, base_model: str = DEFAULT_BASE,
-                   seed_target: int | None = None) -> dict:
+def create_project(db: sqlite_utils.Database, user: dict, name: str,
+                   base_model: str = DEFAULT_BASE, seed_target: int | None = None) -> dict:
     """A new project (needs 'import'); ``seed_target`` is stored in its settings."""
     auth.require(user, "import")
     settings = {"seed_target": int(seed_target)} if seed_target else {}
-    return projects_store.create_project(db, (name or "").strip(), base_model=base_model or DEFAULT_BASE,
+    return projects_store.create_project(db, (name or "").strip(),
+                                         base_model=base_model or DEFAULT_BASE,
                                          settings=settings, user=_name(user))
 
 

@@ -24,7 +24,8 @@ def _add_import(sub, common) -> None:
     p.add_argument("--skip-invalid", action="store_true",
                    help="import the valid rows and list the rejected ones (default: all or nothing)")
     p.add_argument("--base-model", default=None,
-                   help="base model of a new project: 'tiny16' (default), 'tiny', a HF id or a local path")
+                   help="base model of a new project: 'tiny16' (default), 'tiny', a HF id or "
+                        "a local path")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels than this (decompression bombs)")
     p.set_defaults(func=cmd_import)

@@ -53,7 +53,8 @@ def _add_run(sub, common) -> None:
                         "images (e.g. 0.01); the rest count as unlabeled (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label subset and training")
     p.add_argument("--base-model", default=None, metavar="REF",
-                   help="'tiny16', 'tiny', a Hugging Face id or a local folder (default: the project's)")
+                   help="'tiny16', 'tiny', a Hugging Face id or a local folder (default: the "
+                        "project's)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override a hyperparameter, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--rho", type=float, default=None,
