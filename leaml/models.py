@@ -144,10 +144,19 @@ def load(ref: str = DEFAULT_BASE, *, device="cpu", dtype=torch.float32):
                                 "pretrain-tiny` (PRETRAIN.md says how it was made)")
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
-    if ref in EMBEDDED:  # 37 tokens: plain attention beats SDPA's kernels (vision warmup 1.06x)
+    if str(device) == "cpu" and _short_image_sequence(model):
+        # tiny16's 37 tokens: plain attention beats SDPA's kernels (vision warmup 1.06x)
         model.set_attn_implementation({"vision_config": "eager"})
     _configure_padding(processor)
     return model.to(device).eval(), processor
+
+
+def _short_image_sequence(model, most: int = 64) -> bool:
+    """True when the vision tower reads at most ``most`` patches (the embedded bases and every
+    folder trained from them; real models read hundreds)."""
+    vc = getattr(model.config, "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    return isinstance(size, int) and isinstance(patch, int) and (size // patch) ** 2 <= most
 
 
 def save(model, processor, out_dir) -> Path:

@@ -123,10 +123,13 @@ def test_resolve_ref():
     assert models.resolve_ref("org/some-model") == "org/some-model"
 
 
-def test_embedded_tower_attention_is_plain_and_computes_the_same():
-    """load() gives the embedded bases' towers plain attention (faster at 37 tokens); the image
-    features match SDPA's, and the language model keeps SDPA."""
-    model, proc = models.load(models.DEFAULT_BASE)
+def test_short_towers_get_plain_attention_that_computes_the_same(tmp_path):
+    """load() gives towers of few patches plain attention (faster at 37 tokens), also in a
+    folder saved from the base (a trained stage's model); the image features match SDPA's,
+    and the language model keeps SDPA."""
+    base, proc = models.load(models.DEFAULT_BASE)
+    models.save(base, proc, tmp_path / "saved")
+    model, proc = models.load(str(tmp_path / "saved"))
     assert model.config.vision_config._attn_implementation == "eager"
     assert model.config.text_config._attn_implementation == "sdpa"
     pixels = torch.rand(3, 3, 96, 96)
