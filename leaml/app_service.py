@@ -1,7 +1,8 @@
 """What the web app does, as permission-checked functions (no Streamlit here).
 
 Every page action goes through one of these: each takes the signed-in ``user`` (a users row
-as a dict) and calls :func:`leaml.auth.require` before touching the store, so a refused
+as a dict) and calls :func:`_require` (the row as the database holds it now, then
+:func:`leaml.auth.require`) before touching the store, so a refused
 action is refused in the library, not only by a hidden button. An annotator calling
 :func:`start_job` gets a PermissionError whatever the page shows. Store errors
 (NotFoundError, ConflictError, ValueError) pass through for the page to show as messages.
@@ -33,6 +34,13 @@ def _name(user: dict) -> str:
     return user["name"]
 
 
+def _require(db: sqlite_utils.Database, user: dict | None, perm: str) -> dict:
+    """Every permission check here (new functions too): reload the row by id, then require."""
+    # the role and disabled flag come from the database, never from the caller's dict: a
+    # demoted or disabled user is refused on the next call, a made-up dict gains nothing
+    return auth.require(users_store.reload_user(db, user), perm)
+
+
 # --- accounts -----------------------------------------------------------------------------
 
 def needs_first_admin(db: sqlite_utils.Database) -> bool:
@@ -53,19 +61,19 @@ def sign_in(db: sqlite_utils.Database, name: str, password: str) -> dict | None:
 
 
 def list_users(db: sqlite_utils.Database, user: dict) -> list[dict]:
-    auth.require(user, "admin")
+    user = _require(db, user, "admin")
     return users_store.list_users(db)
 
 
 def add_user(db: sqlite_utils.Database, user: dict, name: str, password: str, role: str) -> dict:
     """Admin only: a new account."""
-    auth.require(user, "admin")
+    user = _require(db, user, "admin")
     return users_store.add_user(db, (name or "").strip(), password, role, by=_name(user))
 
 
 def set_role(db: sqlite_utils.Database, user: dict, name: str, role: str) -> dict:
     """Admin only; an admin cannot demote the last admin (nobody could manage users then)."""
-    auth.require(user, "admin")
+    user = _require(db, user, "admin")
     admins = [u for u in users_store.list_users(db) if u["role"] == "admin" and not u["disabled"]]
     if role != "admin" and [u["name"] for u in admins] == [name]:
         raise ValueError(f"'{name}' is the only admin; make another user admin first")
@@ -74,7 +82,7 @@ def set_role(db: sqlite_utils.Database, user: dict, name: str, role: str) -> dic
 
 def reset_password(db: sqlite_utils.Database, user: dict, name: str, password: str) -> dict:
     """Admin only: set a new password for ``name``."""
-    auth.require(user, "admin")
+    user = _require(db, user, "admin")
     return users_store.set_password(db, name, password, by=_name(user))
 
 
@@ -83,7 +91,7 @@ def reset_password(db: sqlite_utils.Database, user: dict, name: str, password: s
 def create_project(db: sqlite_utils.Database, user: dict, name: str,
                    base_model: str = DEFAULT_BASE, seed_target: int | None = None) -> dict:
     """A new project (needs 'import'); ``seed_target`` is stored in its settings."""
-    auth.require(user, "import")
+    user = _require(db, user, "import")
     settings = {"seed_target": int(seed_target)} if seed_target else {}
     return projects_store.create_project(db, (name or "").strip(),
                                          base_model=base_model or DEFAULT_BASE,
@@ -98,7 +106,7 @@ def import_upload(db: sqlite_utils.Database, user: dict, project: str, filename:
     row) when rows are bad and ``skip_invalid`` is off, ValueError for a wrong file type
     or a file over :data:`MAX_UPLOAD_MB`.
     """
-    auth.require(user, "import")
+    user = _require(db, user, "import")
     suffix = PurePosixPath(filename or "").suffix.lower().lstrip(".")
     if suffix not in UPLOAD_TYPES:
         raise ValueError(f"'{filename}': unsupported file type; upload one of "
@@ -157,7 +165,7 @@ def label_seed(db: sqlite_utils.Database, user: dict, *, project_id: int, image_
                question: str, answer: str, category: str | None = None,
                question_type: str | None = None) -> int:
     """Add one seed QA pair (needs 'label'); returns its id. Audited by the store."""
-    auth.require(user, "label")
+    user = _require(db, user, "label")
     question, answer = (question or "").strip(), (answer or "").strip()
     if not question or not answer:
         raise ValueError("both a question and an answer are needed; fill in the empty one")
@@ -170,20 +178,20 @@ def label_seed(db: sqlite_utils.Database, user: dict, *, project_id: int, image_
 def edit_seed(db: sqlite_utils.Database, user: dict, qa_id: int, *, expected_version: int,
               **changes) -> dict:
     """Change a seed pair's question/answer/category (needs 'label'); ConflictError if stale."""
-    auth.require(user, "label")
+    user = _require(db, user, "label")
     return qa.update_qa(db, qa_id, expected_version=expected_version, user=_name(user),
                         **changes)
 
 
 def delete_seed(db: sqlite_utils.Database, user: dict, qa_id: int, *, expected_version: int):
     """Delete a seed pair (needs 'label'); the audit log keeps what it was."""
-    auth.require(user, "label")
+    user = _require(db, user, "label")
     return qa.delete_qa(db, qa_id, expected_version=expected_version, user=_name(user))
 
 
 def seed_pairs(db: sqlite_utils.Database, user: dict, project_id: int, limit: int = 200):
     """The project's seed pairs, newest first (needs 'view')."""
-    auth.require(user, "view")
+    user = _require(db, user, "view")
     return list(reversed(qa.list_qa(db, project_id, origin="seed")))[:limit]
 
 
@@ -191,14 +199,14 @@ def seed_pairs(db: sqlite_utils.Database, user: dict, project_id: int, limit: in
 
 def next_pair(db: sqlite_utils.Database, user: dict, project_id: int, **filters) -> dict | None:
     """Claim the next pending pair for ``user`` (needs 'review'); None when the queue is empty."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     return qa.claim_next(db, project_id, _name(user), **filters)
 
 
 def decide(db: sqlite_utils.Database, user: dict, qa_id: int, decision: str, *,
            expected_version: int, question: str | None = None, answer: str | None = None):
     """accept, reject or edit one pair (needs 'review'); ConflictError on a stale version."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     if decision == "accept":
         return qa.accept(db, qa_id, expected_version=expected_version, user=_name(user))
     if decision == "reject":
@@ -211,19 +219,19 @@ def decide(db: sqlite_utils.Database, user: dict, qa_id: int, decision: str, *,
 
 def review_filter_options(db: sqlite_utils.Database, user: dict, project_id: int) -> dict:
     """Categories, question types and generator runs present in the pending queue."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     return app_queries.queue_facets(db, project_id)
 
 
 def calibration(db: sqlite_utils.Database, user: dict, project_id: int, bins: int = 10):
     """Acceptance rate by confidence bin of the reviewed pseudo pairs (needs 'view')."""
-    auth.require(user, "view")
+    user = _require(db, user, "view")
     return qa.calibration(db, project_id, bins)
 
 
 def reviewer_stats(db: sqlite_utils.Database, user: dict, project_id: int) -> list[dict]:
     """Counters per reviewer; an annotator sees only their own row."""
-    auth.require(user, "view")
+    user = _require(db, user, "view")
     stats = qa.reviewer_stats(db, project_id)
     if user["role"] == "annotator":
         stats = [s for s in stats if s["reviewer"] == user["name"]]
@@ -232,27 +240,27 @@ def reviewer_stats(db: sqlite_utils.Database, user: dict, project_id: int) -> li
 
 def skip(db: sqlite_utils.Database, user: dict, qa_id: int) -> None:
     """Give a claimed pair back to the queue (needs 'review')."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     qa.release_claim(db, qa_id, _name(user))
 
 
 def undo(db: sqlite_utils.Database, user: dict, project_id: int):
     """Undo ``user``'s last review decision in the project (needs 'review')."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     return qa.undo_last(db, user=_name(user), project_id=project_id)
 
 
 def count_bulk(db: sqlite_utils.Database, user: dict, project_id: int, min_conf: float,
                **filters) -> int:
     """How many pending pairs a bulk accept at ``min_conf`` would touch."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     return qa.count_queue(db, project_id, min_conf=min_conf, **filters)
 
 
 def bulk_accept(db: sqlite_utils.Database, user: dict, project_id: int, min_conf: float,
                 **filters) -> int:
     """Accept every pending pair at or above ``min_conf`` (needs 'review'); returns how many."""
-    auth.require(user, "review")
+    user = _require(db, user, "review")
     return qa.bulk_accept(db, project_id, min_conf=min_conf, user=_name(user), **filters)
 
 
@@ -328,19 +336,19 @@ def job_hyperparameters(kind: str) -> list[tuple[str, type, str]]:
 def start_job(db: sqlite_utils.Database, user: dict, kind: str, project: str | int,
               params: dict) -> int:
     """Queue a background job (needs 'train') and make sure a worker runs; returns its id."""
-    auth.require(user, "train")
+    user = _require(db, user, "train")
     job_id = jobs.enqueue(db, kind, project, params, user=user)
     jobs.ensure_worker(db.home)
     return job_id
 
 
 def cancel_job(db: sqlite_utils.Database, user: dict, job_id: int):
-    auth.require(user, "train")
+    user = _require(db, user, "train")
     return jobs.cancel(db, job_id, user=user)
 
 
 def resume_job(db: sqlite_utils.Database, user: dict, job_id: int):
-    auth.require(user, "train")
+    user = _require(db, user, "train")
     result = jobs.resume(db, job_id, user=user)
     jobs.ensure_worker(db.home)
     return result
@@ -363,7 +371,7 @@ def results(db: sqlite_utils.Database, user: dict, project_id: int) -> list[dict
     """Evaluated runs of a project as long-form rows (one per run x metric), newest first:
     run_id, method, base_model, label_fraction, created_at, finished_at, scope, key,
     accuracy (percent), n. Needs 'view'. Runs without metrics (stages) are left out."""
-    auth.require(user, "view")
+    user = _require(db, user, "view")
     out = []
     for r in runs.list_runs(db, project_id):
         if r["status"] != "succeeded":

@@ -114,6 +114,22 @@ def count_users(db: sqlite_utils.Database) -> int:
     return db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
 
 
+def reload_user(db: sqlite_utils.Database, user: dict | None) -> dict | None:
+    """The current row of ``user`` (a dict with its ``id`` and ``name``), read by id; None for
+    None. The role and ``disabled`` flag come from the database, never from the dict, so a
+    demoted or disabled account loses its rights at once and a made-up dict gains none.
+    PermissionError when no account has that id and name (removed, or never signed in)."""
+    if not user:
+        return None
+    user_id, name = user.get("id"), user.get("name")
+    found = (row(db, f"SELECT {_PUBLIC} FROM users WHERE id = ?", [user_id])
+             if isinstance(user_id, int) and not isinstance(user_id, bool) else None)
+    if found is None or found["name"] != name:
+        raise PermissionError(f"user {name!r} (id {user_id!r}) is not a known account; "
+                              "sign in again, or ask an admin to add the account")
+    return found
+
+
 def require_user(db: sqlite_utils.Database, name: str | None, perm: str) -> dict:
     """Load ``name`` and :func:`leaml.auth.require` ``perm`` of it; returns the user."""
     user = row(db, f"SELECT {_PUBLIC} FROM users WHERE name = ?", [name]) if name else None
