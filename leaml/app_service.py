@@ -28,6 +28,7 @@ MAX_UPLOAD_MB = 200           # also the Streamlit upload limit (.streamlit/conf
 UPLOAD_TYPES = ("zip", "jsonl", "csv", "parquet")
 DEFAULT_SEED_FRACTION = 0.01  # seed target: 1% of the train images, at least one
 DEMO_PROJECT = "demo"
+LANDING_PROJECT = "demo-1pct"  # the demo at 1% labels: what a new user sees first
 
 
 def _name(user: dict) -> str:
@@ -132,19 +133,21 @@ def seed_target(project: dict, counts: dict) -> int:
 
 
 def ensure_demo(db: sqlite_utils.Database, n_train: int = 300, n_test: int = 60) -> dict | None:
-    """The bundled ``demo`` project, built (small, seconds) if the data home lacks it.
+    """The bundled ``demo-1pct`` project (and ``demo``), built (small, seconds) if the data
+    home lacks them; returns ``demo-1pct``, the project a new user lands on.
 
     The full set is ``python -m leaml demo --data-only``; this small one makes the first
     start of the app quick.
     """
     try:
-        return projects_store.get_project(db, DEMO_PROJECT)
+        projects_store.get_project(db, DEMO_PROJECT)
+        return projects_store.get_project(db, LANDING_PROJECT)
     except LookupError:
         pass
-    from leaml import demo  # numpy drawing code: only needed on a first start
-    ingest.load_demo(db, demo.DemoConfig(n_train=n_train, n_test=n_test), project=DEMO_PROJECT,
-                     user="demo")
-    return projects_store.get_project(db, DEMO_PROJECT)
+    from leaml import demo, demo_projects  # numpy drawing code: only needed on a first start
+    demo_projects.load_demo_projects(db, demo.DemoConfig(n_train=n_train, n_test=n_test),
+                                     user="demo")
+    return projects_store.get_project(db, LANDING_PROJECT)
 
 
 # --- seed labeling ------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def _add_demo(sub, common) -> None:
             "labels on project 'demo-table' (1500 train / 150 test demo images)")
     p = sub.add_parser("demo", help=text, description=text, parents=[common])
     p.add_argument("--data-only", action="store_true",
-                   help="only build the synthetic demo images and import them into project 'demo'")
+                   help="only build the synthetic demo images and import them into projects 'demo' "
+                        "(every train image labeled) and 'demo-1pct' (1%% labeled)")
     p.add_argument("--n-train", type=int, default=3000, help="train images of the demo set")
     p.add_argument("--n-test", type=int, default=500, help="test images of the demo set")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo set")
@@ -104,14 +105,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from leaml.cli_leaml import cmd_demo_all
         return cmd_demo_all(args)
     from leaml.demo import DemoConfig
-    from leaml.ingest import load_demo
+    from leaml.demo_projects import load_demo_projects
     from leaml.store import connect
     cfg = DemoConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed)
-    print(f"demo data: {cfg.n_train} train + {cfg.n_test} test images (built and imported"
-          " unless project 'demo' has them already) ...", file=sys.stderr, flush=True)
-    report = load_demo(connect(args.home), cfg, user=CLI_ACTOR)
-    if report is None:
-        print("project 'demo' already holds the demo data; nothing to do", flush=True)
-    else:
-        _print_report(report, skipped=True)
+    print(f"demo data: {cfg.n_train} train + {cfg.n_test} test images as projects 'demo' (all"
+          " labeled) and 'demo-1pct' (1% labeled), built and imported unless they hold them"
+          " already ...", file=sys.stderr, flush=True)
+    for name, report in load_demo_projects(connect(args.home), cfg, user=CLI_ACTOR).items():
+        if report is None:
+            print(f"project '{name}' already holds the demo data; nothing to do", flush=True)
+        else:
+            _print_report(report, skipped=True)
     return 0

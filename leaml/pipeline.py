@@ -14,7 +14,6 @@ with accuracies in percent.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +23,7 @@ from typing import Callable
 import sqlite_utils
 
 from leaml.config import DEFAULT_BASE
+from leaml.label_split import keep_fraction  # noqa: F401  (torch-free; re-exported)
 from leaml.train import TrainConfig
 
 Progress = Callable[[str, int, int, float], None]
@@ -179,15 +179,6 @@ class RunData:
         return {"n_seed_qa": len(self.seed_rows), "n_labeled_images": self.labeled_images,
                 "n_kept_images": len(self.kept_images), "n_captions": len(self.caption_rows),
                 "n_test": len(self.test_rows)}
-
-
-def keep_fraction(image_ids: list[int], fraction: float, seed: int) -> list[int]:
-    """A seeded random ``fraction`` of the images (at least one), sorted."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"label fraction {fraction} must be in (0, 1], e.g. 0.01 for 1%")
-    ids = sorted(image_ids)
-    n = max(1, round(fraction * len(ids))) if ids else 0
-    return sorted(random.Random(seed).sample(ids, n))
 
 
 def load_run_data(db, project_id: int, label_fraction: float, seed: int) -> RunData:

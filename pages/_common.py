@@ -45,7 +45,7 @@ def project_ui(db) -> dict | None:
     if not projects:
         return None
     names = [p["name"] for p in projects]
-    wanted = st.session_state.get("project_name", "demo")
+    wanted = st.session_state.get("project_name", "demo-1pct")  # the landing project
     index = names.index(wanted) if wanted in names else 0
     # a new key after select_project(): the browser's remembered choice must not win
     key = f"project_picker_{st.session_state.get('project_picker_n', 0)}"

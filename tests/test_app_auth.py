@@ -78,5 +78,5 @@ def test_demo_is_built_on_first_start(monkeypatch, home):
     from leaml.app_service import ensure_demo
     db = home_db(monkeypatch, home)
     project = ensure_demo(db, n_train=8, n_test=2)
-    assert project["name"] == "demo"
+    assert project["name"] == "demo-1pct"  # the landing project, beside the full 'demo'
     assert ensure_demo(db)["id"] == project["id"]  # idempotent
