@@ -93,6 +93,7 @@ def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: s
     from leaml import generator, models
     from leaml.store.images import image_path
     from leaml.store.runs import create_run, finish_run, update_run
+    from leaml import checkpoints
     from leaml.train import save_trained
     work_dir.mkdir(parents=True, exist_ok=True)
     state_file = work_dir / "generator_run.json"
@@ -122,7 +123,7 @@ def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: s
     out = Path(db.home) / "models" / f"run-{run_id}"
     shutil.rmtree(out, ignore_errors=True)
     save_trained(res.train.model, processor, out)
-    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)
+    checkpoints.remove(work_dir)  # the last and the previous
     _merge_params(db, run_id, {"generator": res.info})
     update_run(db, run_id, model_dir=str(out.relative_to(db.home)))
     finish_run(db, run_id, accuracy=None, seconds=round(res.info["seconds"], 1))
@@ -244,6 +245,7 @@ def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
 def _target_stage() -> Stage:
     def run(ctx: RunContext) -> bool:
         from leaml import models
+        from leaml import checkpoints
         from leaml.train import Stream, save_trained, train
         opts = ctx.config.options["finetune"]
         gen_id = _generator_of(ctx)
@@ -268,7 +270,7 @@ def _target_stage() -> Stage:
         if result.stopped:
             return False
         out = save_trained(result.model, processor, ctx.stage_dir("finetune") / "model")
-        shutil.rmtree(ctx.stage_dir("finetune") / "checkpoint", ignore_errors=True)
+        checkpoints.remove(ctx.stage_dir("finetune"))  # the last and the previous
         summary.update(steps=result.step, seconds=round(result.seconds, 1))
         _write_done(ctx, "finetune", {"model_dir": str(out), **summary})
         _merge_params(ctx.db, ctx.run_id, {"target_data": summary})

@@ -225,6 +225,7 @@ def train_stage(name: str, examples_of: Callable[[RunContext], list]) -> Stage:
     """A stage that trains the current model on ``examples_of(ctx)`` with the stage's config."""
     def run(ctx: RunContext) -> bool:
         from leaml import models
+        from leaml import checkpoints
         from leaml.train import load_trained, save_trained, train
         config = ctx.config.stages[name]
         examples = examples_of(ctx)
@@ -238,7 +239,7 @@ def train_stage(name: str, examples_of: Callable[[RunContext], list]) -> Stage:
         if result.stopped:
             return False
         out = save_trained(result.model, processor, ctx.stage_dir(name) / "model")
-        shutil.rmtree(ctx.stage_dir(name) / "checkpoint", ignore_errors=True)
+        checkpoints.remove(ctx.stage_dir(name))  # the last and the previous
         _done_file(ctx, name).write_text(json.dumps({
             "model_dir": str(out), "steps": result.step, "seconds": result.seconds,
             "samples_per_s": result.samples_per_s, "final_loss": result.losses[-1] if result.losses else None,

@@ -14,10 +14,8 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from leaml import models
+from leaml import checkpoints, models
 from leaml.batches import (MAX_TARGET_TOKENS, EpochOrder, Example, ImageSource, PackedText,
                            TextCache, augment, image_groups, mentions_position)
 from leaml.config import option as _f
@@ -424,13 +422,15 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
                     pack=config.pack and models.packable(model))
     model, optimizer = acc.prepare(model, optimizer)
     ckpt = Path(work_dir) / CHECKPOINT if work_dir else None
-    step = 0
-    if resume and ckpt and (ckpt / "state.pt").exists():
-        step = _load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, config, stage,
-                                batches.losses)
-    if step == 0:
+    loaded = None
+    if resume and ckpt and checkpoints.exists(ckpt.parent):
+        loaded = _load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, config,
+                                  stage, batches.losses)
+    step = loaded or 0
+    if loaded is None:
         torch.manual_seed(config.seed)  # dropout; a resumed run restored its RNG state above
-        # (a resumed run skips the warmup: its checkpoint holds the warmed weights)
+        # (a resumed run skips the warmup: its checkpoint, even one of step 0, holds the
+        # warmed weights)
         if config.vision_warmup_steps or config.vision_warmup_epochs:
             vision_warmup(acc.unwrap_model(model), batches, streams, config, progress, stage)
     if config.mode == "full" and config.vision_lr_scale == 0:  # warmed (or as loaded): frozen
@@ -607,7 +607,8 @@ _RESUME_KEYS = ("mode", "lr", "batch_size", "grad_accum", "seed", "lora_r", "epo
 
 def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step, stage,
                      losses: QuestionLosses | None = None) -> None:
-    """Write the checkpoint atomically (temp folder, then rename over the old one)."""
+    """Write the checkpoint atomically with its checksum, keeping the previous one
+    (:func:`leaml.checkpoints.save`; ``ckpt`` is ``<work_dir>/checkpoint``)."""
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
@@ -622,23 +623,21 @@ def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps({"stage": stage, "step": step,
-                                                 "config": config.to_dict()}, indent=1))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    checkpoints.save(ckpt.parent, state, {"stage": stage, "step": step,
+                                          "config": config.to_dict()})
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, config, stage,
-                     losses: QuestionLosses | None = None) -> int:
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+                     losses: QuestionLosses | None = None) -> int | None:
+    """Load the newest intact checkpoint into the model, optimizer and scheduler; returns its
+    step, or None when none is usable (the stage starts over; the reason is logged)."""
+    state, folder = checkpoints.load(ckpt.parent)
+    if state is None:
+        return None
     saved = state["config"]
     diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
     if diff or state["stage"] != stage:
-        raise ValueError(f"checkpoint {ckpt} was written by another config ({', '.join(diff) or 'stage'}"
+        raise ValueError(f"checkpoint {folder} was written by another config ({', '.join(diff) or 'stage'}"
                          f" differ); delete the folder or train with resume=False")
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -657,4 +656,4 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, config, stage,
 
 def has_checkpoint(work_dir: str | Path) -> bool:
     """True when ``work_dir`` holds a resumable checkpoint."""
-    return (Path(work_dir) / CHECKPOINT / "state.pt").exists()
+    return checkpoints.exists(work_dir)
