@@ -70,6 +70,7 @@ class JobContext:
     pid: int = field(default_factory=os.getpid)
     stop_reason: str | None = None   # 'cancel', 'shutdown' or 'lost' once should_stop said yes
     plan: list = field(default_factory=list)  # the stages the kind will run, for overall progress
+    notes: list = field(default_factory=list)  # problems worked around, kept in the last message
     _checked_at: float = 0.0
     _stages: list = field(default_factory=list)
     _timers: dict = field(default_factory=dict)
@@ -85,6 +86,12 @@ class JobContext:
             progress = min(1.0, max(0.0, float(progress)))
         q.report(self.db, self.job_id, self.pid, stage=stage, progress=progress,
                  eta_seconds=eta_seconds, message=message)
+
+    def note(self, text: str) -> None:
+        """Something the job worked around (a corrupt checkpoint skipped, say): the job's
+        message now, and appended to its final message so that it is not missed."""
+        self.notes.append(text)
+        self.report(None, message=text)
 
     def log_loss(self, stage: str, step: int, total: int | None, loss: float | None,
                  lr: float | None = None) -> None:

@@ -13,12 +13,14 @@ are passed to the child, which checkpoints and ends the job ``interrupted`` (res
 """
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,6 +35,8 @@ from leaml.store.db import transaction
 
 log = logging.getLogger("leaml.worker")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so `-m leaml` works from any cwd
+RETRY_S = 2.0  # wait before retrying a database write that failed (locked, disk full)
+UNRECORDED = 75  # the job process's exit code when it could not record the job's end
 
 
 class _Beat(threading.Thread):
@@ -76,7 +80,12 @@ def work(home=None, *, once: bool = False, poll_s: float = 1.0,
     n, idle_since, checked = 0, time.monotonic(), time.monotonic()
     try:
         while not state["stop"]:
-            job = q.claim_next(db, pid)
+            try:
+                job = q.claim_next(db, pid)
+            except sqlite3.Error as exc:  # locked for long, or the disk is full: try again
+                log.error("could not claim a job (%s); retrying in %.0f s", exc, RETRY_S)
+                time.sleep(RETRY_S)
+                continue
             if job is None:
                 if time.monotonic() - checked > jobs.heartbeat_interval():
                     jobs.recover_stale(db)  # a dead worker's job must not block --once forever
@@ -136,7 +145,20 @@ def _run_child(db, home: Path, job: dict, state: dict) -> None:
 
 
 def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> None:
-    """The child exited; if the job still says it runs there, it died without finishing."""
+    """The child exited; if the job still says it runs there, it died without finishing.
+    A database that cannot be written (disk full) is logged and retried, never fatal: the
+    worker goes on with the next job."""
+    for attempt in range(3):
+        try:
+            _record_exit(db, job_id, pids, rc, stopping)
+            return
+        except sqlite3.Error as exc:
+            log.error("job %s: could not record how its process ended (%s); %s", job_id, exc,
+                      "retrying" if attempt < 2 else "the heartbeat timeout marks it interrupted")
+            time.sleep(RETRY_S * (attempt + 1))
+
+
+def _record_exit(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> None:
     job = q.get_job(db, job_id)
     if job["status"] != "running" or job["worker_pid"] not in pids:
         return
@@ -146,6 +168,9 @@ def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> No
         name = signal.Signals(-rc).name
         status, msg = "interrupted", (f"job process was killed by {name} (out of memory?); "
                                       f"resume it to continue from its last checkpoint")
+    elif rc == UNRECORDED:
+        status, msg = "failed", ("the job process could not record how the job ended (disk "
+                                 "full or database locked?); see the job's log, then resume it")
     else:
         status, msg = "failed", f"job process exited with code {rc}; see the job's log"
     q.finish(db, job_id, job["worker_pid"], status, message=msg)
@@ -177,11 +202,29 @@ def run_claimed(home, job_id: int, claimed_by: int) -> int:
     beat = _Beat(home, lambda d: _job_beat(d, ctx), jobs.heartbeat_interval())
     beat.start()
     _on_signals(lambda: setattr(ctx, "stop_reason", "shutdown"))
+    notes = _Notes(ctx)
+    logging.getLogger("leaml.checkpoints").addHandler(notes)
     try:
-        _execute(ctx)
+        recorded = _execute(ctx)
     finally:
+        logging.getLogger("leaml.checkpoints").removeHandler(notes)
         beat.stop()
-    return 0
+    return 0 if recorded else UNRECORDED
+
+
+class _Notes(logging.Handler):
+    """Warnings of the checkpoint code (a corrupt file skipped) become notes of the job:
+    shown as its message at once and kept in its final message."""
+
+    def __init__(self, ctx: jobs.JobContext):
+        super().__init__(logging.WARNING)
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.ctx.note(record.getMessage())
+        except Exception:  # a note that cannot be written must not stop the job
+            self.handleError(record)
 
 
 def _context(db, home: Path, job: dict) -> jobs.JobContext:
@@ -202,9 +245,10 @@ def _job_beat(db, ctx: jobs.JobContext) -> None:
         ctx.stop_reason = ctx.stop_reason or "cancel"
 
 
-def _execute(ctx: jobs.JobContext) -> None:
+def _execute(ctx: jobs.JobContext) -> bool:
     """Run the kind's function and record how it ended: succeeded, cancelled, interrupted
-    (worker shut down) or failed (message = the exception; traceback in the log)."""
+    (worker shut down) or failed (message = the exception; traceback in the log). Returns
+    False when the end could not be recorded (the database could not be written)."""
     job, db = ctx.job, ctx.db
     ctx.log.info("job %s (%s) starts, params %s%s", job["id"], job["kind"], job["params"],
                  f", resuming from {ctx.resume}" if ctx.resume else "")
@@ -217,39 +261,60 @@ def _execute(ctx: jobs.JobContext) -> None:
     except Exception as exc:
         if ctx.stop_reason is None:
             ctx.log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
-            _end(ctx, "failed", f"{type(exc).__name__}: {exc}")
-            return
+            return _end(ctx, "failed", _failure(ctx, exc))
         ctx.log.info("job stopped (%s) with %s: %s", ctx.stop_reason, type(exc).__name__, exc)
         result = {}
     if result.get("stopped") or (ctx.stop_reason is not None and not result.get("run_id")):
-        _end_stopped(ctx)  # the engine returned early ({"stopped": True}) and kept a checkpoint
-        return
+        return _end_stopped(ctx)  # the engine returned early and kept a checkpoint
     ctx.log.info("job %s succeeded: %s", job["id"], result)
-    _end(ctx, "succeeded", _summary(result), result.get("run_id"))
+    recorded = _end(ctx, "succeeded", _summary(result), result.get("run_id"))
     # checkpoints and stage folders are for resuming; the result lives in models/run-<id>
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+    return recorded
 
 
-def _end_stopped(ctx: jobs.JobContext) -> None:
+def _failure(ctx: jobs.JobContext, exc: Exception) -> str:
+    """The failed job's message: the exception, or for a full disk (a checkpoint refused,
+    ENOSPC, SQLite's "database or disk is full") how much is free where."""
+    text = str(exc)
+    if text.startswith("disk full"):
+        return text
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "disk is full" in text:
+        free = shutil.disk_usage(ctx.home).free / 1024 / 1024
+        return (f"disk full: free {free:.0f} MB in {ctx.home} ({type(exc).__name__}: {text}); "
+                f"free some space and resume the job")
+    return f"{type(exc).__name__}: {text}"
+
+
+def _end_stopped(ctx: jobs.JobContext) -> bool:
     where = q.last_step(ctx.db, ctx.job_id)
     at = f" at {where['stage']} step {where['step']}/{where['total']}" if where else ""
     keep = f"checkpoint kept in {ctx.job['checkpoint_dir']}; resume to continue"
     if ctx.stop_reason == "cancel":
-        _end(ctx, "cancelled", f"cancelled{at}; {keep}")
-    elif ctx.stop_reason == "shutdown":
-        _end(ctx, "interrupted", f"worker shut down{at}; {keep}")
-    elif ctx.stop_reason == "lost":
+        return _end(ctx, "cancelled", f"cancelled{at}; {keep}")
+    if ctx.stop_reason == "shutdown":
+        return _end(ctx, "interrupted", f"worker shut down{at}; {keep}")
+    if ctx.stop_reason == "lost":
         ctx.log.warning("job %s was taken away from this process (marked %s); stopping",
                         ctx.job_id, q.get_job(ctx.db, ctx.job_id)["status"])
-    else:
-        _end(ctx, "interrupted", f"stopped early{at}; {keep}")
+        return True
+    return _end(ctx, "interrupted", f"stopped early{at}; {keep}")
 
 
-def _end(ctx: jobs.JobContext, status: str, message: str, run_id: int | None = None) -> None:
+def _end(ctx: jobs.JobContext, status: str, message: str, run_id: int | None = None) -> bool:
+    """Write the job's final status; the notes it collected follow the message. False when
+    the database refused the write (logged; the worker then records the end itself)."""
+    if ctx.notes:
+        message = f"{message}; note: {'; '.join(ctx.notes)}"
     ctx.log.info("job %s %s: %s", ctx.job_id, status, message)
-    if q.finish(ctx.db, ctx.job_id, ctx.pid, status, message=message, run_id=run_id) \
-            and status != "succeeded":
-        q.close_runs(ctx.db, ctx.job_id)
+    try:
+        if q.finish(ctx.db, ctx.job_id, ctx.pid, status, message=message, run_id=run_id) \
+                and status != "succeeded":
+            q.close_runs(ctx.db, ctx.job_id)
+    except sqlite3.Error as exc:
+        ctx.log.error("job %s: could not record '%s' (%s)", ctx.job_id, status, exc)
+        return False
+    return True
 
 
 def _summary(result: dict) -> str:
