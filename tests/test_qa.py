@@ -165,15 +165,20 @@ def test_accept_reject_edit(db, proj):
     assert [x["action"] for x in _events(db)][-3:] == ["qa.accept", "qa.reject", "qa.edit"]
 
 
-def test_accept_or_reject_seed_row_is_refused_but_edit_keeps_it_labeled(db, proj):
+def test_review_decisions_on_seed_rows_are_refused(db, proj):
     seed = qa.add_qa(db, project_id=proj["id"], image_id=proj["images"][0], question="q",
                      answer="a", origin="seed")
     with pytest.raises(ValueError, match="is a seed pair; only pseudo pairs"):
         qa.accept(db, seed, expected_version=1, user="doc")
     with pytest.raises(ValueError, match="only pseudo pairs"):
         qa.reject(db, seed, expected_version=1, user="doc")
-    out = qa.edit(db, seed, expected_version=1, user="doc", answer="b")
-    assert (out["status"], out["answer"]) == ("labeled", "b")
+    with pytest.raises(ValueError, match="Seed labeling page"):
+        qa.edit(db, seed, expected_version=1, user="doc", answer="b")
+    assert (qa.get_qa(db, seed)["answer"], qa.get_qa(db, seed)["version"]) == ("a", 1)
+    # seed labeling changes it (update_qa), and review's undo never reverts that change
+    qa.update_qa(db, seed, expected_version=1, user="doc", answer="b")
+    assert qa.undo_last(db, user="doc", project_id=proj["id"]) is None
+    assert qa.get_qa(db, seed)["answer"] == "b"
 
 
 def test_decision_releases_claim_and_others_claim_blocks(db, proj):
@@ -237,6 +242,24 @@ def test_undo_only_own_decisions_and_refuses_after_someone_else_changed(db, proj
     with pytest.raises(ConflictError, match="changed by bob"):
         qa.undo_last(db, user="ann", project_id=proj["id"])
     assert qa.get_qa(db, a)["answer"] == "bob's"
+
+
+def test_undo_reverts_a_bulk_accept_as_one_step(db, proj):
+    single = _pseudo(db, proj, 0.2)
+    qa.accept(db, single, expected_version=1, user="ann")
+    bulk = [_pseudo(db, proj, c) for c in (0.91, 0.92, 0.93, 0.94)]
+    assert qa.bulk_accept(db, proj["id"], min_conf=0.9, user="ann") == 4
+    qa.edit(db, bulk[0], expected_version=2, user="bob", answer="bob's")  # changed since
+    out = qa.undo_last(db, user="ann", project_id=proj["id"])
+    assert (out["bulk"], out["restored"], out["kept"]) == (True, 3, 1)
+    assert [qa.get_qa(db, i)["status"] for i in bulk] == ["edited", "pending", "pending",
+                                                          "pending"]
+    assert qa.get_qa(db, bulk[1])["reviewed_by"] is None
+    assert qa.get_qa(db, single)["status"] == "accepted"  # the older decision is untouched
+    out = qa.undo_last(db, user="ann", project_id=proj["id"])  # the next step: the single one
+    assert (out["id"], out["status"]) == (single, "pending")
+    assert qa.undo_last(db, user="ann", project_id=proj["id"]) is None
+    assert qa.decisions_by(db, proj["id"], "ann") == 0
 
 
 # --- queue and claims -----------------------------------------------------------------------

@@ -24,13 +24,15 @@ from leaml.store.qa_queue import (bulk_accept, claim_next, count_queue, release_
                                   review_queue)
 from leaml.store.qa_stats import (calibration, image_vocabulary, reviewer_stats, test_pairs,
                                   training_pairs)
+from leaml.store.qa_undo import decisions_by, last_decision_sql, undo_bulk
 
 ORIGINS = ("seed", "pseudo", "test")
 STATUSES = ("labeled", "pending", "accepted", "rejected", "edited")
 STATUS_BY_ORIGIN = {"seed": ("labeled",), "test": ("labeled",),
                     "pseudo": ("pending", "accepted", "rejected", "edited")}
 EDITABLE = ("question", "answer", "status", "category", "question_type", "confidence")
-DECISIONS = ("qa.accept", "qa.reject", "qa.edit")  # what undo_last reverts
+DECISIONS = ("qa.accept", "qa.reject", "qa.edit")
+UNDOABLE = (*DECISIONS, "qa.bulk_accept")  # what undo_last reverts (bulk: as one step)
 _INSERT_COLS = ("project_id", "image_id", "question", "answer", "origin", "status",
                 "confidence", "question_type", "category", "gen_run_id", "source",
                 "created_by", "created_at", "updated_at")
@@ -328,11 +330,18 @@ def update_qa(db: sqlite_utils.Database, qa_id: int, *, expected_version: int, u
     return _update(db, qa_id, expected_version, user, action, changes, check=check)
 
 
+def _pseudo_only(before: dict, status: str) -> None:
+    """Review decisions change pseudo pairs only: seed and test pairs are ground truth (the
+    test pairs score every run) and change only through seed labeling (update_qa)."""
+    if before["origin"] != "pseudo":
+        raise ValueError(f"QA {before['id']} is a {before['origin']} pair; only pseudo pairs are "
+                         f"{status} in review (change seed and test pairs on the Seed "
+                         "labeling page, which needs the 'label' permission)")
+
+
 def _decide(db, qa_id: int, status: str, expected_version: int, user: str | None) -> dict:
     def check(before):
-        if before["origin"] != "pseudo":
-            raise ValueError(f"QA {qa_id} is a {before['origin']} pair; only pseudo pairs are "
-                             "accepted or rejected (edit it instead)")
+        _pseudo_only(before, status)
     action = "qa.accept" if status == "accepted" else "qa.reject"
     return _update(db, qa_id, expected_version, user, action, {"status": status},
                    review=True, check=check)
@@ -352,14 +361,16 @@ def reject(db: sqlite_utils.Database, qa_id: int, *, expected_version: int,
 
 def edit(db: sqlite_utils.Database, qa_id: int, *, expected_version: int, user: str | None,
          question: str | None = None, answer: str | None = None) -> dict:
-    """Correct the text of a pair. Pseudo pairs become 'edited'; seed/test stay 'labeled'."""
+    """Correct the text of a pseudo pair, which becomes 'edited'; ValueError on a seed or
+    test pair (those change through :func:`update_qa`, from seed labeling)."""
     changes = {k: _text(v, k, f"QA {qa_id}: ") for k, v in
                (("question", question), ("answer", answer)) if v is not None}
     if not changes:
         raise ValueError(f"QA {qa_id}: nothing to edit; give a new question and/or answer")
 
     def check(before):
-        changes["status"] = "edited" if before["origin"] == "pseudo" else "labeled"
+        _pseudo_only(before, "edited")
+        changes["status"] = "edited"
     return _update(db, qa_id, expected_version, user, "qa.edit", changes, review=True,
                    check=check)
 
@@ -371,19 +382,16 @@ def undo_last(db: sqlite_utils.Database, *, user: str | None, project_id: int,
     Question, answer and status go back to the event's 'before' (a pair back to 'pending' is
     claimed for ``user`` again, so it comes up next). ConflictError if somebody changed the
     pair since. Audited as 'qa.undo' (``after.undo_of`` = the reverted event). None if there
-    is nothing to undo. Bulk accepts are not undone here.
+    is nothing to undo. A bulk accept is one step: all its pairs go back to 'pending' at
+    once, and the result is ``{"id", "bulk": True, "restored": n, "kept": m}``
+    (:func:`leaml.store.qa_undo.undo_bulk`). Seed and test pairs are never touched.
     """
     with transaction(db):
-        ev = row(db, f"""
-            SELECT e.* FROM events e JOIN qa ON qa.id = e.entity_id
-            WHERE e.entity = 'qa' AND e.project_id = :p AND e.user IS :u
-              AND e.action IN ({', '.join(repr(a) for a in DECISIONS)})
-              AND e.id NOT IN (SELECT json_extract(after, '$.undo_of') FROM events
-                               WHERE action = 'qa.undo' AND project_id = :p AND user IS :u
-                                 AND json_extract(after, '$.undo_of') IS NOT NULL)
-            ORDER BY e.id DESC LIMIT 1""", {"p": project_id, "u": user})
+        ev = row(db, last_decision_sql(UNDOABLE), {"p": project_id, "u": user})
         if ev is None:
             return None
+        if ev["action"] == "qa.bulk_accept":
+            return undo_bulk(db, ev, user)
         before, after = json.loads(ev["before"]), json.loads(ev["after"])
         current = get_qa(db, ev["entity_id"])
         if any(current[k] != after[k] for k in ("question", "answer", "status")):

@@ -133,7 +133,7 @@ def bulk_accept(db: sqlite_utils.Database, project_id: int, *, min_conf: float,
     skipping pairs under a live claim of somebody else; returns how many.
 
     One transaction; one 'qa.bulk_accept' event per pair (before/after status and version),
-    so each row's history stays complete. Not reverted by undo_last.
+    so each row's history stays complete. undo_last reverts the whole batch as one step.
     """
     min_conf = float(min_conf)
     if not 0.0 <= min_conf <= 1.0:
