@@ -5,10 +5,12 @@ function in leaml/app_service.py that checks the user's permission.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from leaml import app_service, auth
-from pages._common import current_user, get_db, user_errors
+from pages._common import current_user, forget_user, get_db, session_cookie_ui, user_errors
 
 st.set_page_config(page_title="LEAML Studio", page_icon=":material/biotech:", layout="wide")
 
@@ -45,8 +47,8 @@ def setup_page() -> None:
             st.error("The two passwords differ; type them again.")
             return
         with user_errors():
-            st.session_state["user"] = app_service.create_first_admin(get_db(), name, pw)
-            st.rerun()
+            app_service.create_first_admin(get_db(), name, pw)
+            start_session(name, pw)
 
 
 def login_page() -> None:
@@ -56,27 +58,48 @@ def login_page() -> None:
         pw = st.text_input("Password", type="password")
         done = st.form_submit_button("Sign in", type="primary")
     if done:
-        user = app_service.sign_in(get_db(), name, pw)
-        if user is None:
-            st.error("Wrong user name or password (or the account is disabled).")
-        else:
-            st.session_state["user"] = user
-            st.rerun()
+        with user_errors():
+            start_session(name, pw)
+
+
+def start_session(name: str, pw: str) -> None:
+    """Sign in and rerun on the page the URL names (a deep link), or say what went wrong."""
+    opened = app_service.open_session(get_db(), name, pw)
+    if opened is None:
+        st.error("Wrong user name or password (or the account is disabled).")
+        return
+    st.session_state["user"], st.session_state["session_token"] = opened
+    st.rerun()
 
 
 def logout() -> None:
-    """Button callback: forget the user and everything the pages remembered."""
-    for key in list(st.session_state):
-        del st.session_state[key]
+    """Button callback: end the session (its cookie then opens nothing) and forget the user."""
+    app_service.sign_out(get_db(), st.session_state.get("session_token"))
+    forget_user()
+
+
+def signed_out_pages(page) -> list:
+    """The sign-in page under every page's address too: a deep link (/review) shows the
+    sign-in form, and the rerun after signing in keeps that address, so it opens Review."""
+    pages = [st.Page(page, title="Sign in", icon=":material/login:", url_path="sign-in")]
+    return pages + [st.Page(page, title="Sign in", icon=":material/login:",
+                            url_path=Path(f).stem) for f, _, _, _ in PAGES]
 
 
 def main() -> None:
     db = get_db()
     demo_ready(str(db.home))
     user = current_user()
+    session_cookie_ui()
     if user is None:
         page = setup_page if app_service.needs_first_admin(db) else login_page
-        st.navigation([st.Page(page, title="Sign in", icon=":material/login:")]).run()
+        pages = signed_out_pages(page)
+        nav = st.navigation(pages, position="hidden")
+        # ?next=review: a page file sent its deep link here (see pages/_common.require_page)
+        wanted = [p for p in pages[1:] if p.url_path == st.query_params.get("next")]
+        if wanted:
+            st.switch_page(wanted[0])
+        nav.run()
         return
     allowed = [st.Page(f, title=t, icon=i) for f, t, i, perm in PAGES if auth.can(user, perm)]
     with st.sidebar:

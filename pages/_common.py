@@ -6,16 +6,20 @@ module starting with '_' here is never shown as a page.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+import functools
+import time
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import streamlit as st
 from PIL import Image
 
-from leaml import auth
+from leaml import app_service, auth
 from leaml.store import ConflictError, NotFoundError, StoreError, connect
 from leaml.store import projects as projects_store
 
 VIEW_PX = 560  # images are shown this wide (demo frames are 64-128 px: upscaled)
+SESSION_COOKIE = "leaml_session"
 
 
 def get_db():
@@ -24,15 +28,79 @@ def get_db():
 
 
 def current_user() -> dict | None:
-    return st.session_state.get("user")
+    """The signed-in user as the database holds it now (read on every rerun), or None.
+
+    Found through this tab's session token, else the browser's session cookie (a reload or
+    a new tab). A token that was signed out, revoked (password, role change, disabled) or
+    idle too long signs the tab out; so does an account disabled meanwhile.
+    """
+    db = get_db()
+    token = st.session_state.get("session_token")
+    if token is None and "user" not in st.session_state:
+        token = st.context.cookies.get(SESSION_COOKIE) or None
+    if token is not None:
+        user = app_service.session_user(db, token)
+    else:  # signed in without a token (set directly, as the page tests do)
+        user = app_service.reload_user(db, st.session_state.get("user"))
+    if user is None:
+        if "user" in st.session_state or "session_token" in st.session_state:
+            forget_user()  # only then: a signed-out tab keeps its form's state
+        return None
+    st.session_state["user"] = user
+    if token is not None:
+        st.session_state["session_token"] = token
+    return user
+
+
+def forget_user() -> None:
+    """Drop the signed-in user, the token and everything the pages remembered."""
+    for key in list(st.session_state):
+        del st.session_state[key]
+
+
+def session_cookie_ui() -> None:
+    """Keep the browser's session cookie in step with this tab: the token while signed in,
+    removed once signed out (the cookie then opens nothing anyway: the token is revoked)."""
+    token = st.session_state.get("session_token")
+    if token is None and not st.context.cookies.get(SESSION_COOKIE):
+        return
+    # 'renew' changes every 10 minutes, so the script runs again and renews the Max-Age
+    _cookie_component()(data={"name": SESSION_COOKIE, "token": token,
+                              "max_age": app_service.SESSION_IDLE_SECONDS,
+                              "renew": int(time.time() // 600)},
+                        key="leaml_session_cookie")
+
+
+@functools.cache
+def _cookie_component():
+    """The cookie writer: Streamlit's own components v2 (its JavaScript runs in the page,
+    where document.cookie is the app's). Script cannot make a cookie HttpOnly; SameSite=
+    Strict keeps it off other sites' requests, and only its sha256 is stored server-side."""
+    from streamlit.components.v2 import component
+    return component("leaml_session_cookie", js=_COOKIE_JS)
+
+
+_COOKIE_JS = """
+export default function(component) {
+  const d = component.data;
+  if (!d || !d.name) return;
+  const attrs = "; Path=/; SameSite=Strict" + (location.protocol === "https:" ? "; Secure" : "");
+  document.cookie = d.token ? `${d.name}=${d.token}; Max-Age=${d.max_age}${attrs}`
+                            : `${d.name}=; Max-Age=0${attrs}`;
+}
+"""
 
 
 def require_page(perm: str) -> dict:
-    """The signed-in user if they may ``perm``; else a message and the page stops."""
+    """The signed-in user if they may ``perm`` (their role and disabled flag as the database
+    holds them now); else a message and the page stops."""
     user = current_user()
     if user is None:
-        st.info("Please sign in first.")
-        st.stop()
+        # only reached when Streamlit ran this file by itself: a deep link as the first
+        # request after the server started, before app.py set up the navigation. app.py
+        # shows the sign-in form under this page's address, then comes back here.
+        page = PurePosixPath(urlparse(st.context.url or "").path).name
+        st.switch_page("app.py", query_params={"next": page} if page else None)
     if not auth.can(user, perm):
         st.error(f"Your role ({user['role']}) cannot open this page. Ask an admin for access.")
         st.stop()

@@ -166,10 +166,28 @@ M003 = """
 CREATE INDEX qa_claims ON qa (locked_by, locked_until) WHERE locked_by IS NOT NULL;
 """
 
+# --- 4: sign-in sessions that survive a reload, and the sign-in throttle -------------------
+M004 = """
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,  -- sha256 hex of the browser's token (never the token)
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL        -- the session ends after a while without any action
+);
+CREATE INDEX sessions_user ON sessions (user_id);
+CREATE TABLE sign_in_failures (
+    name TEXT PRIMARY KEY,            -- the account name as typed, known or not
+    failures INTEGER NOT NULL,        -- wrong passwords in a row
+    locked_until TEXT                 -- no attempt for this name before then (ISO UTC)
+);
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "initial schema", M001),
     (2, "workers", M002),
     (3, "qa claims index", M003),
+    (4, "sessions and sign-in throttle", M004),
 ]
 
 

@@ -10,6 +10,7 @@ import re
 import sqlite_utils
 
 from leaml import auth
+from leaml.store import sessions
 from leaml.store.db import NotFoundError, log_event, now, row, transaction
 
 ROLES = auth.ROLES
@@ -52,14 +53,36 @@ def add_user(db: sqlite_utils.Database, name: str, password: str, role: str, *,
     auth.validate_role(role)
     pw_hash = auth.hash_password(auth.validate_password(password))
     with transaction(db):
-        if row(db, "SELECT 1 FROM users WHERE name = ?", [name]):
-            raise ValueError(f"user '{name}' already exists; pick another name, or change "
-                             f"it with `python -m leaml users set-role {name} ROLE`")
-        cur = db.execute("INSERT INTO users (name, role, pw_hash, created_at) VALUES (?, ?, ?, ?)",
-                         [name, role, pw_hash, now()])
-        log_event(db, user=by, action="user.create", entity="user", entity_id=cur.lastrowid,
-                  after={"name": name, "role": role})
+        _insert(db, name, role, pw_hash, by)
     return _public(db, name)
+
+
+def add_first_admin(db: sqlite_utils.Database, name: str, password: str) -> dict:
+    """Create ``name`` as admin only if no account exists yet; PermissionError otherwise.
+
+    The "no users yet" check and the insert share one write transaction (BEGIN IMMEDIATE),
+    so of two processes racing to create the first admin exactly one wins.
+    """
+    _validate_name(name)
+    pw_hash = auth.hash_password(auth.validate_password(password))  # slow: outside the lock
+    with transaction(db):
+        if db.execute("SELECT COUNT(*) FROM users").fetchone()[0]:
+            raise PermissionError("an admin account already exists (created just now, or "
+                                  "earlier); sign in, or ask that admin for an account")
+        _insert(db, name, "admin", pw_hash, name)
+    return _public(db, name)
+
+
+def _insert(db: sqlite_utils.Database, name: str, role: str, pw_hash: str,
+            by: str | None) -> None:
+    """Insert one account; the caller holds the write transaction."""
+    if row(db, "SELECT 1 FROM users WHERE name = ?", [name]):
+        raise ValueError(f"user '{name}' already exists; pick another name, or change "
+                         f"it with `python -m leaml users set-role {name} ROLE`")
+    cur = db.execute("INSERT INTO users (name, role, pw_hash, created_at) VALUES (?, ?, ?, ?)",
+                     [name, role, pw_hash, now()])
+    log_event(db, user=by, action="user.create", entity="user", entity_id=cur.lastrowid,
+              after={"name": name, "role": role})
 
 
 def verify_password(db: sqlite_utils.Database, name: str, password: str) -> dict | None:
@@ -72,11 +95,14 @@ def verify_password(db: sqlite_utils.Database, name: str, password: str) -> dict
 
 
 def set_role(db: sqlite_utils.Database, name: str, role: str, *, by: str | None = None) -> dict:
-    """Change the role of ``name``; audited with the old and new role."""
+    """Change the role of ``name`` and end its open sessions; audited with the old and
+    new role."""
     auth.validate_role(role)
     with transaction(db):
         before = _public(db, name)
         db.execute("UPDATE users SET role = ? WHERE name = ?", [role, name])
+        if role != before["role"]:  # rights change: every open session signs in again
+            sessions.revoke_user(db, before["id"])
         log_event(db, user=by, action="user.role", entity="user", entity_id=before["id"],
                   before={"role": before["role"]}, after={"role": role})
     return _public(db, name)
@@ -84,21 +110,25 @@ def set_role(db: sqlite_utils.Database, name: str, role: str, *, by: str | None 
 
 def set_password(db: sqlite_utils.Database, name: str, password: str, *,
                  by: str | None = None) -> dict:
-    """Replace the password of ``name`` (new random salt); audited without the password."""
+    """Replace the password of ``name`` (new random salt) and end its open sessions;
+    audited without the password."""
     pw_hash = auth.hash_password(auth.validate_password(password))
     with transaction(db):
         user = _public(db, name)
         db.execute("UPDATE users SET pw_hash = ? WHERE name = ?", [pw_hash, name])
+        sessions.revoke_user(db, user["id"])
         log_event(db, user=by, action="user.password", entity="user", entity_id=user["id"])
     return user
 
 
 def set_disabled(db: sqlite_utils.Database, name: str, disabled: bool = True, *,
                  by: str | None = None) -> dict:
-    """Disable (or re-enable) an account; a disabled user cannot sign in."""
+    """Disable (or re-enable) an account; a disabled user cannot sign in, and its open
+    sessions end."""
     with transaction(db):
         user = _public(db, name)
         db.execute("UPDATE users SET disabled = ? WHERE name = ?", [int(disabled), name])
+        sessions.revoke_user(db, user["id"])
         log_event(db, user=by, action="user.disable" if disabled else "user.enable",
                   entity="user", entity_id=user["id"])
     return _public(db, name)
@@ -114,6 +144,11 @@ def count_users(db: sqlite_utils.Database) -> int:
     return db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
 
 
+def get_user_by_id(db: sqlite_utils.Database, user_id: int) -> dict | None:
+    """The user with id ``user_id`` (no password hash), or None."""
+    return row(db, f"SELECT {_PUBLIC} FROM users WHERE id = ?", [user_id])
+
+
 def reload_user(db: sqlite_utils.Database, user: dict | None) -> dict | None:
     """The current row of ``user`` (a dict with its ``id`` and ``name``), read by id; None for
     None. The role and ``disabled`` flag come from the database, never from the dict, so a
@@ -122,7 +157,7 @@ def reload_user(db: sqlite_utils.Database, user: dict | None) -> dict | None:
     if not user:
         return None
     user_id, name = user.get("id"), user.get("name")
-    found = (row(db, f"SELECT {_PUBLIC} FROM users WHERE id = ?", [user_id])
+    found = (get_user_by_id(db, user_id)
              if isinstance(user_id, int) and not isinstance(user_id, bool) else None)
     if found is None or found["name"] != name:
         raise PermissionError(f"user {name!r} (id {user_id!r}) is not a known account; "
