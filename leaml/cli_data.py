@@ -2,7 +2,9 @@
 
 Thin: arguments in, :mod:`leaml.ingest` / :mod:`leaml.export` called, one summary line out.
 A rejected import prints each bad row as one ``error: FILE:ROW: ...`` line on stderr and
-exits 2 with the database unchanged.
+exits 2 with the database unchanged; an import that fails for another reason (disk, database)
+prints one ``error:`` line naming the file and the log with the details, and exits 1, the
+database again unchanged.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from leaml.ingest_check import DEFAULT_MAX_PIXELS
 
 CLI_ACTOR = "cli"  # who the audit log names for changes made here
 EXIT_REJECTED = 2
+EXIT_FAILED = 1
 
 
 def _add_import(sub, common) -> None:
     text = "import a manifest (JSONL/CSV), a Kvasir-VQA parquet file, a folder or a zip"
     p = sub.add_parser("import", help=text, description=text, parents=[common])
     p.add_argument("path", help="manifest .jsonl/.csv (columns image, question, answer, split,"
-                   " category, question_type, caption), .parquet, folder of images, or .zip")
+                   " category, question_type, caption; confidence and source for pseudo pairs"
+                   " made elsewhere), .parquet, folder of images, or .zip")
     p.add_argument("--project", required=True, help="project name; created if missing")
     p.add_argument("--skip-invalid", action="store_true",
                    help="import the valid rows and list the rejected ones (default: all or nothing)")
@@ -32,7 +36,7 @@ def _add_import(sub, common) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from leaml.ingest import ImportRejected, import_path
+    from leaml.ingest import ImportFailed, ImportRejected, import_path
     from leaml.store import connect
     db = connect(args.home)
     try:
@@ -45,6 +49,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"error: {exc.report.rejected} invalid row(s), nothing imported; fix them or"
               " pass --skip-invalid to import the valid rows", file=sys.stderr)
         return EXIT_REJECTED
+    except ImportFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     _print_report(report, skipped=True)
     return 0
 

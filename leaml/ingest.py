@@ -5,8 +5,12 @@ text, split), every path (it must stay inside the manifest's folder), every imag
 complete, within the pixel and byte limits, decoded once). Only then are image files stored
 (content-addressed, idempotent) and the rows written in one transaction with one 'import'
 event. With errors and without ``skip_invalid`` it raises :class:`ImportRejected` and the
-database is exactly as before. Re-importing the same data adds nothing: images are unique by
-sha256 per project and seed/test pairs by (image, origin, question, answer).
+database is exactly as before; any other failure (a full disk, a database error, a bug)
+raises :class:`ImportFailed`, one line naming the source, with the traceback written to
+``<home>/logs/import-errors.log`` (:mod:`leaml.ingest_log`), the database again as before.
+Re-importing the same data adds nothing: images are unique by sha256 per project, seed/test
+pairs by (image, origin, question, answer) and pre-made pseudo pairs (rows with a
+``confidence``) by (image, question, answer) among the project's pseudo pairs.
 
 What a path is (manifest, parquet, folder, zip) is decided in :mod:`leaml.ingest_files`;
 manifests are read in :mod:`leaml.ingest_read`, images checked in :mod:`leaml.ingest_check`.
@@ -24,6 +28,7 @@ import sqlite_utils
 from leaml.ingest_check import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, BadImage, CheckedImage,
                                 check_image, read_limited)
 from leaml.ingest_files import read_source
+from leaml.ingest_log import ImportFailed, failure
 from leaml.ingest_read import Limits, Row, RowError
 from leaml.store import NotFoundError, StoreError, log_event, transaction
 from leaml.store import transfer
@@ -31,7 +36,7 @@ from leaml.store.images import add_image, store_image_file
 from leaml.store.projects import ensure_project, get_project, validate_name
 from leaml.store.qa import add_qa_many
 
-__all__ = ["ImportReport", "ImportRejected", "RowError", "import_path", "load_demo",
+__all__ = ["ImportReport", "ImportRejected", "ImportFailed", "RowError", "import_path", "load_demo",
            "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES"]
 
 KEEP_BYTES = 512 << 20         # validated image bytes held for the write; re-read beyond that
@@ -47,6 +52,7 @@ class ImportReport:
     images_existing: int = 0
     qa_added: int = 0
     qa_existing: int = 0
+    pending_added: int = 0     # of qa_added: pre-made pseudo pairs, now pending review
     errors: list[RowError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -57,9 +63,11 @@ class ImportReport:
 
     def summary(self) -> str:
         """One line for people: images added/existing, QA added/existing, rejected rows."""
+        pending = (f" ({self.pending_added} pending pseudo pairs for review)"
+                   if self.pending_added else "")
         return (f"imported {self.source} into project '{self.project}': images"
                 f" {self.images_added} added, {self.images_existing} existing; QA"
-                f" {self.qa_added} added, {self.qa_existing} existing; {self.rejected}"
+                f" {self.qa_added} added{pending}, {self.qa_existing} existing; {self.rejected}"
                 f" rejected ({self.seconds:.1f} s)")
 
 
@@ -81,16 +89,31 @@ def import_path(db: sqlite_utils.Database, path: str | Path, project: str, *,
     ``label`` names the source in messages (default: the file name; the app passes the name
     of the uploaded file). ``progress(done, total)`` is called while images are checked.
     Raises ImportRejected (nothing written) if any row is invalid and not ``skip_invalid``;
-    FileNotFoundError if ``path`` does not exist.
+    FileNotFoundError if ``path`` does not exist; ValueError for a source that is no
+    import; ImportFailed (nothing written, details logged) for anything unexpected.
     """
     t0, path = time.monotonic(), Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; give a manifest, parquet file, folder or zip")
     validate_name(project)
-    limits = Limits(max_pixels=max_pixels, max_bytes=max_bytes)
     report = ImportReport(source=label or path.name, project=project)
+    try:
+        return _import(db, path, project, report, t0, skip_invalid=skip_invalid, user=user,
+                       base_model=base_model, limits=Limits(max_pixels, max_bytes),
+                       progress=progress)
+    except (ValueError, LookupError, StoreError):   # ImportRejected and our own messages
+        raise                                         # name the file and row already
+    except Exception as exc:   # anything else: one line for people, the traceback in a log
+        raise failure(db.home, report.source, project, user, exc) from exc
+
+
+def _import(db: sqlite_utils.Database, path: Path, project: str, report: ImportReport,
+            t0: float, *, skip_invalid: bool, user: str | None, base_model: str | None,
+            limits: Limits, progress: Progress | None) -> ImportReport:
+    """import_path's work: read, check, then write all or nothing."""
+    label, max_bytes = report.source, limits.max_bytes
     with tempfile.TemporaryDirectory(prefix="leaml-import-") as tmp:
-        parsed = read_source(path, Path(tmp), limits, label or path.name)
+        parsed = read_source(path, Path(tmp), limits, label)
         if not parsed.rows and not parsed.errors:
             raise ValueError(f"{report.source}: found nothing to import; a manifest needs rows,"
                              " a folder image files (.png, .jpg, ...)")
@@ -213,11 +236,13 @@ def _write(db: sqlite_utils.Database, project: str, checked: list[tuple[Row, Che
         pid = ensure_project(db, project, user=user, **kw)["id"]
         ids = _add_images(db, pid, images, checked, report, user)
         qa = [_qa_dict(pid, ids[img.sha256], row) for row, img in checked if row.question]
+        new = _new_pseudo_only_once(db, pid, qa)
         before = transfer.qa_count(db, pid)
-        if qa:
-            add_qa_many(db, qa, user=user, action="qa.import")
+        if new:
+            add_qa_many(db, new, user=user, action="qa.import")
         report.qa_added = transfer.qa_count(db, pid) - before
         report.qa_existing = len(qa) - report.qa_added
+        report.pending_added = sum(q["origin"] == "pseudo" for q in new)
         log_event(db, user=user, action="import", entity="project", entity_id=pid,
                   project_id=pid, after=_event(report))
 
@@ -242,10 +267,29 @@ def _add_images(db, pid: int, images: dict, checked: list, report: ImportReport,
 
 
 def _qa_dict(pid: int, image_id: int, row: Row) -> dict:
+    """The pair of a row: seed/test, or a pending pseudo pair when it has a confidence."""
+    pseudo = row.confidence is not None
+    origin = "pseudo" if pseudo else "test" if row.split == "test" else "seed"
     return {"project_id": pid, "image_id": image_id, "question": row.question,
-            "answer": row.answer, "origin": "test" if row.split == "test" else "seed",
-            "status": "labeled", "question_type": row.question_type,
-            "category": row.category, "source": "import"}
+            "answer": row.answer, "origin": origin, "status": "pending" if pseudo else "labeled",
+            "confidence": row.confidence, "question_type": row.question_type,
+            "category": row.category, "source": row.source if pseudo else "import"}
+
+
+def _new_pseudo_only_once(db: sqlite_utils.Database, pid: int, qa: list[dict]) -> list[dict]:
+    """``qa`` without the pseudo pairs the project already has (any status: a rejected pair
+    stays rejected) or that came earlier in this import; seed/test pairs the store dedupes."""
+    images = sorted({q["image_id"] for q in qa if q["origin"] == "pseudo"})
+    seen = transfer.pseudo_keys(db, pid, images)
+    out = []
+    for q in qa:
+        if q["origin"] == "pseudo":
+            key = (q["image_id"], q["question"], q["answer"])
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(q)
+    return out
 
 
 def _event(report: ImportReport) -> dict:

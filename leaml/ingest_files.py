@@ -199,6 +199,10 @@ def _parquet_image(value, resolve: Resolver, limits: Limits,
         data = value
     elif isinstance(value, str):
         ref = value
+    elif value is not None:
+        raise ValueError(f"image is a {type(value).__name__}; it must be a struct {{bytes, path}},"
+                         " binary image data or a path relative to the parquet file")
+    _check_parquet_image_types(data, ref)
     if data:
         if len(data) > limits.max_bytes:
             raise ValueError(f"image is {human_bytes(len(data))}, over the limit of"
@@ -211,6 +215,17 @@ def _parquet_image(value, resolve: Resolver, limits: Limits,
     if ref:
         return resolve(ref), ref
     raise ValueError("image has neither bytes nor a path; every row needs an image")
+
+
+def _check_parquet_image_types(data, ref) -> None:
+    """image.bytes must be binary and image.path text (a string or an int there is a file
+    written by a tool that mislabelled its columns)."""
+    if data is not None and not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"image.bytes is a {type(data).__name__}, not binary data; write the"
+                         " encoded image file (PNG, JPEG ...) into image.bytes")
+    if ref is not None and not isinstance(ref, str):
+        raise ValueError(f"image.path is a {type(ref).__name__}, not text; give the image's file"
+                         " name or its path relative to the parquet file")
 
 
 # --- folders ----------------------------------------------------------------------------------

@@ -11,20 +11,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from leaml.ingest_check import human_bytes
+from leaml.store.text import BlankText, clean_text, optional_text
 
-COLUMNS = ("image", "question", "answer", "split", "category", "question_type", "caption")
+COLUMNS = ("image", "question", "answer", "split", "category", "question_type", "caption",
+           "confidence", "source")
 # Kvasir-VQA's own columns: `source` is the data set an image came from (kvasir, hyperkvasir,
-# ...), not its category, so it is read but not used; `img_id` becomes the image's source name.
+# ...), not its category, so it is only used on rows with a confidence (where it names what
+# made the pseudo pair); `img_id` becomes the image's source name.
 KVASIR_COLUMNS = ("source", "img_id")
 SPLITS = ("train", "test")
 MAX_LINE_BYTES = 1 << 20                 # one manifest line / CSV field
 MAX_MANIFEST_BYTES = 2 << 30             # a manifest file
-MAX_TEXT_CHARS = 10_000                  # one question, answer or caption
+DEFAULT_PSEUDO_SOURCE = "import"         # qa.source of a pre-made pseudo pair without `source`
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Row:
     question_type: str | None = None
     caption: str | None = None
     source_name: str | None = None
+    confidence: float | None = None  # set: a pending pseudo pair made elsewhere
+    source: str | None = None        # what made that pseudo pair
 
 
 @dataclass
@@ -117,30 +123,75 @@ class Resolver:
 
 
 def _text(rec: dict, key: str) -> str | None:
-    """A text field, None when absent or blank; ValueError for non-text or oversized values."""
+    """An optional text field (leaml.store.text's rules), None when absent or blank."""
+    return optional_text(rec.get(key), key)
+
+
+def _given(rec: dict, key: str) -> bool:
+    """A field is given unless it is absent, null or empty (a CSV's empty cell)."""
     value = rec.get(key)
-    if value is None:
+    return value is not None and not (isinstance(value, str) and value == "")
+
+
+def _qa_text(rec: dict, key: str) -> str | None:
+    """question or answer: None when not given; a given one must not be blank (I12: a row of
+    whitespace is a mistake, not an unlabeled image)."""
+    if not _given(rec, key):
         return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{key} must be text, not {type(value).__name__}")
-    text = str(value).strip()
-    if len(text) > MAX_TEXT_CHARS:
-        raise ValueError(f"{key} is {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
-    return text or None
+    try:
+        return clean_text(rec[key], key)
+    except BlankText as exc:
+        raise ValueError(f"{exc}, or leave both question and answer out for an unlabeled"
+                         " image") from None
 
 
 def _qa_fields(rec: dict) -> tuple[str | None, str | None]:
-    """question and answer: both or neither, neither blank when the other is given."""
-    q, a = _text(rec, "question"), _text(rec, "answer")
+    """question and answer: both or neither, neither blank when given."""
+    q, a = _qa_text(rec, "question"), _qa_text(rec, "answer")
     if q and not a:
-        what = "missing" if rec.get("answer") is None else "empty or whitespace-only"
+        what = "missing" if rec.get("answer") is None else "empty"
         raise ValueError(f"question given but the answer is {what}; give both, or neither"
                          " for an unlabeled image")
     if a and not q:
-        what = "missing" if rec.get("question") is None else "empty or whitespace-only"
+        what = "missing" if rec.get("question") is None else "empty"
         raise ValueError(f"answer given but the question is {what}; give both, or neither"
                          " for an unlabeled image")
     return q, a
+
+
+def _confidence(rec: dict) -> float | None:
+    """The confidence of a pre-made pseudo pair, None when not given; a number in [0, 1]."""
+    if not _given(rec, "confidence") or (isinstance(rec["confidence"], str)
+                                         and not rec["confidence"].strip()):
+        return None
+    value = rec["confidence"]
+    shown = repr(value)[:40]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"confidence must be a number in [0, 1], not {type(value).__name__}")
+    try:
+        conf = float(value)
+    except ValueError:
+        raise ValueError(f"confidence {shown} is not a number; give the pair's probability as"
+                         " a number from 0 to 1, or leave it empty for a labeled pair") from None
+    if math.isnan(conf) or not 0.0 <= conf <= 1.0:
+        raise ValueError(f"confidence {shown} is not in [0, 1]; give the pair's probability as"
+                         " a number from 0 to 1")
+    return conf
+
+
+def _pseudo_fields(rec: dict, question: str | None, split: str) -> tuple[float | None,
+                                                                        str | None]:
+    """confidence and source of a pre-made pseudo pair (both None on other rows)."""
+    conf = _confidence(rec)
+    if conf is None:
+        return None, None
+    if not question:
+        raise ValueError("confidence given without a question and an answer; a pre-made pseudo"
+                         " pair needs all three (or leave confidence empty)")
+    if split == "test":
+        raise ValueError("confidence given on a test row; test pairs are the evaluation's ground"
+                         " truth, not pseudo pairs: remove the confidence or use split 'train'")
+    return conf, _text(rec, "source") or DEFAULT_PSEUDO_SOURCE
 
 
 def _split(rec: dict) -> str:
@@ -163,9 +214,11 @@ def make_row(rec: dict, file: str, rowno: int | None, resolve: Resolver | None,
             raise ValueError(f"image must be a path, not {type(ref).__name__}")
         image, image_name = resolve(ref), ref
     question, answer = _qa_fields(rec)
-    return Row(file, rowno, image, image_name or image.name, question, answer, _split(rec),
+    split = _split(rec)
+    confidence, source = _pseudo_fields(rec, question, split)
+    return Row(file, rowno, image, image_name or image.name, question, answer, split,
                _text(rec, "category"), _text(rec, "question_type"), _text(rec, "caption"),
-               _text(rec, "img_id") or image_name)
+               _text(rec, "img_id") or image_name, confidence, source)
 
 
 def _add(parsed: Parsed, rec: dict, file: str, rowno: int, resolve: Resolver) -> None:
@@ -242,6 +295,15 @@ def _json_record(raw: bytes, lineno: int, label: str, parsed: Parsed) -> dict | 
     except json.JSONDecodeError as exc:
         parsed.errors.append(RowError(label, lineno, f"malformed JSON ({exc.msg} at column"
                                       f" {exc.colno}); each line must be one JSON object"))
+        return None
+    except RecursionError:   # e.g. 200,000 nested brackets: the decoder recurses per level
+        parsed.errors.append(RowError(label, lineno, "JSON nested too deeply; each line must be"
+                                      " one flat object like {\"image\": \"a.png\"}"))
+        return None
+    except ValueError as exc:   # e.g. an integer of over 4,300 digits
+        reason = str(exc).splitlines()[0][:120]
+        parsed.errors.append(RowError(label, lineno, f"unreadable JSON ({reason}); each line"
+                                      " must be one JSON object"))
         return None
     if not isinstance(rec, dict):
         parsed.errors.append(RowError(label, lineno, f"line is a JSON {type(rec).__name__},"

@@ -16,7 +16,9 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
 from leaml.config import option as _f
+from leaml.store.text import text_problem
 
 QA_INSTRUCTION = "Generate a question about this image and answer it."
 YES_NO = ("yes", "no")
@@ -211,6 +213,8 @@ def parse_qa(text: str) -> tuple[str, str] | None:
         return None
     q, a = m.group("q").strip(), m.group("a").strip()
     if not q or not a or "Question:" in a or "Answer:" in q:
+        return None
+    if text_problem(q) or text_problem(a):   # control characters, overlong: never storable
         return None
     return q, a
 
@@ -438,7 +442,7 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
                 stats.truncated += 1
                 continue
             answer = tok.decode(ids[:end]).strip()
-            if not answer or "\n" in answer or "Question:" in answer:
+            if not answer or "\n" in answer or "Question:" in answer or text_problem(answer):
                 stats.malformed += 1
             elif holds_special(tok, ids[:end], [answer]):
                 stats.special += 1

@@ -20,12 +20,12 @@ _FREE = "(locked_by IS NULL OR locked_until <= :now OR locked_by = :reviewer)"
 
 
 def _where(project_id: int, *, category=None, question_type=None, gen_run_id=None,
-           min_conf=None, max_conf=None, exclude_ids=()) -> tuple[str, dict]:
+           source=None, min_conf=None, max_conf=None, exclude_ids=()) -> tuple[str, dict]:
     """WHERE clause and named parameters of the pending queue with its filters."""
     where = ["project_id = :project_id", "status = 'pending'"]
     params: dict = {"project_id": project_id}
     for column, value in (("category", category), ("question_type", question_type),
-                          ("gen_run_id", gen_run_id)):
+                          ("gen_run_id", gen_run_id), ("source", source)):
         if value is not None:
             where.append(f"{column} = :{column}")
             params[column] = value
@@ -63,15 +63,17 @@ def review_queue(db: sqlite_utils.Database, project_id: int, *, order: str = "de
                  category: str | None = None, question_type: str | None = None,
                  gen_run_id: int | None = None, min_conf: float | None = None,
                  max_conf: float | None = None, limit: int = 50, offset: int = 0,
-                 reviewer: str | None = None, exclude_ids=()) -> list[dict]:
+                 reviewer: str | None = None, exclude_ids=(),
+                 source: str | None = None) -> list[dict]:
     """A page of pending pseudo pairs, most confident first (``order='asc'``: least).
 
-    With ``reviewer``, pairs under a live claim of somebody else are left out.
+    With ``reviewer``, pairs under a live claim of somebody else are left out. ``source``
+    keeps the pairs of one source (qa.source: 'generator', or what an import named).
     """
     sql, params = queue_sql(project_id, order=order, reviewer=reviewer, limit=limit,
                             offset=offset, category=category, question_type=question_type,
                             gen_run_id=gen_run_id, min_conf=min_conf, max_conf=max_conf,
-                            exclude_ids=exclude_ids)
+                            exclude_ids=exclude_ids, source=source)
     return list(db.query(sql, params))
 
 
@@ -79,6 +81,14 @@ def count_queue(db: sqlite_utils.Database, project_id: int, **filters) -> int:
     """How many pending pairs match the queue filters (category, min_conf, ...)."""
     where, params = _where(project_id, **filters)
     return db.execute(f"SELECT COUNT(*) FROM qa WHERE {where}", params).fetchone()[0]
+
+
+def pending_sources(db: sqlite_utils.Database, project_id: int) -> list[str]:
+    """The distinct sources (qa.source) of a project's pending pairs, sorted: the choices of
+    the review queue's ``source`` filter (e.g. 'generator', 'vllm-72b' from an import)."""
+    return [r["s"] for r in db.query(
+        "SELECT DISTINCT source AS s FROM qa WHERE project_id = ? AND status = 'pending'"
+        " AND source IS NOT NULL ORDER BY s", [project_id])]
 
 
 def _until(ttl_seconds: float) -> str:

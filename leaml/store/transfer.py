@@ -39,6 +39,17 @@ def image_splits(db: sqlite_utils.Database, project_id: int | None,
         " AND sha256 IN (SELECT value FROM json_each(?))", [project_id, json.dumps(shas)])}
 
 
+def pseudo_keys(db: sqlite_utils.Database, project_id: int,
+                image_ids: list[int]) -> set[tuple[int, str, str]]:
+    """(image_id, question, answer) of the project's pseudo pairs (any status) on
+    ``image_ids``: what a re-import of pre-made pseudo pairs must not add again."""
+    if not image_ids:
+        return set()
+    return {(r["image_id"], r["question"], r["answer"]) for r in db.query(
+        "SELECT image_id, question, answer FROM qa WHERE project_id = ? AND origin = 'pseudo'"
+        " AND image_id IN (SELECT value FROM json_each(?))", [project_id, json.dumps(image_ids)])}
+
+
 def qa_count(db: sqlite_utils.Database, project_id: int) -> int:
     """Number of QA rows of a project (of any origin and status)."""
     return db.execute("SELECT COUNT(*) FROM qa WHERE project_id = ?", [project_id]).fetchone()[0]
