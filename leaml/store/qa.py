@@ -20,10 +20,11 @@ import sqlite_utils
 
 from leaml.store.db import (ConflictError, NotFoundError, StoreError, log_event, now, row,
                             transaction)
-from leaml.store.qa_queue import (bulk_accept, claim_next, count_queue, release_claim,
-                                  review_queue)
+from leaml.store.qa_queue import (bulk_accept, claim_next, count_queue, pending_sources,
+                                  release_claim, review_queue)
 from leaml.store.qa_stats import (calibration, image_vocabulary, reviewer_stats, test_pairs,
                                   training_pairs)
+from leaml.store.text import clean_text, optional_text
 from leaml.store.qa_undo import decisions_by, last_decision_sql, undo_bulk
 
 ORIGINS = ("seed", "pseudo", "test")
@@ -41,21 +42,20 @@ _INSERT = (f"INSERT INTO qa ({', '.join(_INSERT_COLS)})"
 
 __all__ = ["ORIGINS", "STATUSES", "add_qa", "add_qa_many", "get_qa", "update_qa", "accept",
            "reject", "edit", "undo_last", "delete_qa", "list_qa", "review_queue", "claim_next",
-           "release_claim", "count_queue", "bulk_accept", "training_pairs", "test_pairs",
-           "reviewer_stats", "calibration", "image_vocabulary"]
+           "release_claim", "count_queue", "bulk_accept", "pending_sources", "training_pairs",
+           "test_pairs", "reviewer_stats", "calibration", "image_vocabulary"]
 
 
 # --- validation -----------------------------------------------------------------------------
 
 def _text(value, field: str, where: str) -> str:
-    text = value.strip() if isinstance(value, str) else ""
-    if not text:
-        raise ValueError(f"{where}{field} is empty; give a non-blank {field}")
-    return text
+    """Question or answer text by leaml.store.text's rules (not blank, no control characters,
+    at most 10,000 characters): imports, seed labeling and review edits alike."""
+    return clean_text("" if value is None else value, field, where)
 
 
-def _optional(value) -> str | None:
-    return (str(value).strip() or None) if value is not None else None
+def _optional(value, field: str = "text", where: str = "") -> str | None:
+    return optional_text(value, field, where)
 
 
 def _confidence(value, where: str) -> float | None:
