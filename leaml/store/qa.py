@@ -24,8 +24,8 @@ from leaml.store.qa_queue import (bulk_accept, claim_next, count_queue, pending_
                                   release_claim, review_queue)
 from leaml.store.qa_stats import (calibration, image_vocabulary, reviewer_stats, test_pairs,
                                   training_pairs)
-from leaml.store.text import clean_text, optional_text
 from leaml.store.qa_undo import decisions_by, last_decision_sql, undo_bulk
+from leaml.store.text import clean_text, optional_text
 
 ORIGINS = ("seed", "pseudo", "test")
 STATUSES = ("labeled", "pending", "accepted", "rejected", "edited")
