@@ -1,4 +1,4 @@
-"""Users (admins): add accounts, change roles, reset passwords."""
+"""Users (admins): add accounts, change roles, reset passwords, disable accounts."""
 import pandas as pd
 import streamlit as st
 
@@ -47,11 +47,17 @@ with right:
     if st.button("Set role", disabled=new_role == current["role"]):
         with user_errors():
             app_service.set_role(db, user, who, new_role)
-            flash(f"'{who}' is now {new_role}.")
+            flash(f"'{who}' is now {new_role}; they sign in again to use it.")
             st.rerun()
     new_pw = st.text_input("New password", type="password", key=f"admin_pw_{who}")
     if st.button("Reset password", disabled=not new_pw):
         with user_errors():
             app_service.reset_password(db, user, who, new_pw)
-            flash(f"Password of '{who}' reset.")
+            flash(f"Password of '{who}' reset; they sign in again with it.")
+            st.rerun()
+    toggle = "Enable account" if current["disabled"] else "Disable account"
+    if st.button(toggle, help="A disabled account cannot sign in; its open sessions end now."):
+        with user_errors():
+            app_service.set_disabled(db, user, who, not current["disabled"])
+            flash(f"'{who}' is {'enabled' if current['disabled'] else 'disabled'}.")
             st.rerun()

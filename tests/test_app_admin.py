@@ -44,3 +44,18 @@ def test_only_admins(monkeypatch, home):
         app_service.add_user(db, users["expert"], "x", PASSWORD, "admin")
     with pytest.raises(ValueError, match="only admin"):
         app_service.set_role(db, users["admin"], "admin1", "viewer")
+
+
+def test_disable_ends_the_users_sessions_and_enable_lets_them_back(monkeypatch, home):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    _, token = app_service.open_session(db, "annotator1", PASSWORD)
+    at = page("pages/admin.py", users["admin"])
+    at.selectbox(key="admin_who").set_value("annotator1").run()
+    button(at, "Disable account").click().run()
+    assert not at.exception and "disabled" in at.success[0].value
+    assert users_store.get_user(db, "annotator1")["disabled"] == 1
+    assert app_service.session_user(db, token) is None
+    assert app_service.sign_in(db, "annotator1", PASSWORD) is None
+    button(at, "Enable account").click().run()
+    assert app_service.sign_in(db, "annotator1", PASSWORD)["name"] == "annotator1"
