@@ -261,7 +261,9 @@ def next_pair(db: sqlite_utils.Database, user: dict, project_id: int, **filters)
 
 def decide(db: sqlite_utils.Database, user: dict, qa_id: int, decision: str, *,
            expected_version: int, question: str | None = None, answer: str | None = None):
-    """accept, reject or edit one pair (needs 'review'); ConflictError on a stale version."""
+    """accept, reject or edit one pseudo pair (needs 'review'); ConflictError on a stale
+    version; ValueError on a seed or test pair (those change only through seed labeling,
+    which needs 'label')."""
     user = _require(db, user, "review")
     if decision == "accept":
         return qa.accept(db, qa_id, expected_version=expected_version, user=_name(user))
@@ -274,9 +276,21 @@ def decide(db: sqlite_utils.Database, user: dict, qa_id: int, decision: str, *,
 
 
 def review_filter_options(db: sqlite_utils.Database, user: dict, project_id: int) -> dict:
-    """Categories, question types and generator runs present in the pending queue."""
+    """Categories, question types, generator runs and sources (what made the pairs: the
+    generator, or what an import named) present in the pending queue."""
     user = _require(db, user, "review")
-    return app_queries.queue_facets(db, project_id)
+    return {**app_queries.queue_facets(db, project_id),
+            "sources": qa.pending_sources(db, project_id)}
+
+
+def review_progress(db: sqlite_utils.Database, user: dict, project_id: int,
+                    **filters) -> dict:
+    """``left``: pending pairs under the queue ``filters``; ``mine``: pairs ``user`` has
+    decided in the project (needs 'review'). Cheap enough for every decision."""
+    user = _require(db, user, "review")
+    filters = {k: v for k, v in filters.items() if k not in ("order", "exclude_ids")}
+    return {"left": qa.count_queue(db, project_id, **filters),
+            "mine": qa.decisions_by(db, project_id, _name(user))}
 
 
 def calibration(db: sqlite_utils.Database, user: dict, project_id: int, bins: int = 10):
@@ -301,7 +315,8 @@ def skip(db: sqlite_utils.Database, user: dict, qa_id: int) -> None:
 
 
 def undo(db: sqlite_utils.Database, user: dict, project_id: int):
-    """Undo ``user``'s last review decision in the project (needs 'review')."""
+    """Undo ``user``'s last review decision in the project (needs 'review'): the pair's row,
+    or for a bulk accept ``{"id", "bulk": True, "restored": n, "kept": m}``; None if none."""
     user = _require(db, user, "review")
     return qa.undo_last(db, user=_name(user), project_id=project_id)
 
@@ -318,6 +333,25 @@ def bulk_accept(db: sqlite_utils.Database, user: dict, project_id: int, min_conf
     """Accept every pending pair at or above ``min_conf`` (needs 'review'); returns how many."""
     user = _require(db, user, "review")
     return qa.bulk_accept(db, project_id, min_conf=min_conf, user=_name(user), **filters)
+
+
+# --- export -------------------------------------------------------------------------------
+
+def export_zip(db: sqlite_utils.Database, user: dict, project: str | int, *,
+               with_test: bool = False):
+    """The curated QA of ``project`` as one zip, what ``leaml export`` writes (manifest.jsonl,
+    images/, data.parquet), in a temporary file (deleted when closed), rewound; needs 'export'
+    (experts, admins, viewers). Audited as 'export'."""
+    from leaml import export  # pyarrow: loaded on the first export only
+    user = _require(db, user, "export")
+    out = tempfile.TemporaryFile(dir=db.home, prefix="leaml-export-", suffix=".zip")
+    try:
+        export.export_zip(db, project, out, with_test=with_test, user=_name(user))
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    return out
 
 
 # --- jobs ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from leaml.store.images import image_path
 from leaml.store.projects import get_project
 from leaml.store.transfer import curated_rows
 
-__all__ = ["ExportReport", "export_project"]
+__all__ = ["ExportReport", "export_project", "export_zip"]
 
 OUTPUTS = ("manifest.jsonl", "data.parquet", "images")
 PARQUET_BATCH = 256
@@ -65,6 +67,26 @@ def export_project(db: sqlite_utils.Database, project: str | int, out_dir: str |
               project_id=proj["id"], after={"out_dir": str(report.out_dir), "rows": report.rows,
                                             "with_test": with_test,
                                             "with_unlabeled": with_unlabeled})
+    return report
+
+
+def export_zip(db: sqlite_utils.Database, project: str | int, dest, *,
+               with_test: bool = False, user: str | None = None) -> ExportReport:
+    """:func:`export_project` into a temporary folder, then zipped into ``dest`` (a path or
+    a binary file object): ``manifest.jsonl``, ``images/``, ``data.parquet`` at the top, so
+    the zip imports again as it is (``leaml import``, or the Projects page's upload).
+
+    Images and parquet are stored as they are (PNG and JPEG are compressed already, and
+    deflating them again would cost most of the time for nothing); the manifest is deflated.
+    """
+    with tempfile.TemporaryDirectory(prefix="leaml-export-", dir=db.home) as tmp:
+        report = export_project(db, project, Path(tmp) / "out", with_test=with_test, user=user)
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
+            for path in sorted(report.out_dir.rglob("*")):
+                if path.is_file():
+                    kind = zipfile.ZIP_DEFLATED if path.suffix == ".jsonl" else zipfile.ZIP_STORED
+                    zf.write(path, path.relative_to(report.out_dir).as_posix(),
+                             compress_type=kind)
     return report
 
 

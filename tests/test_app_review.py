@@ -89,3 +89,53 @@ def test_bulk_accept_after_confirmation(monkeypatch, home, tmp_path):
     assert not at.exception
     assert len(qa.list_qa(db, p["id"], status="accepted")) >= 1
     assert "Accepted" in at.success[0].value
+
+
+def captions(at) -> str:
+    return " ".join(c.value for c in at.caption)
+
+
+def test_shows_pair_id_left_count_my_count_and_source(monkeypatch, home, tmp_path):
+    db, users, p, ids = setup(monkeypatch, home, tmp_path)
+    img = qa.get_qa(db, ids[0])["image_id"]
+    imported = qa.add_qa_many(db, [dict(project_id=p["id"], image_id=img, question=f"Q{i}?",
+                                        answer="yes", origin="pseudo", confidence=0.2,
+                                        source="vllm-72b") for i in range(3)])
+    at = page("pages/review.py", users["annotator"], "p1")
+    assert not at.exception
+    assert f"Pair #{ids[-1]}" in captions(at) and "from the generator" in captions(at)
+    assert "**8** pending pairs left" in captions(at) and "decided **0**" in captions(at)
+    button(at, "Accept").click().run()
+    assert "**7** pending pairs left" in captions(at) and "decided **1**" in captions(at)
+    at.sidebar.selectbox(key="rv_source").set_value("vllm-72b").run()
+    assert not at.exception
+    assert at.session_state["rv_pair"] in imported
+    assert "from vllm-72b" in captions(at) and "**3** pending pairs left" in captions(at)
+
+
+def test_a_new_order_shows_its_first_pair_at_once(monkeypatch, home, tmp_path):
+    db, users, p, ids = setup(monkeypatch, home, tmp_path)
+    at = page("pages/review.py", users["annotator"], "p1")
+    assert at.session_state["rv_pair"] == ids[-1]  # high-first
+    at.sidebar.radio[0].set_value("low-first").run()
+    assert at.session_state["rv_pair"] == ids[0]  # not the pair held under the old order
+    assert qa.get_qa(db, ids[-1])["locked_by"] is None  # given back to the queue
+    at.sidebar.radio[0].set_value("high-first").run()
+    assert at.session_state["rv_pair"] == ids[-1]
+
+
+def test_u_undoes_a_bulk_accept_as_one_step(monkeypatch, home, tmp_path):
+    db, users, p, ids = setup(monkeypatch, home, tmp_path, n=10)
+    at = page("pages/review.py", users["annotator"], "p1")
+    button(at, "Reject").click().run()  # an older single decision, which U must not undo
+    rejected = [q["id"] for q in qa.list_qa(db, p["id"], status="rejected")]
+    at.slider(key="rv_bulk_thr").set_value(0.8).run()
+    at.checkbox(key="rv_bulk_sure").check().run()
+    button(at, "Bulk accept").click().run()
+    accepted = [q["id"] for q in qa.list_qa(db, p["id"], status="accepted")]
+    assert len(accepted) >= 2
+    button(at, "Undo").click().run()
+    assert not at.exception
+    assert f"{len(accepted)} pairs are pending again" in at.info[0].value
+    assert all(qa.get_qa(db, i)["status"] == "pending" for i in accepted)
+    assert [q["id"] for q in qa.list_qa(db, p["id"], status="rejected")] == rejected

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -151,3 +152,25 @@ def test_hf_datasets_reads_the_parquet(db, project, tmp_path, monkeypatch):
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data.parquet"),
                                split="train", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 5 and ds[0]["image"].size == (20, 16)
+
+
+def test_app_zip_download_reimports_to_the_same_rows(db, project, tmp_path):
+    """The Projects page's download: app_service.export_zip for a viewer, re-imported (as
+    the upload form does) into a new project, gives the same rows; annotators get nothing."""
+    from leaml import app_service
+    from leaml.store.users import add_user
+    viewer = add_user(db, "pi", "correct-horse", "viewer")
+    expert = add_user(db, "doc", "correct-horse", "expert")
+    annotator = add_user(db, "ann1", "correct-horse", "annotator")
+    with app_service.export_zip(db, viewer, "p", with_test=True) as f:
+        data = f.read()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+    assert "manifest.jsonl" in names and "data.parquet" in names
+    assert sum(n.startswith("images/") for n in names) == 3
+    report = app_service.import_upload(db, expert, "copy", "p-export.zip", data)
+    assert report.rejected == 0 and report.qa_added == 5
+    assert curated(db, "copy") == curated(db, "p")
+    with pytest.raises(PermissionError):
+        app_service.export_zip(db, annotator, "p")
+    assert not list(db.home.glob("leaml-export-*"))  # nothing left behind in the data home
