@@ -184,27 +184,3 @@ def show_image(path: Path, caption: str | None = None, key: str = "img") -> None
     zoom, cx, cy = zoom_ui(key)
     st.image(view_image(str(path), zoom, cx, cy), caption=caption, width="stretch")
 
-
-def key_to_button(key: str, label_start: str) -> None:
-    """Press ``key`` (no modifier, outside text fields) to click the button whose label starts
-    with ``label_start``. For keys st.button's ``shortcut`` refuses (Streamlit reserves 'R'
-    for rerun and 'C' for clearing caches); the capture-phase listener keeps Streamlit's own
-    handler from also seeing the key."""
-    import json
-
-    import streamlit.components.v1 as components
-    components.html(f"""<script>
-const doc = window.parent.document, key = {json.dumps(key.lower())}, start = {json.dumps(label_start)};
-const prop = "__leaml_key_" + key;
-if (window.parent[prop]) window.parent.removeEventListener("keydown", window.parent[prop], true);
-window.parent[prop] = (ev) => {{
-  const t = ev.target, tag = (t && t.tagName || "").toLowerCase();
-  if (ev.key.toLowerCase() !== key || ev.ctrlKey || ev.metaKey || ev.altKey) return;
-  if (tag === "input" || tag === "textarea" || (t && t.isContentEditable)) return;
-  const btn = Array.from(doc.querySelectorAll("button")).find(
-      b => b.innerText.trim().startsWith(start) && !b.disabled);
-  if (!btn) return;
-  ev.preventDefault(); ev.stopImmediatePropagation(); btn.click();
-}};
-window.parent.addEventListener("keydown", window.parent[prop], true);
-</script>""", height=0)
