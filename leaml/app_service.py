@@ -367,12 +367,23 @@ _TRAIN_HP = [("mode", str, "'lora' (adapters) or 'full' finetuning"),
              ("batch_size", int, "examples per optimizer step"),
              ("lora_r", int, "LoRA rank"),
              ("max_steps", int, "optimizer steps (0 = derive from epochs)"),
-             ("min_steps", int, "at least this many steps")]
+             ("min_steps", int, "at least this many steps"),
+             ("vision_warmup_epochs", float, "passes of the image-path warmup before the "
+                                             "main training (0 = none)")]
+# the sampling temperature is left out: the default known-question mode samples nothing
 _PSEUDO_HP = [("k", int, "known questions asked (or QA candidates sampled) per unlabeled image"),
-              ("temperature", float, "sampling temperature"),
               ("max_images", int, "sample at most this many unlabeled images (0 = all)")]
 _NEURON_HP = [("rho", float, "share of neurons per layer updated by caption distillation")]
-JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP,
+# G's step count comes from its own knobs (GeneratorConfig.qa_steps), never from the
+# TrainConfig's epochs/max_steps, so its form shows those knobs instead
+_GENERATOR_HP = [("lr", float, "peak learning rate of AdamW"),
+                 ("batch_size", int, "examples per optimizer step"),
+                 ("qa_epochs", float, "passes over the seed QA"),
+                 ("min_qa_steps", int, "at least this many seed-QA steps"),
+                 ("max_qa_steps", int, "at most this many seed-QA steps (0 = no cap)"),
+                 ("max_captions", int, "caption distillation on at most this many unlabeled "
+                                       "images (0 = all)")] + _NEURON_HP
+JOB_HYPERPARAMETERS = {"generator": _GENERATOR_HP, "pseudo": _PSEUDO_HP,
                        "finetune": _TRAIN_HP, "leaml": _TRAIN_HP + _NEURON_HP + _PSEUDO_HP}
 
 
@@ -380,7 +391,8 @@ JOB_HYPERPARAMETERS = {"generator": _TRAIN_HP + _NEURON_HP, "pseudo": _PSEUDO_HP
 # mirrored from leaml/pipeline.py (which imports torch, so the app cannot ask it)
 TRAIN_STAGES = {"seed-lora": ["train"], "seed-full": ["train"],
                 "caption-then-seed": ["align", "train"], "caption-qa": ["train"],
-                "leaml": ["generator", "finetune"], "generator": ["generator"],
+                # LEAML's G counts its own steps: a whole run's training knobs go to the target
+                "leaml": ["finetune"], "generator": ["generator"],
                 "finetune": ["finetune"], "pseudo": [], "zero-shot": []}
 _ENGINE_HP = {name for name, _, _ in _TRAIN_HP}
 
@@ -399,6 +411,7 @@ def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
     params: dict = {"base_model": base_model, "seed": int(seed)}
     if kind == "run":
         params["method"] = method
+    if kind in ("run", "generator"):  # the generator picks the seed set as a run does
         params["label_fraction"] = float(label_fraction or 1.0)
     train_hp = {k: v for k, v in hyperparameters.items() if k in _ENGINE_HP}
     other_hp = {k: v for k, v in hyperparameters.items() if k not in _ENGINE_HP}

@@ -6,6 +6,7 @@ import streamlit as st
 from leaml import app_service
 from leaml.store import projects as projects_store
 from pages._common import get_db, no_project_stop, project_ui, require_page
+from pages._loop import loop_ui
 
 user = require_page("view")
 db = get_db()
@@ -61,6 +62,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.round(1)
 
 
+loop_ui(user, project)
 counts = projects_store.project_counts(db, pid)
 progress_ui(counts)
 rows = pd.DataFrame(app_service.results(db, user, pid))

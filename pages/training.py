@@ -3,9 +3,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from leaml import app_service, captions, jobs
+from leaml import app_loop, app_service, captions, jobs
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page, show_flash,
                            user_errors)
+from pages._loop import loop_ui
 
 user = require_page("train")
 db = get_db()
@@ -14,20 +15,36 @@ pid = project["id"]
 jobs.recover_stale(db)  # a job whose worker died shows as interrupted (resumable), not running
 st.title("Training")
 show_flash()
+loop_ui(user, project)
+loop = app_loop.loop_status(db, user, pid)
+status_counts = {"unlabeled_images": loop["unlabeled_images"]}
 
 
-def hyperparameters_ui(kind: str) -> dict:
-    """The main hyperparameters of ``kind``; only the filled-in ones are returned (an empty
-    field keeps the method's own default)."""
-    out = {}
-    with st.expander("Hyperparameters (empty = the method's default)", expanded=False):
+KIND_LABELS = {"loop": "1+2 · Generator, then pseudo pairs", "generator": "1 · Train the QA generator",
+               "pseudo": "2 · Generate pseudo QA", "finetune": "3 · Finetune the target model",
+               "run": "Whole run (a method end to end)"}
+
+
+def budget_ui() -> str:
+    """Quick (the default: a first look in minutes) or full (the method's defaults)."""
+    return st.radio("Budget", list(app_loop.PRESETS), format_func=app_loop.PRESET_LABELS.get,
+                    key="budget", horizontal=True,
+                    help="Fills in the knobs below; any of them can still be changed.")
+
+
+def hyperparameters_ui(kind: str, preset: str, title: str = "Settings") -> dict:
+    """The main knobs of ``kind``, filled in from the budget; only the filled-in ones are
+    returned (an empty field keeps the method's own default)."""
+    out, values = {}, app_loop.preset_values(preset, kind) if kind in app_loop.LOOP_KINDS else {}
+    with st.expander(f"{title} (empty = the method's default)", expanded=False):
         cols = st.columns(3)
         for i, (name, typ, help_text) in enumerate(app_service.job_hyperparameters(kind)):
-            col, key = cols[i % 3], f"hp_{kind}_{name}"
+            col, key = cols[i % 3], f"hp_{preset}_{kind}_{name}"
             if typ is str:
-                value = col.text_input(name, help=help_text, key=key, placeholder="default")
+                value = col.text_input(name, values.get(name, ""), help=help_text, key=key,
+                                       placeholder="default")
             else:
-                value = col.number_input(name, value=None, help=help_text, key=key,
+                value = col.number_input(name, value=values.get(name), help=help_text, key=key,
                                          placeholder="default", min_value=0 if typ is int else None,
                                          step=1 if typ is int else None,
                                          format="%d" if typ is int else "%g")
@@ -48,19 +65,25 @@ def data_mix_ui(kind: str) -> dict:
     return {"seed": seed, "reviewed": reviewed, "pending_min_conf": thr if pending else None}
 
 
-def start_ui() -> tuple[str, dict] | None:
-    """The start-a-job form; (kind, params) when submitted."""
-    labels = {"run": "Whole run (a method end to end)", "generator": "1 · Train the QA generator",
-              "pseudo": "2 · Generate pseudo QA", "finetune": "3 · Finetune the target model"}
-    kind = st.radio("Job", list(labels), format_func=labels.get, horizontal=True, key="job_kind")
+def label_fraction_ui(key: str, default: float) -> float:
+    return st.number_input(
+        "Label fraction (share of the labeled train images whose seed QA is used; 1 = the "
+        "project's seed set)", 0.001, 1.0, default, format="%g", key=key)
+
+
+def start_ui(preset: str) -> list[tuple[str, dict]] | None:
+    """The start-a-job form; the (kind, params) of the jobs to queue when submitted."""
+    kind = st.radio("Job", list(KIND_LABELS), format_func=KIND_LABELS.get, horizontal=True,
+                    key="job_kind")
     c1, c2, c3 = st.columns(3)
     form = {"base_model": c1.text_input("Base model", project["base_model"], key=f"base_{kind}"),
             "seed": int(c2.number_input("Seed", 0, 10**6, 0, key=f"seed_{kind}"))}
+    default_fraction = app_loop.default_label_fraction(status_counts)
     if kind == "run":
         form["method"] = c3.selectbox("Method", app_service.METHODS, key="run_method")
-        form["label_fraction"] = st.number_input(
-            "Label fraction (share of the labeled train images whose seed QA is used)",
-            0.001, 1.0, 0.01, format="%g", key="run_frac")
+        form["label_fraction"] = label_fraction_ui("run_frac", default_fraction)
+    if kind in ("loop", "generator"):
+        form["label_fraction"] = label_fraction_ui(f"frac_{kind}", default_fraction)
     if form.get("method") == "caption-qa":
         t1, t2 = st.columns(2)
         form["teacher"] = {
@@ -70,17 +93,36 @@ def start_ui() -> tuple[str, dict] | None:
     if kind == "finetune" or form.get("method") == "leaml":
         st.markdown("**Training data**")
         form["data_mix"] = data_mix_ui(kind)
-    form["hyperparameters"] = hyperparameters_ui(form.get("method") or kind)
-    if st.button("Start job", type="primary", icon=":material/play_arrow:"):
-        with user_errors():
-            return kind, app_service.job_params(kind, **form)
+    if kind == "loop":
+        gen = hyperparameters_ui("generator", preset, "Generator settings")
+        pseudo = hyperparameters_ui("pseudo", preset, "Pseudo-pair settings")
+    else:
+        form["hyperparameters"] = hyperparameters_ui(form.get("method") or kind, preset)
+    baseline = kind == "finetune" and st.checkbox(
+        f"Also train the seed-only baseline ({app_loop.BASELINE_METHOD}, same seed set and "
+        "settings) to compare with on the Dashboard",
+        not app_loop.has_baseline(db, pid), key="with_baseline")
+    if not st.button("Start job", type="primary", icon=":material/play_arrow:"):
+        return None
+    with user_errors():
+        if kind == "loop":
+            frac = form.pop("label_fraction")
+            return [("generator", app_service.job_params("generator", **form, hyperparameters=gen,
+                                                         label_fraction=frac)),
+                    ("pseudo", app_service.job_params("pseudo", **form, hyperparameters=pseudo))]
+        picked = [(kind, app_service.job_params(kind, **form))]
+        if baseline:
+            gen_run = loop["generator"]
+            frac = (gen_run["params"].get("label_fraction") if gen_run else None) or default_fraction
+            picked.append(("run", app_loop.baseline_params(picked[0][1], frac)))
+        return picked
     return None
 
 
 @st.fragment(run_every=2)
 def live_ui() -> None:
-    """The newest active job of the project (else the last one), refreshed every 2 s without
-    reloading the page."""
+    """The running job of the project (else the next queued one, else the last one) and the
+    jobs queued after it, refreshed every 2 s without reloading the page."""
     fdb = get_db()
     recent = jobs.list_jobs(fdb, pid, limit=20)
     active = [j for j in recent if j["status"] in ("queued", "running")]
@@ -88,9 +130,13 @@ def live_ui() -> None:
         st.caption("No job yet. Start one above; it runs in the background, whatever "
                    "happens to this page.")
         return
-    job = (active or recent)[0]
+    running = [j for j in active if j["status"] == "running"]
+    job = (running or active[::-1] or recent)[0]  # the running job, else the next in line
     if not active:
         st.caption("No job running; the last one:")
+    later = [f"#{j['id']} {j['kind']}" for j in active[::-1] if j["id"] != job["id"]]
+    if later:
+        st.caption(f"Then, in this order: {', '.join(later)}.")
     p = jobs.job_progress(fdb, job["id"])
     eta = f" · about {p['eta']:.0f} s left" if p.get("eta") else ""
     st.markdown(f"**Job #{job['id']} · {job['kind']}** · {p['status']} · stage "
@@ -110,11 +156,14 @@ def live_ui() -> None:
             st.rerun()
 
 
-picked = start_ui()
+st.subheader("Start")
+picked = start_ui(budget_ui())
 if picked:
     with user_errors():
-        job_id = app_service.start_job(db, user, picked[0], project["name"], picked[1])
-        flash(f"Job #{job_id} queued; the worker picks it up in a moment.")
+        ids = [app_service.start_job(db, user, kind, project["name"], params)
+               for kind, params in picked]
+        flash(f"Job{'s' if len(ids) > 1 else ''} {', '.join(f'#{i}' for i in ids)} queued "
+              "(run one after another); the worker picks them up in a moment.")
         st.rerun()
 
 
@@ -144,11 +193,15 @@ if caption_form:
 st.subheader("Current job")
 live_ui()
 
-st.subheader("Past jobs")
-past = jobs.list_jobs(db, pid, limit=50)
-if not past:
-    st.caption("No jobs yet.")
-else:
+@st.fragment(run_every=2)
+def past_jobs_ui() -> None:
+    """Every job of the project as the database holds it now (refreshed every 2 s, so a job
+    that started, failed or was cancelled shows so without a reload)."""
+    fdb = get_db()
+    past = jobs.list_jobs(fdb, pid, limit=50)
+    if not past:
+        st.caption("No jobs yet.")
+        return
     table = pd.DataFrame([{"job": j["id"], "kind": j["kind"], "status": j["status"],
                            "stage": j["stage"], "progress": j["progress"],
                            "message": j["message"], "by": j["created_by"],
@@ -164,6 +217,10 @@ else:
                              key="resume_pick")
         if c2.button("Resume", icon=":material/replay:"):
             with user_errors():
-                app_service.resume_job(db, user, which)
+                app_service.resume_job(fdb, user, which)
                 flash(f"Job #{which} queued again.")
                 st.rerun()
+
+
+st.subheader("Past jobs")
+past_jobs_ui()

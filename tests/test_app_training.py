@@ -24,9 +24,10 @@ def test_start_run_job_then_cancel_and_resume(monkeypatch, home, tmp_path):
     no_worker_needed(db)
     at = page("pages/training.py", users["expert"], "p1")
     assert not at.exception
+    at.radio(key="job_kind").set_value("run").run()
     at.selectbox(key="run_method").set_value("seed-lora").run()
-    at.number_input(key="hp_seed-lora_epochs").set_value(1.0).run()
-    assert at.number_input(key="hp_seed-lora_lr").value is None  # empty: the method's default
+    at.number_input(key="hp_quick_seed-lora_epochs").set_value(1.0).run()
+    assert at.number_input(key="hp_quick_seed-lora_lr").value is None  # empty: the default
     button(at, "Start job").click().run()
     assert not at.exception
     job = jobs.list_jobs(db)[0]
@@ -52,7 +53,7 @@ def test_finetune_job_carries_the_data_mix(monkeypatch, home, tmp_path):
     at.checkbox(key="mix_pend_finetune").check().run()
     at.slider(key="mix_thr_finetune").set_value(0.8).run()
     button(at, "Start job").click().run()
-    params = jobs.list_jobs(db)[0]["params"]
+    params = jobs.list_jobs(db)[-1]["params"]  # the finetune job (then the baseline's)
     assert params["data_mix"] == {"seed": True, "reviewed": True, "pending_min_conf": 0.8}
 
 
@@ -62,6 +63,7 @@ def test_caption_qa_run_needs_a_teacher_and_carries_it(monkeypatch, home, tmp_pa
     make_project(db, tmp_path, "p1", labeled=2)
     no_worker_needed(db)
     at = page("pages/training.py", users["expert"], "p1")
+    at.radio(key="job_kind").set_value("run").run()
     at.selectbox(key="run_method").set_value("caption-qa").run()
     button(at, "Start job").click().run()  # no endpoint yet: a message, no job
     assert not at.exception and not jobs.list_jobs(db)
