@@ -67,11 +67,28 @@ def report_ui(report) -> None:
                                    for e in report.errors]), hide_index=True, width="stretch")
 
 
+def export_ui(project: dict) -> None:
+    """Download the project's curated QA as one zip (what `leaml export` writes); the zip
+    is made when the button is clicked, not on every rerun."""
+    st.subheader("Export")
+    with_test = st.checkbox("Include the test pairs", key="export_with_test")
+    name = project["name"]
+
+    def zip_bytes() -> bytes:  # runs in Streamlit's download thread: its own connection
+        with app_service.export_zip(get_db(), user, name, with_test=with_test) as f:
+            return f.read()
+    st.download_button("Download curated QA (zip)", data=zip_bytes, file_name=f"{name}-qa.zip",
+                       mime="application/zip", on_click="ignore", icon=":material/download:",
+                       help="seed pairs and the pseudo pairs people accepted or edited, as "
+                            "manifest.jsonl + images/ + data.parquet; the zip imports again "
+                            "as it is (here, or with `python -m leaml import`)")
+
+
 project = project_ui(db)
+# the tiles are filled at the end of the run, so an import made below shows at once
+tiles = st.container()
 if project is None:
     st.info("No project yet. Create one below, then import images and QA into it.")
-else:
-    counts_ui(project, projects_store.project_counts(db, project["id"]))
 
 if auth.can(user, "import"):
     left, right = st.columns(2)
@@ -111,3 +128,9 @@ rows = [dict(name=p["name"], base_model=p["base_model"], created=p["created_at"]
         for p in projects_store.list_projects(db)]
 if rows:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+if project is not None:
+    with tiles:
+        counts_ui(project, projects_store.project_counts(db, project["id"]))
+        if auth.can(user, "export"):
+            export_ui(project)

@@ -75,3 +75,30 @@ def test_import_upload_and_bad_rows(home, tmp_path):
         app_service.import_upload(db, users["expert"], "up", "x.exe", b"MZ")
     with pytest.raises(PermissionError):
         app_service.import_upload(db, users["annotator"], "up", "set.zip", b"")
+
+
+def test_tiles_show_an_import_at_once(monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    from leaml import app_service
+    app_service.create_project(db, users["expert"], "fresh")
+    at = page("pages/projects.py", users["expert"], "fresh")
+    assert {m.label: m.value for m in at.metric}["Images"] == "0"
+    small_manifest(tmp_path / "src", n_train=6, n_test=2)
+    at.file_uploader[0].set_value(("set.zip", zip_of(tmp_path / "src"), "application/zip"))
+    button(at, "Import").click().run()
+    assert not at.exception and "Import done." in at.success[0].value
+    assert {m.label: m.value for m in at.metric}["Images"] == "8"  # the same run, not stale
+    assert "8" in at.dataframe[0].value["images"].astype(str).tolist()
+
+
+def test_export_download_for_viewers_not_annotators(monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1", labeled=2)
+    for role, shown in (("viewer", True), ("expert", True), ("admin", True),
+                        ("annotator", False)):
+        at = page("pages/projects.py", users[role], "p1")
+        assert not at.exception
+        labels = [b.label for b in at.get("download_button")]
+        assert ("Download curated QA (zip)" in labels) is shown, role
