@@ -30,6 +30,15 @@ from leaml.store.projects import get_project
 
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 STOP_CACHE_S = 1.0  # should_stop() reads the cancel flag at most this often
+STOP_POLL_S = 0.5  # the job process's heartbeat thread reads the cancel flag this often
+STOP_GRACE_S = 2.0  # a loop that asks should_stop() gets this long to stop at a step
+
+
+class JobStopped(BaseException):
+    """Raised inside a job's model forward pass once a stop (cancel, shutdown) has waited
+    ``STOP_GRACE_S`` for a loop that asks ``should_stop()``: evaluation, pseudo sampling and
+    every other loop over the model thus end within a batch. A BaseException, so that no
+    ``except Exception`` on the way swallows it."""
 
 
 def heartbeat_timeout() -> float:
@@ -68,10 +77,12 @@ class JobContext:
     resume: dict | None
     log: logging.Logger
     pid: int = field(default_factory=os.getpid)
-    stop_reason: str | None = None   # 'cancel', 'shutdown' or 'lost' once should_stop said yes
+    stop_reason: str | None = None   # 'cancel', 'shutdown' or 'lost' once a stop was seen
+    stop_at: float | None = None  # time.monotonic() when it was seen
     plan: list = field(default_factory=list)  # the stages the kind will run, for overall progress
     notes: list = field(default_factory=list)  # problems worked around, kept in the last message
     _checked_at: float = 0.0
+    _phase: bool = False  # the message says a start phase (cleared by the first progress)
     _stages: list = field(default_factory=list)
     _timers: dict = field(default_factory=dict)
 
@@ -86,6 +97,12 @@ class JobContext:
             progress = min(1.0, max(0.0, float(progress)))
         q.report(self.db, self.job_id, self.pid, stage=stage, progress=progress,
                  eta_seconds=eta_seconds, message=message)
+
+    def phase(self, text: str) -> None:
+        """What a starting job is doing before its first step (stage 'starting'); the
+        first progress report replaces it."""
+        self._phase = True
+        self.report("starting", message=text)
 
     def note(self, text: str) -> None:
         """Something the job worked around (a corrupt checkpoint skipped, say): the job's
@@ -109,7 +126,9 @@ class JobContext:
         t0, step0 = self._timers.setdefault(stage, (time.monotonic(), step - 1))
         rate = (time.monotonic() - t0) / max(1, step - step0)
         frac = step / total if total else 0.0
-        self.report(stage, self._overall(stage, frac), None, rate * max(0, total - step))
+        message = "" if self._phase and not self.stop_reason else None  # a start phase is over
+        self._phase = False
+        self.report(stage, self._overall(stage, frac), message, rate * max(0, total - step))
         if step % 10 == 0 or step == total:
             shown = f" loss {loss:.4f}" if loss is not None and loss == loss else ""
             self.log.info("%s step %d/%d%s", stage, step, total, shown)
@@ -127,12 +146,27 @@ class JobContext:
             return True
         if time.monotonic() - self._checked_at >= STOP_CACHE_S:
             self._checked_at = time.monotonic()
-            r = q.get_job(self.db, self.job_id)
-            if r["status"] != "running" or r["worker_pid"] != self.pid:
-                self.stop_reason = "lost"
-            elif r["cancel_requested"]:
-                self.stop_reason = "cancel"
+            self.check_stop(q.get_job(self.db, self.job_id))
         return self.stop_reason is not None
+
+    def check_stop(self, row: dict | None) -> None:
+        """Note a stop from the job's row (None: gone): taken away, or cancel requested."""
+        if row is None or row["status"] != "running" or row["worker_pid"] != self.pid:
+            self.stop("lost")
+        elif row["cancel_requested"]:
+            self.stop("cancel")
+
+    def stop(self, reason: str) -> None:
+        """Ask the job to stop ('cancel', 'shutdown', 'lost'); the first reason counts."""
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_at = reason, time.monotonic()
+
+    def raise_if_stopped(self) -> None:
+        """The cancellation point of loops that never ask ``should_stop()``: raises
+        JobStopped once a stop has waited ``STOP_GRACE_S`` (loops that ask stop cleanly at a
+        step, with a checkpoint, before that)."""
+        if self.stop_at is not None and time.monotonic() - self.stop_at >= STOP_GRACE_S:
+            raise JobStopped(self.stop_reason)
 
 
 Kind = Callable[[JobContext, dict], dict | None]
@@ -301,7 +335,30 @@ def job_progress(db: sqlite_utils.Database, job_id: int) -> dict:
             "eta_seconds": job["eta_seconds"], "message": job["message"],
             "run_id": job["run_id"], "step": last and last["step"],
             "total": last and last["total"], "loss": last and last["loss"],
-            "heartbeat_age": _age(job["heartbeat_at"]) if job["status"] == "running" else None}
+            "heartbeat_age": _age(job["heartbeat_at"]) if job["status"] == "running" else None,
+            "phase": _phase(db, job)}
+
+
+def _phase(db: sqlite_utils.Database, job: dict) -> str:
+    """What the job is doing, or for a queued job what it waits for, in words (the app's
+    banner shows it, so a slow start never reads as 'in a moment')."""
+    if job["status"] == "running":
+        return job["stage"] or "starting"
+    if job["status"] != "queued":
+        return job["status"]
+    running = q.list_jobs(db, status="running", limit=1)
+    if running:
+        r = running[0]
+        return f"queued behind job #{r['id']} ({r['kind']}, {r['stage'] or 'starting'})"
+    earlier = [j for j in q.list_jobs(db, status="queued", limit=100) if j["id"] < job["id"]]
+    if earlier:
+        return f"queued behind job #{earlier[-1]['id']}"
+    workers = q.live_workers(db, heartbeat_timeout())
+    if not workers:
+        return "waiting for a worker: none is running (start one: python -m leaml worker)"
+    age = _age(workers[-1]["started_at"]) or 0.0
+    return f"waiting for the worker (pid {workers[-1]['pid']}, started {age:.0f} s ago) to " \
+           f"pick it up"
 
 
 def _age(stamp: str | None) -> float | None:
@@ -337,6 +394,6 @@ def ensure_worker(home: str | os.PathLike) -> int | None:
     return worker.ensure_worker(home)
 
 
-__all__ = ["JobContext", "KINDS", "job_kind", "enqueue", "get_job", "list_jobs", "cancel",
+__all__ = ["JobContext", "JobStopped", "KINDS", "job_kind", "enqueue", "get_job", "list_jobs", "cancel",
            "resume", "recover_stale", "train_log", "log_tail", "job_progress", "ensure_worker",
            "heartbeat_timeout", "NotFoundError"]

@@ -199,9 +199,13 @@ def run_claimed(home, job_id: int, claimed_by: int) -> int:
         log.warning("job %s is no longer claimed by worker %s; nothing to do", job_id, claimed_by)
         return 0
     ctx = _context(db, home, q.get_job(db, job_id))
-    beat = _Beat(home, lambda d: _job_beat(d, ctx), jobs.heartbeat_interval())
+    beat = _Beat(home, _JobBeat(ctx), min(jobs.STOP_POLL_S, jobs.heartbeat_interval()))
     beat.start()
-    _on_signals(lambda: setattr(ctx, "stop_reason", "shutdown"))
+    _on_signals(lambda: ctx.stop("shutdown"))
+    ctx.phase("job process started; loading torch and transformers")
+    _stop_in_forward(ctx)
+    import leaml.pipeline  # noqa: F401  (the engine: the bulk of the start, said above)
+    ctx.phase("loading the data and the model")
     notes = _Notes(ctx)
     logging.getLogger("leaml.checkpoints").addHandler(notes)
     try:
@@ -237,12 +241,34 @@ def _context(db, home: Path, job: dict) -> jobs.JobContext:
                            log=logging.getLogger(f"leaml.job.{job['id']}"))
 
 
-def _job_beat(db, ctx: jobs.JobContext) -> None:
-    got = q.heartbeat(db, ctx.job_id, ctx.pid)
-    if got is None:
-        ctx.stop_reason = ctx.stop_reason or "lost"
-    elif got["cancel_requested"]:
-        ctx.stop_reason = ctx.stop_reason or "cancel"
+class _JobBeat:
+    """The job process's heartbeat thread body, called every ``STOP_POLL_S``: reads the
+    cancel flag each time (a cancel is seen within half a second, whatever the job does)
+    and writes the heartbeat every ``heartbeat_interval()``."""
+
+    def __init__(self, ctx: jobs.JobContext):
+        self.ctx, self.last = ctx, 0.0
+
+    def __call__(self, db) -> None:
+        if time.monotonic() - self.last >= jobs.heartbeat_interval():
+            self.last = time.monotonic()
+            got = q.heartbeat(db, self.ctx.job_id, self.ctx.pid)
+            if got is None:
+                self.ctx.stop("lost")
+            elif got["cancel_requested"]:
+                self.ctx.stop("cancel")
+        else:
+            self.ctx.check_stop(q.find_job(db, self.ctx.job_id))
+
+
+def _stop_in_forward(ctx: jobs.JobContext) -> None:
+    """Make every forward pass of every model in this process a cancellation point
+    (:meth:`JobContext.raise_if_stopped`): evaluation and pseudo sampling batches, the vision
+    warmup, neuron scoring stop within one forward pass of the stop's grace time. This
+    process runs this one job, so a process-wide hook is the job's own."""
+    import torch
+    torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: ctx.raise_if_stopped())
 
 
 def _execute(ctx: jobs.JobContext) -> bool:
@@ -258,7 +284,7 @@ def _execute(ctx: jobs.JobContext) -> bool:
             raise ValueError(f"unknown job kind {job['kind']!r}; this version knows "
                              f"{', '.join(sorted(jobs.KINDS))}")
         result = fn(ctx, dict(job["params"])) or {}
-    except Exception as exc:
+    except (Exception, jobs.JobStopped) as exc:
         if ctx.stop_reason is None:
             ctx.log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
             return _end(ctx, "failed", _failure(ctx, exc))

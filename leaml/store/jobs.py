@@ -58,6 +58,13 @@ def get_job(db: sqlite_utils.Database, job_id: int) -> dict:
     return _job(row(db, "SELECT * FROM jobs WHERE id = ?", [job_id]), job_id)
 
 
+def find_job(db: sqlite_utils.Database, job_id: int) -> dict | None:
+    """status, worker_pid and cancel_requested of a job (a cheap read, polled twice a
+    second by a running job); None if there is no such job."""
+    return row(db, "SELECT status, worker_pid, cancel_requested FROM jobs WHERE id = ?",
+               [job_id])
+
+
 def list_jobs(db: sqlite_utils.Database, project_id: int | None = None, limit: int = 50,
               status: str | None = None) -> list[dict]:
     """Newest first, optionally of one project and/or one status."""
@@ -81,8 +88,9 @@ def request_cancel(db: sqlite_utils.Database, job_id: int, *, user: str | None) 
             db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = 1,"
                        " finished_at = ?, message = ? WHERE id = ?",
                        [now(), f"cancelled by {user or 'cli'}", job_id])
-        elif job["status"] == "running":
-            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", [job_id])
+        elif job["status"] == "running":  # the message shows at once, the stop in seconds
+            db.execute("UPDATE jobs SET cancel_requested = 1, message = ? WHERE id = ?",
+                       [f"cancel requested by {user or 'cli'}; stopping", job_id])
         else:
             raise ConflictError(f"job {job_id} is already {job['status']}; nothing to cancel")
         log_event(db, user=user, action="job.cancel", entity="job", entity_id=job_id,
@@ -143,7 +151,8 @@ def claim_next(db: sqlite_utils.Database, pid: int) -> dict | None:
         r = db.execute(
             "UPDATE jobs SET status = 'running', worker_pid = ?, heartbeat_at = ?,"
             " started_at = COALESCE(started_at, ?), attempts = attempts + 1,"
-            " cancel_requested = 0, message = NULL"
+            " cancel_requested = 0, stage = 'starting',"
+            " message = 'picked up by the worker; starting its job process'"
             " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1)"
             " AND status = 'queued' RETURNING id", [pid, stamp, stamp]).fetchall()
     return get_job(db, r[0][0]) if r else None

@@ -1,0 +1,82 @@
+"""Live job status: a queued job says what it waits for, a starting job says what it loads,
+and a cancel in a loop that never asks ``should_stop()`` (evaluation) ends the job
+``cancelled`` within seconds.
+
+Real ``python -m leaml worker`` processes, real SQLite, the real tiny model.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from leaml import jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+CANCEL_BOUND_S = 5.0 + 1.0  # the promise, plus a second for a busy two-core machine
+
+
+@pytest.fixture
+def demo(db):
+    from leaml.demo import DemoConfig
+    from leaml.ingest import load_demo
+    load_demo(db, DemoConfig(n_train=8, n_test=40))
+
+
+def long_evaluation() -> dict:
+    """One training step, then an evaluation of many small batches (tens of seconds)."""
+    return {"method": "seed-lora", "label_fraction": 0.5, "seed": 0,
+            "overrides": {"train": {"max_steps": 1, "min_steps": 0, "batch_size": 2},
+                          "eval_batch_size": 2, "max_new_tokens": 32}}
+
+
+def start_worker(home) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "leaml", "worker", "--once", "--home",
+                             str(home)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def follow(db, job_id: int, until, timeout: float = 600) -> list[str]:
+    """Poll the job every 50 ms until ``until(job)``; the distinct messages seen, in order."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        job = jobs.get_job(db, job_id)
+        if job["message"] and (not seen or seen[-1] != job["message"]):
+            seen.append(job["message"])
+        if until(job):
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; job {job_id} is {jobs.get_job(db, job_id)}")
+
+
+def test_start_phases_and_a_cancel_in_evaluation_within_seconds(home, db, demo):
+    first = jobs.enqueue(db, "run", "demo", long_evaluation())
+    second = jobs.enqueue(db, "run", "demo", long_evaluation())
+    assert "none is running" in jobs.job_progress(db, first)["phase"]
+    assert jobs.job_progress(db, second)["phase"] == f"queued behind job #{first}"
+    w = start_worker(home)
+    try:
+        seen = follow(db, first, lambda j: j["stage"] == "evaluate")
+        assert any("loading torch" in m for m in seen), seen  # said before the slow imports
+        assert any("loading the data and the model" in m for m in seen), seen
+        assert jobs.job_progress(db, second)["phase"].startswith(f"queued behind job #{first} (")
+        follow(db, first, lambda j: (j["progress"] or 0) > 0.55)  # a few batches evaluated
+        asked = time.monotonic()
+        assert jobs.cancel(db, first)["message"].startswith("cancel requested")  # at once
+        follow(db, first, lambda j: j["status"] != "running", timeout=120)
+        took = time.monotonic() - asked
+        job = jobs.get_job(db, first)
+        assert job["status"] == "cancelled", job["message"]
+        assert took < CANCEL_BOUND_S, f"the cancel took {took:.1f} s"
+        assert "cancelled" in job["message"]
+        jobs.cancel(db, second)  # still queued: at once; the worker then drains
+        assert w.wait(timeout=120) == 0
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
