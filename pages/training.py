@@ -140,7 +140,7 @@ def live_ui() -> None:
     p = jobs.job_progress(fdb, job["id"])
     eta = f" · about {p['eta']:.0f} s left" if p.get("eta") else ""
     st.markdown(f"**Job #{job['id']} · {job['kind']}** · {p['status']} · stage "
-                f"`{p['stage'] or 'waiting for the worker'}`{eta}")
+                f"`{p['phase']}`{eta}")  # what it does, or what it waits for
     st.progress(float(p["progress"] or 0), text=p.get("message") or f"{p['progress']:.0%}")
     log = pd.DataFrame(jobs.train_log(fdb, job["id"]))
     if not log.empty and log["loss"].notna().any():
@@ -163,7 +163,7 @@ if picked:
         ids = [app_service.start_job(db, user, kind, project["name"], params)
                for kind, params in picked]
         flash(f"Job{'s' if len(ids) > 1 else ''} {', '.join(f'#{i}' for i in ids)} queued "
-              "(run one after another); the worker picks them up in a moment.")
+              "(run one after another); Current job below says what each waits for.")
         st.rerun()
 
 
@@ -187,7 +187,7 @@ if caption_form:
     with user_errors():
         job_id = app_service.start_job(db, user, "caption", project["name"],
                                        captions.caption_job_params(**caption_form))
-        flash(f"Caption job #{job_id} queued; the worker picks it up in a moment.")
+        flash(f"Caption job #{job_id} queued; Current job below says what it waits for.")
         st.rerun()
 
 st.subheader("Current job")
