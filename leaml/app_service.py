@@ -10,7 +10,6 @@ action is refused in the library, not only by a hidden button. An annotator call
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
@@ -158,7 +157,8 @@ def import_upload(db: sqlite_utils.Database, user: dict, project: str, filename:
 
     Returns ingest's ImportReport; raises ingest.ImportRejected (with the report, row by
     row) when rows are bad and ``skip_invalid`` is off, ValueError for a wrong file type
-    or a file over :data:`MAX_UPLOAD_MB`.
+    or a file over :data:`MAX_UPLOAD_MB`, ingest.ImportFailed (one line, details logged)
+    for anything unexpected; all three are ValueErrors the Projects page shows.
     """
     user = _require(db, user, "import")
     suffix = PurePosixPath(filename or "").suffix.lower().lstrip(".")
@@ -168,14 +168,8 @@ def import_upload(db: sqlite_utils.Database, user: dict, project: str, filename:
     if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
         raise ValueError(f"'{filename}' is {len(data) / 2**20:.0f} MB; the limit is "
                          f"{MAX_UPLOAD_MB} MB (import larger sets with `python -m leaml import`)")
-    tmp = Path(tempfile.mkdtemp(prefix="leaml-upload-", dir=db.home))
-    try:  # ingest checks zip members itself (paths outside the archive, sizes, bombs)
-        target = tmp / f"upload.{suffix}"
-        target.write_bytes(data)
-        return ingest.import_path(db, target, project, skip_invalid=skip_invalid,
-                                  user=_name(user), label=PurePosixPath(filename).name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return ingest.import_bytes(db, data, suffix, project, skip_invalid=skip_invalid,
+                               user=_name(user), label=PurePosixPath(filename).name)
 
 
 def seed_target(project: dict, counts: dict) -> int:

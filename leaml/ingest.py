@@ -17,6 +17,7 @@ manifests are read in :mod:`leaml.ingest_read`, images checked in :mod:`leaml.in
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ from leaml.store.images import add_image, store_image_file
 from leaml.store.projects import ensure_project, get_project, validate_name
 from leaml.store.qa import add_qa_many
 
-__all__ = ["ImportReport", "ImportRejected", "ImportFailed", "RowError", "import_path", "load_demo",
+__all__ = ["ImportReport", "ImportRejected", "ImportFailed", "RowError", "import_path",
+           "import_bytes", "load_demo",
            "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES"]
 
 KEEP_BYTES = 512 << 20         # validated image bytes held for the write; re-read beyond that
@@ -297,6 +299,32 @@ def _event(report: ImportReport) -> dict:
             "images_existing": report.images_existing, "qa_added": report.qa_added,
             "qa_existing": report.qa_existing, "rejected": report.rejected,
             "errors": [str(e) for e in report.errors[:50]]}
+
+
+# --- uploads ----------------------------------------------------------------------------------
+
+def import_bytes(db: sqlite_utils.Database, data: bytes, suffix: str, project: str, *,
+                 label: str, skip_invalid: bool = False, user: str | None = None) -> ImportReport:
+    """Import an uploaded file's bytes (a ``suffix`` file: zip, jsonl, csv, parquet) into
+    ``project``: staged in a temporary folder under the data home, then :func:`import_path`.
+
+    A failure to stage the file (a full disk, an unwritable data home) is an ImportFailed
+    like any other unexpected one: one line naming ``label``, the details in the log.
+    """
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="leaml-upload-", dir=db.home))
+    except OSError as exc:
+        raise failure(db.home, label, project, user, exc) from exc
+    try:  # ingest checks zip members itself (paths outside the archive, sizes, bombs)
+        target = tmp / f"upload.{suffix}"
+        try:
+            target.write_bytes(data)
+        except OSError as exc:
+            raise failure(db.home, label, project, user, exc) from exc
+        return import_path(db, target, project, skip_invalid=skip_invalid, user=user,
+                           label=label)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the demo set -----------------------------------------------------------------------------

@@ -273,3 +273,21 @@ def test_database_refusing_a_write_rolls_back_and_exits_1(tmp_path, src):
     assert len(lines) == 1 and lines[0].startswith("error: m.jsonl: the import failed")
     assert dump(db) == before
     assert (home / "logs" / "import-errors.log").read_text().count("Traceback") == 2
+
+
+@pytest.mark.trust
+def test_upload_that_cannot_be_staged_is_one_line_for_the_projects_page(app_project, src,
+                                                                        tmp_path):
+    db = app_project["db"]
+    before = dump(db)
+    home = Path(db.home)
+    home.rename(tmp_path / "moved")        # the data home moved away while the app runs,
+    home.write_text("not a folder")         # and a file took its name
+    data = write_jsonl(src / "m.jsonl", [GOOD]).read_bytes()
+    with pytest.raises(ImportFailed) as info:
+        app_service.import_upload(db, app_project["user"], "p", "m.jsonl", data)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in message
+    assert message.startswith("m.jsonl: the import failed unexpectedly (NotADirectoryError")
+    assert "the error log could not be written either" in message
+    assert dump(db) == before
