@@ -116,8 +116,8 @@ def next_steps(status: dict, user: dict) -> list[str]:
         return ["Label a few seed pairs on **Seed labeling**." if can("label") else
                 "Waiting for an expert to label seed pairs."]
     if status["generator"] is None:
-        return ["Start **1+2 · Generator, then pseudo pairs** on **Training** (the quick "
-                "budget shows pairs to review in minutes)." if can("train") else
+        return ["Train the generator and let it write pseudo pairs (job 1+2, quick budget: "
+                "pairs to review in minutes) on **Training**." if can("train") else
                 "Waiting for an expert to train the QA generator."]
     out = []
     if status["pending"]:
@@ -125,12 +125,12 @@ def next_steps(status: dict, user: dict) -> list[str]:
                    "(A accept, R reject, E edit)." if can("review") else
                    f"{status['pending']} pseudo pairs wait for review by annotators.")
     elif not status["decided"]:
-        out.append("Generate pseudo pairs: **2 · Generate pseudo QA** on **Training**."
+        out.append("Let the generator write pseudo pairs (job 2) on **Training**."
                    if can("train") else "Waiting for an expert to generate pseudo pairs.")
     if status["pending"] or status["decided"]:
         if can("train"):
-            out.append("Finetune the target on seed + reviewed pairs: **3 · Finetune the "
-                       "target model** on **Training**.")
+            out.append("Finetune the target on seed + reviewed pairs (job 3) on **Training**; "
+                       "it trains the seed-only baseline beside it for the Dashboard.")
         elif status["finetune"] is None:
             out.append("Then an expert finetunes the target model.")
     if status["finetune"] is not None:

@@ -24,6 +24,7 @@ from browser import CHROMIUM_ARGS, shot, streamlit_server, wait_idle  # noqa: E4
 pytestmark = pytest.mark.e2e
 PW = "correct-horse"
 QUICK = {"max_steps": "2", "min_steps": "0", "batch_size": "4"}  # a few small steps
+QUICK_G = {"max_qa_steps": "1", "min_qa_steps": "1", "max_captions": "4", "batch_size": "4"}
 QUICK_PSEUDO = {"max_images": "6", "k": "3"}  # 6 unlabeled images x 3 known questions
 
 
@@ -86,7 +87,7 @@ def start_job(page, kind_label: str, hyperparameters: dict) -> None:
     page.get_by_text(kind_label).click()
     wait_idle(page)
     # under load the previous kind's form can linger for a moment beside the new one
-    expander = page.get_by_text("Hyperparameters")
+    expander = page.get_by_text("Settings (empty")
     expect(expander).to_have_count(1, timeout=30_000)
     expander.click()
     for name, value in hyperparameters.items():
@@ -163,7 +164,7 @@ def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
         assert len(qa.list_qa(db, pid, origin="seed")) == 3
 
         # 4. a quick generator job, then pseudo QA from it (the newest generator run)
-        start_job(page, "1 · Train the QA generator", QUICK)
+        start_job(page, "1 · Train the QA generator", QUICK_G)
         gen = wait_job_done(page, db, "generator")
         page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # G's loss curve
         shot(page, "04-training")
