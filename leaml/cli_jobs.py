@@ -30,11 +30,14 @@ def _add_worker(sub, common) -> None:
     # internal: the child process that runs one claimed job
     p.add_argument("--job-process", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--claimed-by", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spare", action="store_true", help=argparse.SUPPRESS)  # a warm job process
     p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args) -> int:
     from leaml import worker
+    if args.spare:
+        return worker.run_spare(args.home, args.claimed_by)
     if args.job_process is not None:
         return worker.run_claimed(args.home, args.job_process, args.claimed_by)
     n = worker.work(args.home, once=args.once, poll_s=args.poll, idle_exit=args.idle_exit)

@@ -73,13 +73,15 @@ def work(home=None, *, once: bool = False, poll_s: float = 1.0,
     pid, host = os.getpid(), socket.gethostname()
     jobs.recover_stale(db)
     worker_id = q.register_worker(db, pid, host)
-    state = {"job": None, "child": None, "stop": False}
+    state = {"job": None, "child": None, "stop": False, "spare": None}
     beat = _Beat(home, lambda d: _worker_beat(d, worker_id, pid, state), jobs.heartbeat_interval())
     beat.start()
     _on_signals(lambda: _shutdown(state))
     n, idle_since, checked = 0, time.monotonic(), time.monotonic()
     try:
         while not state["stop"]:
+            if state["spare"] is None and not once:  # --once drains and exits: no spare
+                state["spare"] = _Spare(home)
             try:
                 job = q.claim_next(db, pid)
             except sqlite3.Error as exc:  # locked for long, or the disk is full: try again
@@ -99,6 +101,8 @@ def work(home=None, *, once: bool = False, poll_s: float = 1.0,
             _run_child(db, home, job, state)
             n, idle_since = n + 1, time.monotonic()
     finally:
+        if state["spare"] is not None:
+            state["spare"].close()
         beat.stop()
         q.worker_stopped(db, worker_id)
     return n
@@ -134,14 +138,52 @@ def _run_child(db, home: Path, job: dict, state: dict) -> None:
                   f"{job['attempts']}\n".encode())
         out.flush()
         state["job"] = job["id"]
-        child = subprocess.Popen(
-            [sys.executable, "-m", "leaml", "worker", "--home", str(home),
-             "--job-process", str(job["id"]), "--claimed-by", str(pid)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env())
+        spare, state["spare"] = state["spare"], None
+        child = spare.take(job["id"]) if spare is not None else None
+        if child is None:  # no spare, or it died: a fresh process
+            child = subprocess.Popen(
+                [sys.executable, "-m", "leaml", "worker", "--home", str(home),
+                 "--job-process", str(job["id"]), "--claimed-by", str(pid)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_child_env())
         state["child"] = child
         rc = child.wait()
     state["job"], state["child"] = None, None
     _after_child(db, job["id"], {pid, child.pid}, rc, state["stop"])
+
+
+class _Spare:
+    """A job process started ahead of its job: it loads torch and the engine while the
+    worker waits for work, then runs the job whose id the worker writes to its stdin, so
+    a job's start does not wait for those imports (seconds to tens of seconds on a busy
+    machine). It holds no job until then: closing it (end of stdin, then a kill) is safe."""
+
+    def __init__(self, home: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "leaml", "worker", "--home", str(home), "--spare",
+             "--claimed-by", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=_child_env())
+
+    def take(self, job_id: int) -> subprocess.Popen | None:
+        """Hand it the claimed job; None if it died meanwhile."""
+        if self.proc.poll() is not None:
+            return None
+        try:
+            self.proc.stdin.write(f"{job_id}\n".encode())
+            self.proc.stdin.close()
+        except OSError:
+            return None
+        return self.proc
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()  # still loading, or waiting: nothing of a job to lose
+        self.proc.wait()
 
 
 def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> None:
@@ -186,6 +228,25 @@ def _child_env() -> dict:
 
 
 # --- the job process -----------------------------------------------------------------------
+
+def run_spare(home, claimed_by: int) -> int:
+    """Body of a spare job process (:class:`_Spare`): load the engine, wait for a job id on
+    stdin, send the output to that job's log, and run it as :func:`run_claimed` does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the worker, not the spare
+    import leaml.pipeline  # noqa: F401  (torch, transformers: the slow part of a start)
+    import leaml.train  # noqa: F401  (accelerate, peft)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # the worker stopped before it had a job for us
+    job_id = int(line)
+    home = home_dir(home)
+    path = jobs.log_path(home, q.get_job(connect(home), job_id))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)  # from here on, like a process started for the job
+    os.dup2(fd, 2)
+    os.close(fd)
+    return run_claimed(home, job_id, claimed_by)
+
 
 def run_claimed(home, job_id: int, claimed_by: int) -> int:
     """Body of the child process: take the job over from the worker and run it to an end."""
