@@ -179,8 +179,8 @@ def _confidence(rec: dict) -> float | None:
     return conf
 
 
-def _pseudo_fields(rec: dict, question: str | None, split: str) -> tuple[float | None,
-                                                                        str | None]:
+def _pseudo_fields(rec: dict, question: str | None,
+                   split: str) -> tuple[float | None, str | None]:
     """confidence and source of a pre-made pseudo pair (both None on other rows)."""
     conf = _confidence(rec)
     if conf is None:
