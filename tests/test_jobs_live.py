@@ -80,3 +80,49 @@ def test_start_phases_and_a_cancel_in_evaluation_within_seconds(home, db, demo):
         if w.poll() is None:
             os.killpg(w.pid, signal.SIGKILL)
         w.wait()
+
+
+def children(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_a_spare_job_process_waits_warm_and_runs_the_next_job(home, db, demo):
+    w = subprocess.Popen([sys.executable, "-m", "leaml", "worker", "--idle-exit", "120",
+                          "--home", str(home)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        spare = follow_value(lambda: children(w.pid), "the worker's spare job process")
+        job_id = jobs.enqueue(db, "run", "demo", {**long_evaluation(), "overrides": {
+            "train": {"max_steps": 1, "min_steps": 0, "batch_size": 2}, "max_new_tokens": 4}})
+        follow(db, job_id, lambda j: j["status"] not in ("queued", "running"))
+        job = jobs.get_job(db, job_id)
+        assert job["status"] == "succeeded", job["message"]
+        assert job["worker_pid"] in spare  # started before the job was queued
+        assert "succeeded" in jobs.log_tail(home, job, 5)  # its output went to the job's log
+        fresh = follow_value(lambda: children(w.pid) - spare, "a new spare")
+        w.send_signal(signal.SIGTERM)  # the worker alone: it ends its spare itself
+        assert w.wait(timeout=60) == 0
+        assert follow_value(lambda: not any(Path(f"/proc/{p}").exists() for p in fresh),
+                            "the spare to end with its worker")
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
+
+
+def follow_value(fn, what: str, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := fn():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
