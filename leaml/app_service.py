@@ -15,20 +15,22 @@ from pathlib import Path, PurePosixPath
 
 import sqlite_utils
 
-from leaml import auth, diversity, ingest, jobs
+from leaml import app_accounts, diversity, ingest, jobs
+# the accounts part of this service (sign-in, sessions, users) lives in app_accounts
+from leaml.app_accounts import (SESSION_IDLE_SECONDS, add_user, create_first_admin,  # noqa: F401
+                                list_users, needs_first_admin, open_session, reload_user,
+                                reset_password, session_user, set_disabled, set_role, sign_in,
+                                sign_out)
 from leaml.config import DEFAULT_BASE
 from leaml.store import app_queries
 from leaml.store import images as images_store
 from leaml.store import qa, runs
 from leaml.store import projects as projects_store
-from leaml.store import sessions as sessions_store
-from leaml.store import users as users_store
 
 MAX_UPLOAD_MB = 200           # also the Streamlit upload limit (.streamlit/config.toml)
 UPLOAD_TYPES = ("zip", "jsonl", "csv", "parquet")
 DEFAULT_SEED_FRACTION = 0.01  # seed target: 1% of the train images, at least one
 DEMO_PROJECT = "demo"
-SESSION_IDLE_SECONDS = sessions_store.IDLE_SECONDS  # also the cookie's Max-Age, renewed on use
 LANDING_PROJECT = "demo-1pct"  # the demo at 1% labels: what a new user sees first
 
 
@@ -38,105 +40,7 @@ def _name(user: dict) -> str:
 
 def _require(db: sqlite_utils.Database, user: dict | None, perm: str) -> dict:
     """Every permission check here (new functions too): reload the row by id, then require."""
-    # the role and disabled flag come from the database, never from the caller's dict: a
-    # demoted or disabled user is refused on the next call, a made-up dict gains nothing
-    return auth.require(users_store.reload_user(db, user), perm)
-
-
-# --- accounts -----------------------------------------------------------------------------
-
-def needs_first_admin(db: sqlite_utils.Database) -> bool:
-    """True while the data home has no user at all (the app then asks for the admin account)."""
-    return users_store.count_users(db) == 0
-
-
-def create_first_admin(db: sqlite_utils.Database, name: str, password: str) -> dict:
-    """Create the first account, as admin; PermissionError once any account exists (the
-    check and the insert are one transaction: of two racing processes exactly one wins)."""
-    return users_store.add_first_admin(db, (name or "").strip(), password)
-
-
-def sign_in(db: sqlite_utils.Database, name: str, password: str) -> dict | None:
-    """The user if the name and password match an enabled account, else None.
-
-    Raises sessions.SignInThrottled ("too many failed sign-ins for 'x'; try again in N s")
-    while that name is locked after repeated wrong passwords. Unknown names take the same
-    path and time as known ones, so neither the answer nor the delay tells which exist.
-    """
-    name = (name or "").strip()[:64]
-    sessions_store.check_throttle(db, name)
-    user = users_store.verify_password(db, name, password or "")
-    if user is None:
-        sessions_store.record_failure(db, name)
-    else:
-        sessions_store.reset_failures(db, name)
-    return user
-
-
-def open_session(db: sqlite_utils.Database, name: str, password: str) -> tuple[dict, str] | None:
-    """:func:`sign_in`, then a new session: (user, token) for the browser's cookie, or None.
-    Only the token's sha256 is stored; the token ends after 12 h without any action."""
-    user = sign_in(db, name, password)
-    return None if user is None else (user, sessions_store.create(db, user["id"]))
-
-
-def session_user(db: sqlite_utils.Database, token: str | None) -> dict | None:
-    """The user of a live session ``token`` as the database holds it now, or None when the
-    token is unknown, signed out, idle too long, revoked by a password or role change, or
-    its account is disabled."""
-    user_id = sessions_store.user_id_of(db, token)
-    user = users_store.get_user_by_id(db, user_id) if user_id is not None else None
-    return None if user is None or user["disabled"] else user
-
-
-def reload_user(db: sqlite_utils.Database, user: dict | None) -> dict | None:
-    """``user``'s row as the database holds it now; None when unknown, removed or disabled."""
-    try:
-        fresh = users_store.reload_user(db, user)
-    except PermissionError:
-        return None
-    return None if fresh is None or fresh["disabled"] else fresh
-
-
-def sign_out(db: sqlite_utils.Database, token: str | None) -> None:
-    """End the session ``token`` (the cookie then opens nothing, even if a copy survives)."""
-    sessions_store.revoke(db, token)
-
-
-def list_users(db: sqlite_utils.Database, user: dict) -> list[dict]:
-    user = _require(db, user, "admin")
-    return users_store.list_users(db)
-
-
-def add_user(db: sqlite_utils.Database, user: dict, name: str, password: str, role: str) -> dict:
-    """Admin only: a new account."""
-    user = _require(db, user, "admin")
-    return users_store.add_user(db, (name or "").strip(), password, role, by=_name(user))
-
-
-def set_role(db: sqlite_utils.Database, user: dict, name: str, role: str) -> dict:
-    """Admin only; an admin cannot demote the last admin (nobody could manage users then)."""
-    user = _require(db, user, "admin")
-    admins = [u for u in users_store.list_users(db) if u["role"] == "admin" and not u["disabled"]]
-    if role != "admin" and [u["name"] for u in admins] == [name]:
-        raise ValueError(f"'{name}' is the only admin; make another user admin first")
-    return users_store.set_role(db, name, role, by=_name(user))
-
-
-def reset_password(db: sqlite_utils.Database, user: dict, name: str, password: str) -> dict:
-    """Admin only: set a new password for ``name`` (its open sessions end)."""
-    user = _require(db, user, "admin")
-    return users_store.set_password(db, name, password, by=_name(user))
-
-
-def set_disabled(db: sqlite_utils.Database, user: dict, name: str, disabled: bool) -> dict:
-    """Admin only: disable (its open sessions end) or re-enable ``name``; the last enabled
-    admin cannot be disabled."""
-    user = _require(db, user, "admin")
-    admins = [u for u in users_store.list_users(db) if u["role"] == "admin" and not u["disabled"]]
-    if disabled and [u["name"] for u in admins] == [name]:
-        raise ValueError(f"'{name}' is the only enabled admin; make another user admin first")
-    return users_store.set_disabled(db, name, disabled, by=_name(user))
+    return app_accounts.require(db, user, perm)
 
 
 # --- projects and import ------------------------------------------------------------------
