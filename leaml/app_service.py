@@ -2,9 +2,9 @@
 
 Every page action goes through one of these: each takes the signed-in ``user`` (a users row
 as a dict) and calls :func:`_require` (the row as the database holds it now, then
-:func:`leaml.auth.require`) before touching the store, so a refused
-action is refused in the library, not only by a hidden button. An annotator calling
-:func:`start_job` gets a PermissionError whatever the page shows. Store errors
+:func:`leaml.auth.require`) before touching the store, so a refused action is refused in
+the library, not only by a hidden button, and a role taken away counts at once. An
+annotator calling :func:`start_job` gets a PermissionError whatever the page shows. Store errors
 (NotFoundError, ConflictError, ValueError) pass through for the page to show as messages.
 """
 from __future__ import annotations
