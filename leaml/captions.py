@@ -22,6 +22,7 @@ import ipaddress
 import json
 import math
 import mimetypes
+import os
 import random
 import socket
 import time
@@ -32,6 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
+from leaml.serve_limits import API_KEY_ENV
 from leaml.store.images import image_file
 
 Progress = Callable[[str, int, int, float], None]
@@ -97,7 +99,9 @@ class EndpointClient:
     """POSTs chat completions to one OpenAI-compatible endpoint, with retries.
 
     Delays before try ``i+1``: ``min(backoff_max, backoff * 2**i)`` scaled by a random
-    factor in [0.5, 1.5) (jitter, so many clients do not retry in lockstep).
+    factor in [0.5, 1.5) (jitter, so many clients do not retry in lockstep). ``api_key``
+    (default ``$LEAML_API_KEY``, which also reaches caption jobs run by the worker without
+    storing the key in the database) is sent as ``Authorization: Bearer <key>``.
     """
     url: str
     model: str
@@ -105,11 +109,12 @@ class EndpointClient:
     retries: int = 3              # tries after the first
     backoff: float = 1.0
     backoff_max: float = 30.0
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
     def __post_init__(self):
         self.endpoint = chat_url(self.url)
+        self.api_key = self.api_key or os.environ.get(API_KEY_ENV) or None
         if not self.model:
             raise ValueError("--model is required with --endpoint: the name the server serves "
                              "(see GET /v1/models)")
@@ -145,6 +150,10 @@ class EndpointClient:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             detail = _error_text(exc)
+            if exc.code == 401:
+                detail += (f" (give the server's key with --api-key KEY or {API_KEY_ENV})"
+                           if not self.api_key else " (check the key: --api-key or "
+                           f"{API_KEY_ENV})")
             if exc.code >= 500 or exc.code in (408, 429):
                 raise _Retryable(f"HTTP {exc.code}: {detail}") from None
             raise EndpointError(f"{self.endpoint} answered HTTP {exc.code}: {detail}") from None

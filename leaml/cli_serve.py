@@ -10,8 +10,9 @@ import json
 import os
 import sys
 
+from leaml.serve_limits import API_KEY_ENV  # the server's key; sent as bearer token by clients
+
 CLI_ACTOR = "cli"
-API_KEY_ENV = "LEAML_API_KEY"  # sent as a bearer token to --endpoint when set
 
 
 def _print_json(obj) -> None:
@@ -41,13 +42,20 @@ def _add_serve(sub, common) -> None:
                       help="serve this base model ('tiny', a Hugging Face id or a folder)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; anything else exposes the model "
-                        "to the network, with no authentication)")
+                        "to the network: give it an --api-key)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help="clients must send 'Authorization: Bearer KEY' on every /v1 route, "
+                        f"else 401 (default ${API_KEY_ENV}; none: no key asked)")
     p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
     p.add_argument("--name", default=None,
                    help="model name clients ask for (default run-<ID> or the base model ref)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="largest image (width * height) a request may hold")
+    p.add_argument("--max-request-pixels", type=int, default=80_000_000,
+                   help="most pixels of all images of one request together")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="requests handled at once; more wait in a queue (default 64)")
     p.add_argument("--device", default="auto",
                    help="'auto' (a GPU when there is one, default), 'cpu', 'cuda', 'cuda:1' ...")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -57,7 +65,8 @@ def _add_serve(sub, common) -> None:
 def cmd_serve(args) -> int:
     import logging
 
-    from leaml import serve
+    from leaml import serve, serve_http
+    from leaml.serve_limits import exposure_warning
     from leaml.store import connect
     _threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -66,9 +75,13 @@ def cmd_serve(args) -> int:
                                base_model=args.base_model, name=args.name, device=args.device)
     db.conn.close()
     config = serve.ServeConfig(max_body_bytes=int(args.max_body_mb * 2**20),
-                               max_pixels=args.max_pixels)
-    server = serve.make_server(served, args.host, args.port, config)
+                               max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
+                               max_connections=args.max_connections, api_key=args.api_key)
+    server = serve_http.make_server(served, args.host, args.port, config)
     host, port = server.server_address[:2]
+    warning = exposure_warning(host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"serving {served.name!r} ({served.source}) on http://{host}:{port}/v1", flush=True)
     try:
         server.serve_forever()
@@ -84,7 +97,9 @@ def cmd_serve(args) -> int:
 def _endpoint_args(p: argparse.ArgumentParser, *, required_model: bool) -> None:
     p.add_argument("--endpoint", default=None, metavar="URL",
                    help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, "
-                        f"`leaml serve`); ${API_KEY_ENV} is sent as bearer token if set")
+                        "`leaml serve`)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV}, if set)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="model name the endpoint serves" + (" (required)" if required_model else ""))
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
@@ -149,7 +164,8 @@ def cmd_caption(args) -> int:
             db, args.project, endpoint=args.endpoint, model=args.model, teacher=args.teacher,
             prompt=args.prompt, concurrency=args.concurrency, timeout=args.timeout,
             retries=args.retries, backoff=args.backoff, max_tokens=args.max_tokens,
-            limit=args.limit, progress=bar, user=CLI_ACTOR, api_key=os.environ.get(API_KEY_ENV))
+            limit=args.limit, progress=bar, user=CLI_ACTOR,
+            api_key=args.api_key or os.environ.get(API_KEY_ENV))
     finally:
         bar.close()
     info = report.to_dict()
@@ -183,6 +199,8 @@ def add_from_captions_args(p: argparse.ArgumentParser) -> None:
                         "'captions:<model>', under a 'caption-qa' run")
     g.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible server")
     g.add_argument("--model", default=None, metavar="NAME", help="model name the endpoint serves")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV}, if set)")
     g.add_argument("--per-image", type=int, default=3, help="QA pairs per caption (default 3)")
     g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -204,7 +222,7 @@ def cmd_pseudo_from_captions(args) -> int:
             per_image=args.per_image, concurrency=args.concurrency, timeout=args.timeout,
             retries=args.retries, max_tokens=args.max_tokens, temperature=args.temperature,
             seed=args.seed or 0, limit=args.limit, progress=bar, user=CLI_ACTOR,
-            api_key=os.environ.get(API_KEY_ENV))
+            api_key=args.api_key or os.environ.get(API_KEY_ENV))
     finally:
         bar.close()
     line = (f"caption-qa run {info['run_id']}: {info['stored']} pending pairs from "

@@ -4,9 +4,14 @@
 ``POST /v1/chat/completions`` and ``GET /v1/models`` in the OpenAI response shape, so the
 same clients that talk to vLLM/SGLang (``leaml caption --endpoint``, ``leaml pseudo
 --from-captions``) talk to it. Standard library only (``http.server.ThreadingHTTPServer``):
-requests are parsed and validated in their own threads, model calls run one at a time under a
-lock (one model, one CPU/GPU). Images come only as data URLs (``data:image/png;base64,...``):
-the server never fetches a URL a client names, so it cannot be used to reach other hosts.
+each connection is handled in its own thread, at most ``max_connections`` at once (the others
+wait in a listen queue of ``backlog``); images are decoded and turned into model inputs by a
+pool of ``decode_slots`` threads, outside the model lock; model calls run one at a time
+under that lock (one model, one CPU/GPU). Images come only as data URLs
+(``data:image/png;base64,...``): the server never fetches a URL a client names, so it cannot
+be used to reach other hosts. With an API key, every ``/v1`` route needs
+``Authorization: Bearer <key>``. The HTTP layer is leaml/serve_http.py; the bounds are in
+leaml/serve_limits.py and leaml/serve_images.py.
 
 Every bad request gets a 4xx JSON error in OpenAI's shape
 (``{"error": {"message", "type", "param", "code"}}``); an unexpected failure inside the model
@@ -14,22 +19,16 @@ call gets a 500 of the same shape. The server itself never dies of a request.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
-import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
 from leaml.config import option as _f
-
-log = logging.getLogger("leaml.serve")
-
-ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
+from leaml.serve_images import check_request_pixels, decode_image, open_data_url
+from leaml.serve_limits import ApiError, check_prompt_size, parse_json
 
 
 @dataclass
@@ -37,24 +36,22 @@ class ServeConfig:
     """Limits of the server; every request beyond them gets a 4xx, never a crash."""
     max_body_bytes: int = _f(32 * 2**20, "largest request body (bytes); larger ones get 413")
     max_pixels: int = _f(40_000_000, "largest image (width * height) a request may hold")
+    max_request_pixels: int = _f(80_000_000, "most pixels of all images of one request together")
+    max_image_side: int = _f(2048, "longer images are downscaled to this side on decoding (0: never)")
+    decode_slots: int = _f(2, "threads that decode images (requests decoded at the same time)")
     max_images: int = _f(8, "images per request")
     max_n: int = _f(8, "largest n (choices per request)")
     default_max_tokens: int = _f(256, "max_tokens when a request gives none (clamped to the context)")
     max_top_logprobs: int = _f(20, "largest top_logprobs")
-    read_timeout: float = _f(30.0, "seconds a client may take to send its request")
-
-
-class ApiError(Exception):
-    """A request the server refuses: HTTP status + OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+    read_timeout: float = _f(10.0, "seconds a client may stay silent while sending its request")
+    min_body_rate: float = _f(2**20, "bytes/s a body must at least arrive at (on top of read_timeout)")
+    max_json_values: int = _f(100_000, "most JSON values (commas and brackets) in a request body")
+    max_chars_per_token: int = _f(16, "characters one token may stand for, when refusing a "
+                                  "prompt by its size before tokenizing it")
+    max_connections: int = _f(64, "connections handled at once; the others wait in the queue")
+    backlog: int = _f(256, "connections waiting to be handled (the listen queue)")
+    api_key: str | None = _f(None, "key clients must send as 'Authorization: Bearer <key>'",
+                             repr=False)
 
 
 # --- the served model ----------------------------------------------------------------------
@@ -114,7 +111,7 @@ def load_served(db, *, project: str | int | None = None, run_id: int | None = No
 class ChatRequest:
     """A validated chat completion request."""
     messages: list[dict]              # chat-template messages ({"type": "image"} parts)
-    images: list                      # PIL images in the order of their parts
+    images: list                      # ImageRefs (headers read) or PIL images, in part order
     max_tokens: int | None
     temperature: float
     top_p: float
@@ -132,44 +129,26 @@ def _number(body: dict, key: str, default, lo: float, hi: float, *, integer: boo
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{key}' must be {kind} in [{lo:g}, {hi:g}], got {value!r}", param=key)
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ApiError(400, f"'{key}' must be {kind} in [{lo:g}, {hi:g}], got {shown}", param=key)
     return value
 
 
-def decode_data_url(url: str, cfg: ServeConfig, where: str):
-    """A PIL RGB image from ``data:image/...;base64,...``; ApiError(400) for anything else."""
-    from PIL import Image
-    if not isinstance(url, str) or not url.startswith("data:"):
-        shown = url[:80] if isinstance(url, str) else type(url).__name__
-        raise ApiError(400, f"{where}: only data URLs are accepted (data:image/png;base64,...), "
-                       f"got {shown!r}; this server never fetches remote URLs (that would let a "
-                       "request make it reach other hosts)", param="messages", code="invalid_image_url")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-        raise ApiError(400, f"{where}: write the data URL as data:image/<format>;base64,<data>",
-                       param="messages", code="invalid_image_url")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: the image's base64 data does not decode", param="messages",
-                       code="invalid_image") from None
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > cfg.max_pixels:
-            raise ApiError(400, f"{where}: image is {w}x{h} = {w * h} pixels, over the limit of "
-                           f"{cfg.max_pixels}; downscale it", param="messages", code="image_too_large")
-        im.load()
-        return im.convert("RGB")
-    except ApiError:
-        raise
-    except Exception as exc:  # PIL raises many kinds for truncated/corrupt data
-        raise ApiError(400, f"{where}: the image cannot be read ({type(exc).__name__}: {exc})",
-                       param="messages", code="invalid_image") from None
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
+
+
+def _seed(req: dict) -> int | None:
+    seed = req.get("seed")
+    lo, hi = SEED_RANGE
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not lo <= seed <= hi):
+        raise ApiError(400, "'seed' must be an integer in [-2**63, 2**64 - 1]", param="seed")
+    return seed
 
 
 def _content(content, where: str, cfg: ServeConfig, images: list) -> list[dict]:
-    """One message's content as template parts; images decoded into ``images``."""
+    """One message's content as template parts; images (headers read, not decoded) go to
+    ``images``."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -185,7 +164,7 @@ def _content(content, where: str, cfg: ServeConfig, images: list) -> list[dict]:
             if len(images) >= cfg.max_images:
                 raise ApiError(400, f"more than {cfg.max_images} images in one request",
                                param="messages")
-            images.append(decode_data_url(url, cfg, f"{where}.content[{j}]"))
+            images.append(open_data_url(url, cfg.max_pixels, f"{where}.content[{j}]"))
             parts.append({"type": "image"})
         else:
             raise ApiError(400, f"{where}.content[{j}]: expected {{'type': 'text', 'text': ...}} or "
@@ -207,12 +186,22 @@ def _messages(raw, cfg: ServeConfig) -> tuple[list[dict], list]:
     return out, images
 
 
-def parse_request(body: bytes, served: ServedModel, cfg: ServeConfig) -> ChatRequest:
-    """Validate a chat completion body; ApiError (400/404) names the field at fault."""
-    try:
-        req = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON ({exc})") from None
+def context_length(served: ServedModel) -> int:
+    """The model's context in tokens (10**9 when its config does not say)."""
+    text_cfg = served.model.config.get_text_config()
+    return getattr(text_cfg, "max_position_embeddings", None) or 10**9
+
+
+def parse_request(body: bytes, served: ServedModel, cfg: ServeConfig,
+                  per_token: int | None = None) -> ChatRequest:
+    """Validate a chat completion body; ApiError (400/404) names the field at fault.
+
+    Everything here costs little whatever the body holds: the JSON is bounded before it is
+    parsed, the prompt is judged by its size before it is tokenized (``per_token``: most
+    characters per token, see serve_limits.chars_per_token; default the config's cap), and
+    images by their headers before they are decoded.
+    """
+    req = parse_json(body, cfg.max_json_values)
     if not isinstance(req, dict):
         raise ApiError(400, "request body must be a JSON object")
     if req.get("model") != served.name:
@@ -221,6 +210,9 @@ def parse_request(body: bytes, served: ServedModel, cfg: ServeConfig) -> ChatReq
     if req.get("stream"):
         raise ApiError(400, "stream=true is not supported; ask without streaming", param="stream")
     messages, images = _messages(req.get("messages"), cfg)
+    check_prompt_size(messages, len(images), context_length(served),
+                      per_token or cfg.max_chars_per_token)
+    check_request_pixels(images, cfg.max_request_pixels)
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 32768, integer=True)
@@ -232,9 +224,7 @@ def parse_request(body: bytes, served: ServedModel, cfg: ServeConfig) -> ChatReq
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    seed = req.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", param="seed")
+    seed = _seed(req)
     return ChatRequest(messages, images, max_tokens,
                        float(_number(req, "temperature", 1.0, 0, 2)),
                        float(_number(req, "top_p", 1.0, 1e-9, 1)),
@@ -258,12 +248,15 @@ def _template_messages(processor, messages: list[dict]) -> list[dict]:
     return rest
 
 
-def _inputs(served: ServedModel, req: ChatRequest) -> dict:
+def _inputs(served: ServedModel, req: ChatRequest, cfg: ServeConfig) -> dict:
+    """The model's inputs: images decoded (downscaled past ``max_image_side``), the chat
+    template applied, all through the processor."""
     proc = served.processor
+    images = [decode_image(ref, cfg.max_image_side) for ref in req.images]
     try:
         prompt = proc.apply_chat_template(_template_messages(proc, req.messages),
                                           add_generation_prompt=True, tokenize=False)
-        return dict(proc(images=req.images or None, text=[prompt], add_special_tokens=False,
+        return dict(proc(images=images or None, text=[prompt], add_special_tokens=False,
                          return_tensors="pt"))
     except Exception as exc:  # the template or processor refused this conversation
         raise ApiError(400, f"the model cannot take these messages ({type(exc).__name__}: {exc})",
@@ -273,8 +266,7 @@ def _inputs(served: ServedModel, req: ChatRequest) -> dict:
 def _budget(served: ServedModel, req: ChatRequest, cfg: ServeConfig, prompt_len: int) -> int:
     """max_tokens, clamped to what is left of the model's context (finish_reason 'length'
     then says so); 400 only when the prompt alone does not fit."""
-    text_cfg = served.model.config.get_text_config()
-    context = getattr(text_cfg, "max_position_embeddings", None) or 10**9
+    context = context_length(served)
     room = context - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt takes {prompt_len} tokens, the model's context is "
@@ -312,13 +304,25 @@ def _choice(tok, index: int, ids: list[int], logp, stops: set[int], req: ChatReq
     return choice
 
 
-def complete(served: ServedModel, req: ChatRequest, cfg: ServeConfig) -> dict:
-    """Run the model on a validated request; the OpenAI chat.completion object."""
+def complete(served: ServedModel, req: ChatRequest, cfg: ServeConfig,
+             decoder: Executor | None = None) -> dict:
+    """Run the model on a validated request; the OpenAI chat.completion object.
+
+    ``decoder`` (the server's pool of ``decode_slots`` threads; None: the calling thread)
+    decodes the images and builds the inputs: that is where a request's memory peaks, so only
+    a few requests do it at once, outside the model lock so that it overlaps with other
+    requests' model calls. Always the same few threads, because the C allocator keeps what a
+    thread freed for that thread's next use: 64 handler threads decoding in turn would each
+    keep a decoded image's worth of memory (peak RSS grew with every round).
+    """
     import torch
 
     from leaml.models import _stop_ids
     model, tok = served.model, served.processor.tokenizer
-    inputs = _inputs(served, req)
+    if decoder is None:
+        inputs = _inputs(served, req, cfg)
+    else:
+        inputs = decoder.submit(_inputs, served, req, cfg).result()
     prompt_len = int(inputs["input_ids"].shape[1])
     max_new = _budget(served, req, cfg, prompt_len)
     kw = dict(max_new_tokens=max_new, do_sample=req.temperature > 0, num_return_sequences=req.n,
@@ -351,105 +355,3 @@ def models_list(served: ServedModel) -> dict:
     """``GET /v1/models``."""
     return {"object": "list", "data": [{"id": served.name, "object": "model",
                                         "created": served.created, "owned_by": "leaml"}]}
-
-
-# --- HTTP ------------------------------------------------------------------------------------
-
-class Handler(BaseHTTPRequestHandler):
-    """Routes, size limits and error mapping; the server object carries model and config."""
-    protocol_version = "HTTP/1.1"
-    server_version = "leaml-serve"
-
-    def setup(self) -> None:
-        self.timeout = self.server.config.read_timeout  # a slow client cannot hold a thread
-        super().setup()
-
-    def log_message(self, fmt, *args) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
-
-    def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, err: ApiError, headers: dict | None = None) -> None:
-        self._send(err.status, err.body(), headers)
-
-    def _route(self, method: str) -> str | None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        allowed = ROUTES.get(path)
-        if allowed is None or method not in allowed:
-            self.close_connection = True  # an unread body must not be taken for a request
-        if allowed is None:
-            self._error(ApiError(404, f"no route {method} {path}; this server answers "
-                                 "POST /v1/chat/completions and GET /v1/models",
-                                 code="not_found"))
-            return None
-        if method not in allowed:
-            self._error(ApiError(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}",
-                                 code="method_not_allowed"), {"Allow": ", ".join(allowed)})
-            return None
-        return path
-
-    def do_GET(self) -> None:
-        path = self._route("GET")
-        if path == "/v1/models":
-            self._send(200, models_list(self.server.served))
-        elif path == "/health":
-            self._send(200, {"status": "ok", "model": self.server.served.name})
-
-    def do_POST(self) -> None:
-        if self._route("POST") is None:
-            return
-        try:
-            body = self._read_body()
-            req = parse_request(body, self.server.served, self.server.config)
-            self._send(200, complete(self.server.served, req, self.server.config))
-        except ApiError as err:
-            self._error(err)
-        except Exception as exc:  # the model failed: tell the client, keep serving
-            log.exception("chat completion failed")
-            self._error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                 type="server_error"))
-
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise ApiError(411, "Content-Length is required (chunked bodies are not accepted)")
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, f"Content-Length {length!r} is not a number") from None
-        limit = self.server.config.max_body_bytes
-        if n < 0 or n > limit:
-            self.close_connection = True  # the unread body must not be parsed as a request
-            raise ApiError(413, f"request body of {n} bytes is over the limit of {limit} bytes; "
-                           "send smaller images", code="request_too_large")
-        return self.rfile.read(n)
-
-    def _other(self) -> None:
-        self._route(self.command)
-
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = _other
-
-
-class Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer holding the served model and the limits."""
-    daemon_threads = True
-
-    def __init__(self, address, served: ServedModel, config: ServeConfig):
-        self.served, self.config = served, config
-        super().__init__(address, Handler)
-
-
-def make_server(served: ServedModel, host: str = "127.0.0.1", port: int = 0,
-                config: ServeConfig | None = None) -> Server:
-    """Bind the server (port 0: a free port, see ``server.server_address``); not started."""
-    return Server((host, port), served, config or ServeConfig())
