@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import streamlit as st
 from PIL import Image
+from streamlit.errors import StreamlitAPIException
 
 from leaml import app_service, auth
 from leaml.store import ConflictError, NotFoundError, StoreError, connect
@@ -100,7 +101,11 @@ def require_page(perm: str) -> dict:
         # request after the server started, before app.py set up the navigation. app.py
         # shows the sign-in form under this page's address, then comes back here.
         page = PurePosixPath(urlparse(st.context.url or "").path).name
-        st.switch_page("app.py", query_params={"next": page} if page else None)
+        # (under app.py's navigation, app.py is no page: the session ended since app.py ran)
+        with contextlib.suppress(StreamlitAPIException):
+            st.switch_page("app.py", query_params={"next": page} if page else None)
+        st.info("You are signed out. Reload the page to sign in again.")
+        st.stop()
     if not auth.can(user, perm):
         st.error(f"Your role ({user['role']}) cannot open this page. Ask an admin for access.")
         st.stop()

@@ -132,3 +132,10 @@ def test_the_sign_in_page_shows_the_throttle_and_writes_nothing_on_load(monkeypa
     at = _sign_in(at, "expert1")
     assert at.error[0].value.startswith("too many failed sign-ins for 'expert1'; try again in")
     assert "user" not in at.session_state
+
+
+def test_a_page_run_without_a_user_shows_nothing_of_its_own(monkeypatch, home, tmp_path):
+    _app_with_users(monkeypatch, home, tmp_path)
+    at = AppTest.from_file(str(ROOT / "pages/training.py"), default_timeout=60).run()
+    assert not at.exception
+    assert "signed out" in at.info[0].value and not at.title and not at.button
