@@ -227,6 +227,7 @@ def walk_through(page, url: str, home: Path, tmp_path: Path) -> None:
         shot(page, "09-annotator")
         # typing the address of a page the role lacks: still signed in (the session cookie),
         # never the training page
+        page.wait_for_function("() => document.cookie.includes('leaml_session=')")
         page.goto(url + "/training")
         page.get_by_text("Page not found").wait_for()
         page.get_by_text("Signed in as ann").wait_for()
