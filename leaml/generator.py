@@ -205,11 +205,16 @@ def _batches(processor, examples: Sequence[Example], size: int):
 
 
 def select_neurons(model, processor, qa: Sequence[Example], rho: float,
-                   batch_size: int = 16) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                   batch_size: int = 16, progress=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(scores, selected): importance of every neuron for the QA-generation loss over ``qa``
-    and the top-``rho`` row mask per layer."""
+    and the top-``rho`` row mask per layer. ``progress(stage, batch, batches, nan)`` after
+    each batch."""
     names = models.arch_spec(model).neuron_modules
-    scores = neurons.importance_scores(model, names, _batches(processor, qa, batch_size))
+    total = math.ceil(len(qa) / batch_size)
+    report = (lambda n: progress("generator: scoring neurons", n, total, math.nan)) \
+        if progress else None
+    scores = neurons.importance_scores(model, names, _batches(processor, qa, batch_size),
+                                       progress=report)
     return scores, neurons.select_top(scores, rho)
 
 
@@ -223,7 +228,8 @@ class GeneratorResult:
 
 
 def streams(model, processor, qa: Sequence[Example], captions: Sequence[Example],
-            cfg: GeneratorConfig, answers: Sequence[Example] = ()) -> tuple[list[Stream], dict]:
+            cfg: GeneratorConfig, answers: Sequence[Example] = (),
+            progress=None) -> tuple[list[Stream], dict]:
     """The seed-QA stream, the answer stream (if any answer examples) and (unless disabled or
     empty) the masked caption stream."""
     st = [Stream(list(qa), weight=1.0, name="qa")]
@@ -236,7 +242,8 @@ def streams(model, processor, qa: Sequence[Example], captions: Sequence[Example]
         return st, info
     masks = None
     if cfg.rho < 1.0:
-        _, selected = select_neurons(model, processor, qa, cfg.rho, cfg.importance_batch_size)
+        _, selected = select_neurons(model, processor, qa, cfg.rho, cfg.importance_batch_size,
+                                     progress)
         # every parameter: train_generator froze them all for scoring, train() unfreezes them
         masks = neurons.row_masks(model, selected, trainable_only=False)
         info["neurons"] = {k: v for k, v in neurons.summary(selected).items() if k != "per_layer"}
@@ -260,7 +267,7 @@ def train_generator(model, processor, qa: Sequence[Example], captions: Sequence[
                          "(or raise --label-fraction)")
     for p in model.parameters():  # scoring needs no grads elsewhere; train() sets them again
         p.requires_grad_(False)
-    st, info = streams(model, processor, qa, captions, cfg, answers)
+    st, info = streams(model, processor, qa, captions, cfg, answers, progress)
     qa_steps = cfg.qa_steps(len(qa))
     total = math.ceil(qa_steps * sum(s.weight for s in st))
     tcfg = replace(cfg.train, max_steps=total, min_steps=0)

@@ -35,10 +35,12 @@ STOP_GRACE_S = 2.0  # a loop that asks should_stop() gets this long to stop at a
 
 
 class JobStopped(BaseException):
-    """Raised inside a job's model forward pass once a stop (cancel, shutdown) has waited
-    ``STOP_GRACE_S`` for a loop that asks ``should_stop()``: evaluation, pseudo sampling and
-    every other loop over the model thus end within a batch. A BaseException, so that no
-    ``except Exception`` on the way swallows it."""
+    """Ends a stopped (cancelled, shut down) job inside loops that never ask
+    ``should_stop()``: raised by an inference forward pass once the stop has waited
+    ``STOP_GRACE_S`` (evaluation and pseudo sampling batches), and by a progress report
+    of a loop that did not ask since its last report (the vision warmup). Training steps
+    are never cut: the training loop asks at each step and keeps a checkpoint. A
+    BaseException, so that no ``except Exception`` on the way swallows it."""
 
 
 def heartbeat_timeout() -> float:
@@ -83,6 +85,7 @@ class JobContext:
     notes: list = field(default_factory=list)  # problems worked around, kept in the last message
     _checked_at: float = 0.0
     _phase: bool = False  # the message says a start phase (cleared by the first progress)
+    _asked: bool = False  # should_stop() was called since the last progress report
     _stages: list = field(default_factory=list)
     _timers: dict = field(default_factory=dict)
 
@@ -128,20 +131,29 @@ class JobContext:
         frac = step / total if total else 0.0
         message = "" if self._phase and not self.stop_reason else None  # a start phase is over
         self._phase = False
+        asked, self._asked = self._asked, False
+        if self.stop_reason and not asked:  # a loop that never asks: stop it here
+            raise JobStopped(self.stop_reason)
         self.report(stage, self._overall(stage, frac), message, rate * max(0, total - step))
         if step % 10 == 0 or step == total:
             shown = f" loss {loss:.4f}" if loss is not None and loss == loss else ""
             self.log.info("%s step %d/%d%s", stage, step, total, shown)
 
     def _overall(self, stage: str, frac: float) -> float:
-        """Job progress over the stages of ``plan`` (stages not in it are appended)."""
+        """Job progress over the stages of ``plan`` (stages not in it are appended). A part
+        of a stage ("generator: scoring neurons", "train: vision warmup") counts as that
+        stage's start, so the bar never jumps ahead and back."""
         plan = list(self.plan or self.job["params"].get("stages") or [])
-        plan += [s for s in self._stages if s not in plan]
+        head = stage.split(":", 1)[0]
+        if head != stage and head in plan:
+            return plan.index(head) / len(plan)
+        plan += [s for s in self._stages if s not in plan and s.split(":", 1)[0] not in plan]
         i = plan.index(stage)
         return (i + frac) / len(plan)
 
     def should_stop(self) -> bool:
         """True once the job is cancelled, the worker shuts down, or the job was taken away."""
+        self._asked = True  # this loop stops by itself; progress() need not stop it
         if self.stop_reason:
             return True
         if time.monotonic() - self._checked_at >= STOP_CACHE_S:

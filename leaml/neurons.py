@@ -39,13 +39,15 @@ def _linears(model: torch.nn.Module, module_names: Iterable[str]) -> dict[str, t
 
 
 def importance_scores(model: torch.nn.Module, module_names: Iterable[str], batches: Iterable,
-                      loss_fn: LossFn = default_loss) -> dict[str, torch.Tensor]:
+                      loss_fn: LossFn = default_loss,
+                      progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Per module, a float tensor (out_features,): accumulated |sum(grad x weight)| per row.
 
     ``batches`` are fed one by one to ``loss_fn(model, batch)``; gradients are taken only
     with respect to the named modules' weights and biases (other parameters are untouched,
     their ``.grad`` too). The model runs in eval mode (no dropout) and is left in the mode
-    and ``requires_grad`` state it had.
+    and ``requires_grad`` state it had. ``progress(n)`` is called after the n-th batch (a
+    job shows it, and may stop there).
     """
     linears = _linears(model, module_names)
     params = [p for m in linears.values() for p in (m.weight, m.bias) if p is not None]
@@ -55,7 +57,7 @@ def importance_scores(model: torch.nn.Module, module_names: Iterable[str], batch
     try:
         for p in params:
             p.requires_grad_(True)
-        for batch in batches:
+        for n, batch in enumerate(batches, 1):
             grads = iter(torch.autograd.grad(loss_fn(model, batch), params))
             for name, m in linears.items():
                 with torch.no_grad():
@@ -63,6 +65,8 @@ def importance_scores(model: torch.nn.Module, module_names: Iterable[str], batch
                     if m.bias is not None:
                         taylor = taylor + next(grads) * m.bias
                 scores[name] += taylor.abs().double().cpu()
+            if progress:
+                progress(n)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)

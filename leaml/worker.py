@@ -323,13 +323,17 @@ class _JobBeat:
 
 
 def _stop_in_forward(ctx: jobs.JobContext) -> None:
-    """Make every forward pass of every model in this process a cancellation point
-    (:meth:`JobContext.raise_if_stopped`): evaluation and pseudo sampling batches, the vision
-    warmup, neuron scoring stop within one forward pass of the stop's grace time. This
-    process runs this one job, so a process-wide hook is the job's own."""
+    """Make every inference forward pass (no gradients: evaluation, pseudo sampling,
+    captioning) a cancellation point (:meth:`JobContext.raise_if_stopped`), so those loops
+    stop within a batch. Training forwards are left alone: the training loop stops at a
+    step and keeps a checkpoint. This process runs this one job, so a process-wide hook is
+    the job's own."""
     import torch
-    torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: ctx.raise_if_stopped())
+
+    def hook(module, args) -> None:
+        if not torch.is_grad_enabled():
+            ctx.raise_if_stopped()
+    torch.nn.modules.module.register_module_forward_pre_hook(hook)
 
 
 def _execute(ctx: jobs.JobContext) -> bool:

@@ -126,3 +126,27 @@ def follow_value(fn, what: str, timeout: float = 60):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_progress_stops_a_loop_that_never_asks_but_not_one_that_does(db):
+    """Neuron scoring and the vision warmup report progress but never ask should_stop();
+    a cancel stops them at their next report. The training loop asks at every step (and
+    keeps a checkpoint), so its reports never raise."""
+    import logging
+    import math
+
+    from leaml.store import jobs as q
+    from leaml.store.projects import create_project
+    create_project(db, "demo")
+    job_id = jobs.enqueue(db, "run", "demo", {"method": "leaml"})
+    ctx = jobs.JobContext(db=db, home=db.home, job=q.claim_next(db, os.getpid()), user=None,
+                          checkpoint_dir=db.home, resume=None, log=logging.getLogger("test"))
+    ctx.plan = ["generator", "pseudo"]
+    ctx.progress("generator: scoring neurons", 1, 4, math.nan)
+    assert jobs.get_job(db, job_id)["progress"] == 0  # a part of a stage: that stage's start
+    jobs.cancel(db, job_id)
+    assert ctx.should_stop()  # the training loop asks before its step ...
+    ctx.progress("generator", 3, 10, 1.0)  # ... so the step's report does not raise
+    assert jobs.get_job(db, job_id)["progress"] == pytest.approx(0.15)
+    with pytest.raises(jobs.JobStopped):
+        ctx.progress("generator: scoring neurons", 2, 4, math.nan)  # never asked: stopped
