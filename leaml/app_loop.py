@@ -108,8 +108,9 @@ def next_steps(status: dict, user: dict) -> list[str]:
     """What ``user`` can do next, in Markdown; pages their role cannot open are never named
     (they get who to wait for instead)."""
     can = lambda perm: auth.can(user, perm)  # noqa: E731
-    if status["active_jobs"]:
-        job = status["active_jobs"][0]
+    if status["active_jobs"]:  # newest first: say the running one, else the next in line
+        running = [j for j in status["active_jobs"] if j["status"] == "running"]
+        job = (running or status["active_jobs"][::-1])[0]
         where = "follow it on **Training**" if can("train") else "the results follow"
         return [f"Job #{job['id']} ({job['kind']}) is {job['status']}; {where}."]
     if status["seed_pairs"] == 0:

@@ -8,9 +8,9 @@ from leaml import app_loop
 from pages._common import get_db
 
 
-def _run_text(run: dict | None, what: str) -> str:
+def _run_text(run: dict | None) -> str:
     if run is None:
-        return f"no {what} yet"
+        return "none"
     acc = f" · {run['accuracy']:.1f}%" if run.get("accuracy") is not None else ""
     return f"run #{run['id']}{acc}"
 
@@ -29,7 +29,7 @@ def loop_ui(user: dict, project: dict) -> None:
         c2.metric("Generator", f"#{gen['id']}" if gen else "none",
                   help="the newest trained QA generator run")
         c3.metric("Pseudo pairs pending / decided", f"{status['pending']} / {status['decided']}")
-        c4.metric("Last finetune", _run_text(status["finetune"], "finetune"),
-                  help=f"seed-only baseline: {_run_text(status['baseline'], 'baseline')}")
+        c4.metric("Last finetune", _run_text(status["finetune"]),
+                  help=f"seed-only baseline: {_run_text(status['baseline'])}")
         for step in status["next"]:
             st.markdown(f"**Next:** {step}")

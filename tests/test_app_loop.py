@@ -54,3 +54,19 @@ def test_loop_status_counts(db, tmp_path):
     assert status["generator"]["method"] == "generator" and status["finetune"] is None
     assert status["next"] == ["5 pseudo pairs wait for review by annotators.",
                               "Then an expert finetunes the target model."]
+
+
+def test_next_step_names_the_running_job_not_the_newest(db, tmp_path):
+    """Regression: with the generator running and pseudo queued behind it, the hint named
+    the queued pseudo job."""
+    from leaml import jobs
+    from leaml.store import jobs as jobs_store
+    users = add_users(db)
+    project = make_project(db, tmp_path, "p1", labeled=2)
+    first = jobs.enqueue(db, "generator", "p1", {}, user=users["expert"])
+    jobs.enqueue(db, "pseudo", "p1", {}, user=users["expert"])
+    status = app_loop.loop_status(db, users["expert"], project["id"])
+    assert status["next"][0].startswith(f"Job #{first} (generator) is queued")
+    assert jobs_store.claim_next(db, 12345)["id"] == first
+    status = app_loop.loop_status(db, users["expert"], project["id"])
+    assert status["next"][0].startswith(f"Job #{first} (generator) is running")
