@@ -378,8 +378,12 @@ def _failure(ctx: jobs.JobContext, exc: Exception) -> str:
 
 
 def _end_stopped(ctx: jobs.JobContext) -> bool:
-    where = q.last_step(ctx.db, ctx.job_id)
-    at = f" at {where['stage']} step {where['step']}/{where['total']}" if where else ""
+    """End a stopped job: where it stopped (the step of a training stage, else the stage)."""
+    where, stage = q.last_step(ctx.db, ctx.job_id), q.get_job(ctx.db, ctx.job_id)["stage"]
+    if where and where["stage"] == stage:
+        at = f" at {stage} step {where['step']}/{where['total']}"
+    else:  # pseudo sampling and evaluation write no loss rows
+        at = f" in {stage}" if stage else ""
     keep = f"checkpoint kept in {ctx.job['checkpoint_dir']}; resume to continue"
     if ctx.stop_reason == "cancel":
         return _end(ctx, "cancelled", f"cancelled{at}; {keep}")
