@@ -107,13 +107,15 @@ def _jobs_show(db, args) -> int:
     if args.json:
         info = jobs.job_progress(db, args.id)
         _print_json({**{k: job[k] for k in JSON_KEYS},
-                     **{k: info[k] for k in ("kind", "eta_seconds", "step", "total", "loss")},
+                     **{k: info[k] for k in ("kind", "eta_seconds", "step", "total", "loss",
+                                             "phase")},
                      "attempts": job["attempts"], "params": job["params"]})
         return 0
     for key in ("id", "kind", "status", "stage", "progress", "eta_seconds", "message", "run_id",
                 "attempts", "created_by", "created_at", "started_at", "finished_at",
                 "checkpoint_dir", "log_path"):
         print(f"{key:>15}: {job[key]}")
+    print(f"{'now':>15}: {jobs.job_progress(db, args.id)['phase']}")  # or what it waits for
     print(f"{'params':>15}: {json.dumps(job['params'], sort_keys=True)}")
     tail = jobs.log_tail(db.home, job, args.log)
     if tail:

@@ -111,6 +111,7 @@ class JobContext:
         """Something the job worked around (a corrupt checkpoint skipped, say): the job's
         message now, and appended to its final message so that it is not missed."""
         self.notes.append(text)
+        self._phase = False  # the note, not the start phase, stays shown
         self.report(None, message=text)
 
     def log_loss(self, stage: str, step: int, total: int | None, loss: float | None,
