@@ -43,7 +43,8 @@ class ServeConfig:
     max_n: int = _f(8, "largest n (choices per request)")
     default_max_tokens: int = _f(256, "max_tokens when a request gives none (clamped to the context)")
     max_top_logprobs: int = _f(20, "largest top_logprobs")
-    read_timeout: float = _f(10.0, "seconds a client may stay silent while sending its request")
+    read_timeout: float = _f(10.0, "seconds a client may stay silent while sending its request, "
+                             "and may take for its request line and headers")
     min_body_rate: float = _f(2**20, "bytes/s a body must at least arrive at (on top of read_timeout)")
     max_json_values: int = _f(100_000, "most JSON values (commas and brackets) in a request body")
     max_chars_per_token: int = _f(16, "characters one token may stand for, when refusing a "

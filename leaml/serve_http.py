@@ -1,5 +1,6 @@
 """The HTTP side of ``leaml serve``: routes, the API key, body limits, error mapping, and a
-threading server with a deep listen queue and a bounded number of handler threads.
+threading server with a deep listen queue, a bounded number of handler threads and a deadline
+for every request's line and headers.
 
 Every bad request gets a 4xx JSON error in OpenAI's shape; an unexpected failure inside the
 model call a 500 of the same shape. The server itself never dies of a request.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from leaml.serve import ServeConfig, ServedModel, complete, models_list, parse_request
+from leaml.serve import ServeConfig, ServedModel, complete, models_list
+from leaml.serve import parse_request as parse_chat_request
 from leaml.serve_limits import ApiError, check_api_key, chars_per_token, read_body
 
 log = logging.getLogger("leaml.serve")
@@ -20,14 +24,69 @@ log = logging.getLogger("leaml.serve")
 ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
 
 
+class HeaderWatch:
+    """Ends the reading side of connections whose request line and headers take longer than
+    ``seconds`` (the handler then answers 408). The socket timeout alone cannot: a client that
+    sends a header byte every few seconds never lets it fire, and with a bounded number of
+    handler threads, a few dozen such clients would keep everyone else waiting."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.lock, self.closed = seconds, threading.Lock(), threading.Event()
+        self.deadlines: dict = {}  # handler -> monotonic deadline
+        threading.Thread(target=self._run, name="header-watch", daemon=True).start()
+
+    def start(self, handler) -> None:
+        with self.lock:
+            self.deadlines[handler] = time.monotonic() + self.seconds
+
+    def stop(self, handler) -> None:
+        with self.lock:
+            self.deadlines.pop(handler, None)
+
+    def _run(self) -> None:
+        while not self.closed.wait(0.5):
+            now = time.monotonic()
+            with self.lock:
+                late = [h for h, t in self.deadlines.items() if t < now]
+                for h in late:
+                    del self.deadlines[h]
+            for h in late:
+                h.headers_timed_out = True
+                try:  # the handler's blocked read returns; it can still write its 408
+                    h.connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+
 class Handler(BaseHTTPRequestHandler):
     """Routes, size limits and error mapping; the server object carries model and config."""
     protocol_version = "HTTP/1.1"
     server_version = "leaml-serve"
+    headers_timed_out = False
 
     def setup(self) -> None:
-        self.timeout = self.server.config.read_timeout  # a slow client cannot hold a thread
+        self.timeout = self.server.config.read_timeout  # a silent client cannot hold a thread
         super().setup()
+
+    def handle_one_request(self) -> None:
+        self.server.header_watch.start(self)  # request line and headers: a deadline
+        try:
+            super().handle_one_request()
+        except OSError:  # the client went away mid-request
+            self.close_connection = True
+        finally:
+            self.server.header_watch.stop(self)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.header_watch.stop(self)
+        if ok and self.headers_timed_out:
+            self.close_connection = True
+            seconds = self.server.header_watch.seconds
+            self._error(ApiError(408, f"the request line and headers took more than {seconds:g} s; "
+                                 "send them at once", code="request_timeout"))
+            return False
+        return ok
 
     def log_message(self, fmt, *args) -> None:
         log.info("%s %s", self.address_string(), fmt % args)
@@ -93,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         try:
             body = self._read_body()
-            req = parse_request(body, server.served, server.config, server.chars_per_token)
+            req = parse_chat_request(body, server.served, server.config, server.chars_per_token)
             self._send(200, complete(server.served, req, server.config, server.decoder))
         except ApiError as err:
             self._error(err)
@@ -142,6 +201,7 @@ class Server(ThreadingHTTPServer):
         self.request_queue_size = config.backlog  # read by listen() in super().__init__
         self.workers = threading.BoundedSemaphore(config.max_connections)
         self.decoder = ThreadPoolExecutor(config.decode_slots, thread_name_prefix="decode")
+        self.header_watch = HeaderWatch(config.read_timeout)
         self.chars_per_token = chars_per_token(served.processor.tokenizer,
                                                config.max_chars_per_token)
         super().__init__(address, Handler)
@@ -163,6 +223,7 @@ class Server(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.decoder.shutdown(wait=False, cancel_futures=True)
+        self.header_watch.closed.set()
 
 
 def make_server(served: ServedModel, host: str = "127.0.0.1", port: int = 0,

@@ -210,3 +210,31 @@ def test_binding_beyond_the_loopback_without_a_key_warns():
     assert "--api-key" in exposure_warning("192.168.1.20", None)
     assert exposure_warning("0.0.0.0", KEY) is None
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+
+
+def test_clients_that_dribble_their_headers_cannot_hold_the_server():
+    s = shared()
+    port = s["server"].port
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(70)]
+    try:  # more slow clients than handler threads (64), each a header byte every 2 s
+        for sock in socks:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post, s["server"], "/v1/chat/completions", body(s["model"]))
+            for _ in range(15):  # 30 s at most
+                for sock in socks:
+                    try:
+                        sock.sendall(b"X")
+                    except OSError:
+                        pass  # the server gave up on this one: what this test wants
+                if answer.done():
+                    break
+                time.sleep(2)
+            status, _, seconds = answer.result()
+        assert status == 200 and seconds < 25, (status, seconds)
+        sock = socks[0]
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408"), "no 408 to a client that dribbled"
+    finally:
+        for sock in socks:
+            sock.close()
