@@ -5,6 +5,7 @@ The pair is a fragment: a decision runs in its button's callback and reruns only
 fragment, so the next pair is on screen in well under 300 ms (bench/bench_review_browser.py;
 ``?rerun=page`` in the URL reruns the whole page per decision instead, for comparison).
 """
+import base64
 import io
 
 import pandas as pd
@@ -148,17 +149,18 @@ def decision_ui(editing: bool) -> None:
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
-def image_bytes(path: str, zoom: float, cx: float, cy: float) -> bytes:
-    """The shown image as JPEG bytes, cached: a decision costs no resize and no encoding
-    for an image seen before (and the next one is encoded while the reviewer reads)."""
+def image_url(path: str, zoom: float, cx: float, cy: float) -> str:
+    """The shown image as a JPEG data URL, cached: a decision costs no resize and no
+    encoding for an image seen before, and the image arrives with the pair itself (no
+    second request from the browser after the pair is on screen)."""
     buf = io.BytesIO()
     view_image(path, zoom, cx, cy).save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def image_ui(db, pair: dict) -> None:
     zoom, cx, cy = zoom_ui("rv")
-    st.image(image_bytes(str(images_store.image_path(db, pair["image_id"])), zoom, cx, cy),
+    st.image(image_url(str(images_store.image_path(db, pair["image_id"])), zoom, cx, cy),
              caption=f"image {pair['image_id']} · {pair.get('category') or ''}",
              width="stretch")
 
