@@ -1,8 +1,8 @@
 """A first-time user's whole loop in a real browser, by clicking only, on a fresh data home:
 the README's data step, sign up (first admin), on `demo-1pct`: one seed pair, the quick loop
 (generator, then pseudo pairs), review with the keys (accept, reject, edit, bulk accept then
-U), finetune beside the seed-only baseline, the new run on the dashboard, a reload that
-keeps the user signed in.
+U), finetune beside the seed-only baseline, the new run on the dashboard, export the
+curated pairs and import the zip again, a reload that keeps the user signed in.
 
 Screenshots (`loop-*.png`) go where tests/e2e/browser.py says; they illustrate the README's
 "first five minutes". The demo set is smaller than the README's (LEAML_E2E_DEMO="3000,500"
@@ -191,6 +191,25 @@ def loop(page, url: str, home: Path) -> None:
     page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
     shot(page, "loop-4-dashboard")
 
-    # 7. a reload keeps the user signed in
+    # 7. export the curated pairs as a zip and import it again as a new project
+    curated = [r for r in qa.list_qa(db, pid) if r["origin"] == "seed"
+               or r["status"] in ("accepted", "edited")]
+    nav(page, "Projects")
+    with page.expect_download(timeout=120_000) as download:
+        page.get_by_role("button", name="Download curated QA").click()
+    zip_path = home.parent / "demo-1pct-qa.zip"
+    download.value.save_as(zip_path)
+    page.get_by_label("Name").fill("again")
+    page.get_by_role("button", name="Create project").click()
+    page.get_by_text("Import into again").wait_for()
+    page.locator("input[type=file]").set_input_files(str(zip_path))
+    wait_idle(page)
+    page.get_by_role("button", name="Import", exact=True).click()
+    page.get_by_text("Import done.").wait_for(timeout=120_000)
+    again = projects.get_project(db, "again")["id"]
+    pairs = lambda rows: sorted((r["question"], r["answer"]) for r in rows)  # noqa: E731
+    assert pairs(qa.list_qa(db, again)) == pairs(curated)
+
+    # 8. a reload keeps the user signed in
     page.reload()
     page.get_by_text("Signed in as").wait_for(timeout=30_000)
