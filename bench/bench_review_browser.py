@@ -69,6 +69,11 @@ def sign_in(page, url: str) -> None:
     page.get_by_role("textbox", name="Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_test_id("stSidebarNav").wait_for()
+    for _ in range(120):  # the session cookie (set by the page) lets open_review reload
+        if any(c["name"] == "leaml_session" for c in page.context.cookies()):
+            return
+        page.wait_for_timeout(250)
+    raise RuntimeError("no session cookie 30 s after signing in")
 
 
 def open_review(page, url: str, query: str = "") -> None:

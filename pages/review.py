@@ -112,6 +112,12 @@ def _act(db, action: str, qa_id: int, version: int) -> None:
     elif action == "undo":
         _undo(db, qa_id)
     state["rv_editing"] = action == "edit"
+    # the summaries below the pair (bulk count, calibration, reviewers) follow on a whole
+    # rerun: after the first decision in this tab (they start to show) and after an undo
+    if action in ("accept", "reject", "save", "undo") and (
+            action == "undo" or not state.get("rv_summaries_fresh")):
+        state["rv_summaries_fresh"] = True
+        state["rv_whole_rerun"] = True
 
 
 def _undo(db, held_id: int) -> None:
@@ -195,6 +201,8 @@ def empty_ui() -> None:
 
 def pair_ui(filters: dict) -> None:
     """The held pair with its buttons, the counts, and the last decision's message."""
+    if FRAGMENT and state.pop("rv_whole_rerun", False):
+        st.rerun(scope="app")
     db = get_db()
     kind, message = state.pop("rv_msg", (None, None))
     if message:
