@@ -43,7 +43,7 @@ _INSERT = (f"INSERT INTO qa ({', '.join(_INSERT_COLS)})"
 __all__ = ["ORIGINS", "STATUSES", "add_qa", "add_qa_many", "get_qa", "update_qa", "accept",
            "reject", "edit", "undo_last", "delete_qa", "list_qa", "review_queue", "claim_next",
            "release_claim", "count_queue", "bulk_accept", "pending_sources", "training_pairs",
-           "test_pairs", "reviewer_stats", "calibration", "image_vocabulary"]
+           "test_pairs", "reviewer_stats", "calibration", "image_vocabulary", "decisions_by"]
 
 
 # --- validation -----------------------------------------------------------------------------
