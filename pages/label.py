@@ -48,10 +48,13 @@ def qa_ui(choices: dict, image: dict, n: int) -> tuple[str, str, str]:
 
 
 def current_image(strategy: str) -> dict | None:
-    """The image being labeled: kept across reruns until saved or skipped."""
+    """The image being labeled: kept across reruns until saved or skipped, and only while
+    it belongs to the project picked now (switching projects picks a new one)."""
     if state.get("label_image") is not None:
         try:
-            return images_store.get_image(db, state["label_image"])
+            image = images_store.get_image(db, state["label_image"])
+            if image["project_id"] == pid:
+                return image
         except LookupError:
             pass
     with st.spinner("Choosing the next image ..."):

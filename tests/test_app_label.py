@@ -102,3 +102,22 @@ def test_diverse_pick_differs_from_labeled(home, tmp_path):
     img = app_service.next_image(db, p["id"], strategy="diverse")
     assert img is not None and (home / "cache" / "features").exists()
     assert app_service.next_image(db, p["id"], strategy="random", seed=1) is not None
+
+
+def test_switching_projects_picks_an_image_of_the_new_project(monkeypatch, home, tmp_path):
+    """Regression: the image held for labeling in one project stayed on screen after the
+    user picked another project, and saving then failed ("image N belongs to project ...")."""
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1")
+    p2 = make_project(db, tmp_path, "p2")
+    at = page("pages/label.py", users["expert"], "p1")
+    held = at.session_state["label_image"]
+    at.session_state["project_name"] = "p2"
+    at.session_state["project_picker_n"] = 1  # as select_project() does
+    at.run()
+    assert not at.exception
+    now = at.session_state["label_image"]
+    assert now != held
+    from leaml.store import images as images_store
+    assert images_store.get_image(db, now)["project_id"] == p2["id"]
