@@ -157,12 +157,7 @@ def live_ui() -> None:
 
 
 st.subheader("Start")
-preset = budget_ui()
-# one slot that is replaced whole on every run: switching the job kind moves the settings
-# expander up or down, and an element left at the old place must not linger beside it while
-# the live fragment below reruns
-with st.empty().container():
-    picked = start_ui(preset)
+picked = start_ui(budget_ui())
 if picked:
     with user_errors():
         ids = [app_service.start_job(db, user, kind, project["name"], params)
