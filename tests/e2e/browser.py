@@ -83,3 +83,19 @@ def shot(page, name: str) -> Path:
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def nav(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    heading = {"Review": "Review pseudo QA"}.get(title, title)
+    page.get_by_role("heading", name=heading, exact=True).wait_for()
+    wait_idle(page)
+
+
+def pick(page, label: str, text: str) -> None:
+    """Type into a selectbox (quick picks + free text) and take the typed value."""
+    box = page.get_by_label(label, exact=True).first
+    box.click()
+    box.fill(text)
+    page.keyboard.press("Enter")
+    wait_idle(page)

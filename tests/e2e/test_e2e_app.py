@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/apphelp.py
-from browser import CHROMIUM_ARGS, shot, streamlit_server, wait_idle  # noqa: E402
+from browser import CHROMIUM_ARGS, nav, pick, shot, streamlit_server, wait_idle  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 PW = "correct-horse"
@@ -38,22 +38,6 @@ def upload_zip(tmp: Path) -> Path:
             if p.is_file():
                 zf.write(p, p.relative_to(src.parent).as_posix())
     return out
-
-
-def nav(page, title: str) -> None:
-    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
-    heading = {"Review": "Review pseudo QA"}.get(title, title)
-    page.get_by_role("heading", name=heading, exact=True).wait_for()
-    wait_idle(page)
-
-
-def pick(page, label: str, text: str) -> None:
-    """Type into a selectbox (quick picks + free text) and take the typed value."""
-    box = page.get_by_label(label, exact=True).first
-    box.click()
-    box.fill(text)
-    page.keyboard.press("Enter")
-    wait_idle(page)
 
 
 def sign_in(page, url: str, name: str) -> None:

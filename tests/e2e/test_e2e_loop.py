@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser import CHROMIUM_ARGS, ROOT, shot, streamlit_server, wait_idle  # noqa: E402
+from browser import (CHROMIUM_ARGS, ROOT, nav, pick, shot, streamlit_server,  # noqa: E402
+                     wait_idle)
 
 pytestmark = pytest.mark.e2e
 PW = "correct-horse"
@@ -35,22 +36,6 @@ def data_step(home: Path) -> None:
     subprocess.run([sys.executable, "-m", "leaml", "demo", "--data-only", "--home", str(home),
                     "--n-train", n_train, "--n-test", n_test], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
-
-
-def nav(page, title: str) -> None:
-    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
-    heading = {"Review": "Review pseudo QA"}.get(title, title)
-    page.get_by_role("heading", name=heading, exact=True).wait_for()
-    wait_idle(page)
-
-
-def pick(page, label: str, text: str) -> None:
-    """Type into a selectbox (quick picks + free text) and take the typed value."""
-    box = page.get_by_label(label, exact=True).first
-    box.click()
-    box.fill(text)
-    page.keyboard.press("Enter")
-    wait_idle(page)
 
 
 def wait_until(check, timeout: float, what: str, step: float = 1.0):
