@@ -4,27 +4,19 @@ traceback, and the store exactly as it was.
 """
 from __future__ import annotations
 
-import io
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from leaml import app_service
 from leaml.ingest import ImportFailed, ImportRejected, import_path
 from leaml.store import qa as qa_store
 from leaml.store import users as users_store
+from test_import_bad import png_bytes, seeded, write_jsonl  # noqa: F401 (seeded: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def png_bytes(color=(200, 30, 30), size=(16, 12)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def dump(db) -> dict:
@@ -39,12 +31,6 @@ def counts(db) -> dict:
             for t in ("projects", "images", "qa", "events")}
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def leaml(home: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "leaml", *args, "--home", str(home)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -57,17 +43,6 @@ def src(tmp_path: Path) -> Path:
     (folder / "a.png").write_bytes(png_bytes((200, 30, 30)))
     (folder / "b.png").write_bytes(png_bytes((30, 200, 30)))
     return folder
-
-
-@pytest.fixture
-def seeded(db, tmp_path: Path):
-    """A project 'p' holding one image and one QA pair already."""
-    folder = tmp_path / "seed"
-    folder.mkdir()
-    (folder / "s.png").write_bytes(png_bytes((1, 2, 3)))
-    write_jsonl(folder / "m.jsonl", [{"image": "s.png", "question": "q?", "answer": "a"}])
-    import_path(db, folder / "m.jsonl", "p")
-    return db
 
 
 GOOD = {"image": "a.png", "question": "What is shown?", "answer": "a polyp"}
