@@ -1,7 +1,7 @@
 """LEAML Studio: the web app. `streamlit run app.py` (data home: $LEAML_HOME, else ./data).
 
 Only navigation and sign-in live here; every page is a file in pages/ and every action a
-function in leaml/app_service.py that checks the user's permission.
+function in leaml/app/service.py that checks the user's permission.
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from leaml import app_service, auth
+from leaml import auth
+from leaml.app import service as app_service
 from pages._common import current_user, forget_user, get_db, session_cookie_ui, user_errors
 
 st.set_page_config(page_title="LEAML Studio", page_icon=":material/biotech:", layout="wide")

@@ -1,6 +1,6 @@
 """Time the default demo build: python bench/bench_demo.py [N_TRAIN N_TEST]
 
-Builds the demo set (leaml/demo.py) into a temporary folder and prints seconds and images/s.
+Builds the demo set (leaml/data/demo/build.py) into a temporary folder and prints seconds and images/s.
 """
 import sys
 import tempfile
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leaml.demo import DemoConfig, build_demo_files  # noqa: E402
+from leaml.data.demo.build import DemoConfig, build_demo_files  # noqa: E402
 
 
 def main() -> None:

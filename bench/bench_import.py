@@ -1,9 +1,9 @@
-"""Import throughput: leaml.ingest.import_path against a naive row-by-row importer.
+"""Import throughput: leaml.data.ingest.import_path against a naive row-by-row importer.
 
     python bench/bench_import.py [--n-train 3000 --n-test 500] [--seed 0]
 
-Builds the demo set (leaml.demo) in a temporary folder, then imports it into two fresh data
-homes: once with :func:`leaml.ingest.import_path` (validate everything, decode each image
+Builds the demo set (leaml.data.demo.build) in a temporary folder, then imports it into two fresh data
+homes: once with :func:`leaml.data.ingest.import_path` (validate everything, decode each image
 once, one transaction), once with a naive baseline that does what a first version would do
 (per manifest row: decode the image to validate it, decode it again for its size, store it,
 insert the image and the QA pair each in its own committed transaction). Prints images/s
@@ -23,8 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leaml.demo import DemoConfig, build_demo_files  # noqa: E402
-from leaml.ingest import import_path  # noqa: E402
+from leaml.data.demo.build import DemoConfig, build_demo_files  # noqa: E402
+from leaml.data.ingest import import_path  # noqa: E402
 from leaml.store import connect  # noqa: E402
 from leaml.store.images import add_image, store_image_file  # noqa: E402
 from leaml.store.projects import ensure_project  # noqa: E402

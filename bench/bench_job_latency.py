@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leaml import jobs  # noqa: E402
-from leaml.demo import DemoConfig  # noqa: E402
-from leaml.ingest import load_demo  # noqa: E402
+from leaml.jobs import queue as jobs  # noqa: E402
+from leaml.data.demo.build import DemoConfig  # noqa: E402
+from leaml.data.ingest import load_demo  # noqa: E402
 from leaml.store import connect  # noqa: E402
 from leaml.store import jobs as q  # noqa: E402
 

@@ -2,8 +2,8 @@
 
     python bench/bench_pack.py [--images 300] [--steps 20] [--batch 64] [--threads 2]
 
-Demo images (leaml.demo, built in memory) with every question the demo asks of each, trained
-with ``leaml.train.train`` on the committed tiny base, ``pack=False`` (baseline) then
+Demo images (leaml.data.demo.build, built in memory) with every question the demo asks of each, trained
+with ``leaml.engine.train.train`` on the committed tiny base, ``pack=False`` (baseline) then
 ``pack=True``, same model, data, batch size and steps; both losses are the same function (a
 test checks it), so examples per second is the whole story. Prints both and the ratio.
 """
@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leaml import models  # noqa: E402
-from leaml.batches import Example  # noqa: E402
-from leaml.demo import DemoConfig, qa_pairs, sample_scene, scene_rng  # noqa: E402
-from leaml.demo_draw import render  # noqa: E402
-from leaml.train import TrainConfig, train  # noqa: E402
+from leaml.engine import models  # noqa: E402
+from leaml.engine.batches import Example  # noqa: E402
+from leaml.data.demo.build import DemoConfig, qa_pairs, sample_scene, scene_rng  # noqa: E402
+from leaml.data.demo.draw import render  # noqa: E402
+from leaml.engine.train import TrainConfig, train  # noqa: E402
 
 
 def demo_examples(n_images: int) -> list[Example]:

@@ -1,9 +1,9 @@
 """Pseudo-QA generation: batched sampling vs one image at a time.
 
-Both paths run the same code (``leaml.pseudo.sample``: generate K candidates per image, parse,
+Both paths run the same code (``leaml.engine.pseudo.sample``: generate K candidates per image, parse,
 filter, score); only ``batch_size`` differs. Reports sampled candidates per second (each one a
 candidate QA pair, parsed or not), kept pairs per second and the speed-up. The images are
-demo frames (leaml.demo), so nothing is downloaded.
+demo frames (leaml.data.demo.build), so nothing is downloaded.
 
     .venv/bin/python bench/bench_pseudo.py [--model REF] [--images 64] [-k 4] [--batch-size 32]
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _images(n: int, folder: Path) -> list[Path]:
-    from leaml.demo import DemoConfig, build_demo_files
+    from leaml.data.demo.build import DemoConfig, build_demo_files
     build_demo_files(folder, DemoConfig(n_train=n, n_test=0, seed=0))
     return sorted((folder / "images").glob("train_*.png"))[:n]
 
@@ -31,7 +31,7 @@ def _images(n: int, folder: Path) -> list[Path]:
 def _run(model, processor, pv, cfg, batch_size: int) -> dict:
     from dataclasses import replace
 
-    from leaml import pseudo
+    from leaml.engine import pseudo
     stats = pseudo.ParseStats()
     cfg = replace(cfg, batch_size=batch_size)
     t0 = time.perf_counter()
@@ -58,9 +58,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from leaml import models
-    from leaml.pseudo import PseudoConfig
-    from leaml.train import load_trained
+    from leaml.engine import models
+    from leaml.engine.pseudo import PseudoConfig
+    from leaml.engine.train import load_trained
     torch.set_num_threads(args.threads)
     ref = Path(args.model)
     model, processor = (load_trained(ref, "tiny") if ref.is_dir() else models.load(args.model))

@@ -63,7 +63,7 @@ def main() -> None:
     db, users, p = build(home, tmp, args.pending)
     print(f"built {args.pending} pending pairs in {time.perf_counter() - t0:.1f} s")
 
-    from leaml import app_service
+    from leaml.app import service as app_service
     from leaml.store import images, qa
     ann = users["annotator"]
 

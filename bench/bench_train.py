@@ -1,4 +1,4 @@
-"""Training throughput: leaml.train's loop against plain forward+backward on pre-collated tensors.
+"""Training throughput: leaml.engine.train's loop against plain forward+backward on pre-collated tensors.
 
     python bench/bench_train.py [--model tiny] [--mode full|lora] [--batch 32] [--steps 20]
                                 [--rounds 3] [--threads 2]
@@ -22,9 +22,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leaml import models  # noqa: E402
-from leaml.batches import Example  # noqa: E402
-from leaml.train import TrainConfig, prepare_model, train  # noqa: E402
+from leaml.engine import models  # noqa: E402
+from leaml.engine.batches import Example  # noqa: E402
+from leaml.engine.train import TrainConfig, prepare_model, train  # noqa: E402
 
 QUESTIONS = [("Are there any abnormalities in the image?", "polyp, ulcerative colitis"),
              ("How many polyps are in the image?", "2"),
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     print(f"model={args.model} params={models.count_params(model)} mode={args.mode} "
           f"batch={args.batch} threads={args.threads}")
     print(f"plain forward+backward (limit): {sp:.1f} samples/s, {1000 * best_p[1] / n:.2f} CPU-ms/sample")
-    print(f"leaml.train loop:               {so:.1f} samples/s, {1000 * best_o[1] / n:.2f} CPU-ms/sample")
+    print(f"leaml.engine.train loop:               {so:.1f} samples/s, {1000 * best_o[1] / n:.2f} CPU-ms/sample")
     print(f"ratio ours/limit: {so / sp:.0%} (wall), {best_p[1] / best_o[1]:.0%} (CPU time)")
     return 0
 

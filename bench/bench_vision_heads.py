@@ -1,6 +1,6 @@
 """What the image path alone can answer: the vision warmup's heads, without and with mirrors.
 
-The vision warmup (``TrainConfig.vision_warmup_*``, leaml/vision_warmup.py) trains the tower
+The vision warmup (``TrainConfig.vision_warmup_*``, leaml/engine/warmup.py) trains the tower
 and projector through throw-away max-pooled heads, one score per closed answer word. Read on
 the test split, those heads say how much of the demo the 9 image tokens can carry at all: an
 upper bound for what the language model can learn to read from them. This runs the warmup's
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _split(cfg, split: str, n: int):
     """Images and (image index, question, answer) of ``n`` demo scenes of ``split``."""
-    from leaml.demo import qa_pairs, scene_image
+    from leaml.data.demo.build import qa_pairs, scene_image
     images, qa = [], []
     for i in range(n):
         scene, image = scene_image(cfg, split, i)
@@ -43,7 +43,7 @@ def _split(cfg, split: str, n: int):
 def _pixels(processor, images):
     import torch
 
-    from leaml import models
+    from leaml.engine import models
     return torch.cat([models.pixel_values(processor, images[k:k + 256])
                       for k in range(0, len(images), 256)])
 
@@ -53,7 +53,7 @@ def _accuracy(heads, model, pixels, qa, targets) -> dict[str, float]:
     word) equals the reference's."""
     import torch
 
-    from leaml.vision_warmup import answer_words, image_features
+    from leaml.engine.warmup import answer_words, image_features
     model.eval()
     with torch.no_grad():
         logits = torch.cat([heads(image_features(model, pixels[k:k + 256]))
@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from leaml import models
-    from leaml.demo import DemoConfig
-    from leaml.vision_warmup import AnswerTargets, fit
+    from leaml.engine import models
+    from leaml.data.demo.build import DemoConfig
+    from leaml.engine.warmup import AnswerTargets, fit
     torch.set_num_threads(args.threads)
     cfg = DemoConfig()
     t0 = time.perf_counter()

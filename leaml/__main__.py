@@ -1,6 +1,6 @@
-"""``python -m leaml``: see leaml/cli.py."""
+"""``python -m leaml``: see leaml/cli/main.py."""
 import sys
 
-from leaml.cli import main
+from leaml.cli.main import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Configuration dataclass fields with a default and a help text, for every config in leaml.
 
-``describe_config`` (leaml/train.py), the CLI's ``--set`` and the app read the help from the
+``describe_config`` (leaml/engine/train.py), the CLI's ``--set`` and the app read the help from the
 field's metadata, so every knob documents itself where it is declared.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from dataclasses import field, is_dataclass
 
-# The base model of a new project and of models.load(): an embedded base (leaml/models.py)
+# The base model of a new project and of models.load(): an embedded base (leaml/engine/models.py)
 DEFAULT_BASE = "tiny16"
 
 

@@ -15,7 +15,8 @@ import streamlit as st
 from PIL import Image
 from streamlit.errors import StreamlitAPIException
 
-from leaml import app_service, auth
+from leaml import auth
+from leaml.app import service as app_service
 from leaml.store import ConflictError, NotFoundError, StoreError, connect
 from leaml.store import projects as projects_store
 

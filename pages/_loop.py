@@ -1,10 +1,10 @@
 """Where the project stands in the LEAML loop, and what to do next: shown on the Training
-page and the Dashboard (layout only; leaml.app_loop decides what is shown per role)."""
+page and the Dashboard (layout only; leaml.app.loop decides what is shown per role)."""
 from __future__ import annotations
 
 import streamlit as st
 
-from leaml import app_loop
+from leaml.app import loop as app_loop
 from pages._common import get_db
 
 

@@ -2,7 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from leaml import app_service, auth
+from leaml import auth
+from leaml.app import service as app_service
 from pages._common import flash, get_db, require_page, show_flash, user_errors
 
 user = require_page("admin")

@@ -3,7 +3,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import projects as projects_store
 from pages._common import get_db, no_project_stop, project_ui, require_page
 from pages._loop import loop_ui

@@ -2,7 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from leaml import app_service, auth
+from leaml import auth
+from leaml.app import service as app_service
 from leaml.config import DEFAULT_BASE
 from leaml.store import projects as projects_store
 from pages._common import (get_db, project_ui, require_page, select_project, show_flash,
@@ -107,7 +108,7 @@ if auth.can(user, "import"):
             if go and f is None:
                 st.warning("Choose a file first.")
             elif go:
-                from leaml.ingest import ImportRejected
+                from leaml.data.ingest import ImportRejected
                 try:
                     with st.spinner("Importing ..."):
                         report = app_service.import_upload(db, user, project["name"], f.name,

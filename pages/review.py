@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import ConflictError, NotFoundError, StoreError
 from leaml.store import images as images_store
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page,

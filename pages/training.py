@@ -3,7 +3,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from leaml import app_loop, app_service, captions, jobs
+from leaml.app import loop as app_loop
+from leaml.app import service as app_service
+from leaml.serve import teacher as captions
+from leaml.jobs import queue as jobs
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page, show_flash,
                            user_errors)
 from pages._loop import loop_ui

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from leaml import ingest
-from leaml.demo import DemoConfig, build_demo_files
+from leaml.data import ingest
+from leaml.data.demo.build import DemoConfig, build_demo_files
 from leaml.store import connect
 from leaml.store import users as users_store
 

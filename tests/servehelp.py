@@ -55,8 +55,8 @@ def _save_run(home: Path, project: str, method: str, save) -> int:
 def make_lora_run(home: Path, project: str = "endo") -> int:
     """A finished seed-lora run whose folder holds fresh LoRA adapters on 'tiny' (no
     training: adapters start as the identity, which is all loading needs)."""
-    from leaml import models
-    from leaml.train import TrainConfig, prepare_model, save_trained
+    from leaml.engine import models
+    from leaml.engine.train import TrainConfig, prepare_model, save_trained
     model, processor = models.load("tiny")
     lora = prepare_model(model, TrainConfig(mode="lora", lora_r=4))
     return _save_run(home, project, "seed-lora", lambda out: save_trained(lora, processor, out))
@@ -66,7 +66,7 @@ def make_full_run(home: Path, project: str = "endo") -> int:
     """A finished seed-full run: the tiny base saved whole, with a generation config that
     never emits eos, padding or a whitespace-only token, so every answer has visible text
     whatever the tiny's weights are (the embedded base is still being pretrained)."""
-    from leaml import models
+    from leaml.engine import models
     model, processor = models.load("tiny")
     tok = processor.tokenizer
     blank = [i for i in range(len(tok)) if not tok.decode([i]).strip()]

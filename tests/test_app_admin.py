@@ -2,7 +2,7 @@
 import pytest
 from apphelp import PASSWORD, add_users, button, home_db, page
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import users as users_store
 
 

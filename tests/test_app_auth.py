@@ -75,7 +75,7 @@ def test_annotator_cannot_reach_training(monkeypatch, home, tmp_path):
 
 
 def test_demo_is_built_on_first_start(monkeypatch, home):
-    from leaml.app_service import ensure_demo
+    from leaml.app.service import ensure_demo
     db = home_db(monkeypatch, home)
     project = ensure_demo(db, n_train=8, n_test=2)
     assert project["name"] == "demo-1pct"  # the landing project, beside the full 'demo'

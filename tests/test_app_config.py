@@ -14,7 +14,7 @@ def test_no_file_watching_of_environment_data_or_models():
     server = config()["server"]
     assert server["fileWatcherType"] == "none"
     blacklist = set(server["folderWatchBlacklist"])
-    assert {".venv", "data", "leaml/assets"} <= blacklist
+    assert {".venv", "data", "leaml/tiny/assets"} <= blacklist
 
 
 def test_streamlit_reads_these_settings():

@@ -1,5 +1,5 @@
 """Every field a Training-page form shows reaches the engine: a job's effective settings
-(leaml.job_settings, built as the job kinds build them) equal what was entered; the budgets
+(leaml.jobs.settings, built as the job kinds build them) equal what was entered; the budgets
 fill the forms; the generator trains the seed set it was given and the steps it was told."""
 import os
 import socket
@@ -9,8 +9,9 @@ import sys
 import pytest
 from apphelp import ROOT, add_users, button, home_db, make_project, page
 
-from leaml import app_loop, jobs
-from leaml.job_settings import effective_settings
+from leaml.app import loop as app_loop
+from leaml.jobs import queue as jobs
+from leaml.jobs.settings import effective_settings
 from leaml.store import jobs as jobs_store
 
 # a value per knob that differs from every default, so a dropped field shows

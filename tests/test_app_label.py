@@ -2,7 +2,7 @@
 import numpy as np
 from apphelp import add_users, button, home_db, make_project, page
 
-from leaml import diversity
+from leaml.data import diversity
 from leaml.store import projects as projects_store
 from leaml.store import qa
 
@@ -75,7 +75,7 @@ def test_stale_edit_is_a_conflict(monkeypatch, home, tmp_path):
 def test_annotator_may_not_label(home, tmp_path):
     import pytest
 
-    from leaml import app_service
+    from leaml.app import service as app_service
     from leaml.store import connect
     db = connect(home)
     users = add_users(db)
@@ -95,7 +95,7 @@ def test_farthest_first_covers_clusters():
 
 
 def test_diverse_pick_differs_from_labeled(home, tmp_path):
-    from leaml import app_service
+    from leaml.app import service as app_service
     from leaml.store import connect
     db = connect(home)
     p = make_project(db, tmp_path, "p1", n_train=10, labeled=1)

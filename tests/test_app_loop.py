@@ -1,9 +1,10 @@
-"""Where the loop stands and what to do next, per role (leaml/app_loop.py, pages/_loop.py):
+"""Where the loop stands and what to do next, per role (leaml/app/loop.py, pages/_loop.py):
 nobody is sent to a page their role cannot open."""
 import pytest
 from apphelp import add_pending, add_users, home_db, make_project, page
 
-from leaml import app_loop, auth
+from leaml import auth
+from leaml.app import loop as app_loop
 from leaml.store.runs import create_run, finish_run
 
 PAGES = {"Seed labeling": "label", "Review": "review", "Training": "train",
@@ -59,7 +60,7 @@ def test_loop_status_counts(db, tmp_path):
 def test_next_step_names_the_running_job_not_the_newest(db, tmp_path):
     """Regression: with the generator running and pseudo queued behind it, the hint named
     the queued pseudo job."""
-    from leaml import jobs
+    from leaml.jobs import queue as jobs
     from leaml.store import jobs as jobs_store
     users = add_users(db)
     project = make_project(db, tmp_path, "p1", labeled=2)

@@ -55,8 +55,8 @@ def test_import_upload_and_bad_rows(home, tmp_path):
     # so the same call is made here (the e2e test uploads through the browser)
     import pytest
 
-    from leaml import app_service
-    from leaml.ingest import ImportRejected
+    from leaml.app import service as app_service
+    from leaml.data.ingest import ImportRejected
     from leaml.store import connect
     db = connect(home)
     users = add_users(db)
@@ -80,7 +80,7 @@ def test_import_upload_and_bad_rows(home, tmp_path):
 def test_tiles_show_an_import_at_once(monkeypatch, home, tmp_path):
     db = home_db(monkeypatch, home)
     users = add_users(db)
-    from leaml import app_service
+    from leaml.app import service as app_service
     app_service.create_project(db, users["expert"], "fresh")
     at = page("pages/projects.py", users["expert"], "fresh")
     assert {m.label: m.value for m in at.metric}["Images"] == "0"

@@ -1,7 +1,7 @@
 """pages/review.py: claim, accept/reject/edit/skip/undo, conflicts, bulk accept (AppTest)."""
 from apphelp import add_pending, add_users, button, home_db, make_project, page
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import qa
 
 

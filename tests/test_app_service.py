@@ -1,13 +1,13 @@
-"""leaml/app_service.py: permissions in the library, and the form defaults the app mirrors."""
+"""leaml/app/service.py: permissions in the library, and the form defaults the app mirrors."""
 import pytest
 from apphelp import add_users
 
-from leaml import app_service
+from leaml.app import service as app_service
 
 
 def test_form_knobs_are_engine_fields():
-    from leaml.pseudo import PseudoConfig
-    from leaml.train import TrainConfig
+    from leaml.engine.pseudo import PseudoConfig
+    from leaml.engine.train import TrainConfig
     train, pseudo = TrainConfig(), PseudoConfig()
     for name, typ, _ in app_service._TRAIN_HP:
         assert isinstance(getattr(train, name), typ), name
@@ -62,6 +62,6 @@ def test_first_admin_only_once(db):
 def test_the_app_process_never_imports_torch():
     import subprocess
     import sys
-    code = ("import sys; import leaml.app_service, pages._common; "
+    code = ("import sys; import leaml.app.service, pages._common; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("apphelp").ROOT))

@@ -9,7 +9,8 @@ import socket
 import pytest
 from apphelp import add_users, button, home_db, make_project, page
 
-from leaml import app_service, jobs
+from leaml.app import service as app_service
+from leaml.jobs import queue as jobs
 from leaml.store import jobs as jobs_store
 
 
@@ -74,7 +75,7 @@ def test_caption_qa_run_needs_a_teacher_and_carries_it(monkeypatch, home, tmp_pa
     params = jobs.list_jobs(db)[0]["params"]
     assert params["method"] == "caption-qa"
     assert params["overrides"]["qa"] == {"endpoint": "http://127.0.0.1:8000/v1", "model": "teacher"}
-    from leaml import pipeline  # the engine takes these overrides as they are
+    from leaml.methods import pipeline  # the engine takes these overrides as they are
     cfg = pipeline.method_config("caption-qa", params["seed"], params.get("overrides"))
     assert cfg.options["qa"]["endpoint"] == "http://127.0.0.1:8000/v1"
     assert cfg.options["qa"]["per_image"] == 3  # the other knobs keep their defaults

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from leaml import caption_qa
+from leaml.methods import caption_qa
 from leaml.store import connect
 from leaml.store.images import list_images, set_caption
 from leaml.store.projects import get_project, update_settings
@@ -160,7 +160,7 @@ def test_run_method_caption_qa_end_to_end(home, tmp_path, teacher):
 
 
 def test_run_method_caption_qa_without_endpoint_says_how(home, tmp_path):
-    from leaml.pipeline import run_method
+    from leaml.methods.pipeline import run_method
     manifest_project(home, tmp_path)
     with pytest.raises(ValueError, match="--set qa.endpoint=URL"):
         run_method(home, "p", "caption-qa")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from leaml import captions, jobs
-from leaml.captions import EndpointClient, EndpointError, caption_missing
+from leaml.serve import teacher as captions
+from leaml.jobs import queue as jobs
+from leaml.serve.teacher import EndpointClient, EndpointError, caption_missing
 from leaml.store import connect
 from leaml.store.images import images_without_caption, list_images
 from leaml.store.projects import get_project
@@ -163,7 +164,7 @@ def test_training_page_button_queues_a_caption_job(monkeypatch, home, tmp_path):
 
     from apphelp import add_users, button, home_db, page
 
-    from leaml import ingest
+    from leaml.data import ingest
     from leaml.store import jobs as jobs_store
     db = home_db(monkeypatch, home)
     users = add_users(db)

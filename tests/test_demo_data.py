@@ -1,4 +1,4 @@
-"""The bundled demo data set (leaml/demo.py): determinism, manifest format, answers that follow
+"""The bundled demo data set (leaml/data/demo/build.py): determinism, manifest format, answers that follow
 from the drawn scene, and the teacher captions' error rate."""
 import hashlib
 import json
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leaml.demo import (DemoConfig, QUESTION_TYPES, QUESTIONS, build_demo_files, main,
+from leaml.data.demo.build import (DemoConfig, QUESTION_TYPES, QUESTIONS, build_demo_files, main,
                         qa_pairs, sample_scene, scene_rng, teacher_caption)
-from leaml.demo_caption import scene_facts
-from leaml.demo_draw import render
-from leaml.demo_vocab import (ABNORMALITIES, CATEGORIES, CELLS, COLOURS, INSTRUMENTS, LANDMARKS,
+from leaml.data.demo.caption import scene_facts
+from leaml.data.demo.draw import render
+from leaml.data.demo.vocab import (ABNORMALITIES, CATEGORIES, CELLS, COLOURS, INSTRUMENTS, LANDMARKS,
                               SIZE_BINS)
 
 SMALL = DemoConfig(n_train=40, n_test=10)
@@ -90,7 +90,7 @@ def test_manifest_rows_have_the_columns_and_vocabulary(small_build):
 
 def test_questions_are_kvasir_vqa_wording():
     assert len(QUESTIONS) >= 10 and set(QUESTIONS) == set(QUESTION_TYPES)
-    # the real data set's typo is kept on purpose (see leaml/demo_vocab.py)
+    # the real data set's typo is kept on purpose (see leaml/data/demo/vocab.py)
     assert "How many instrumnets are in the image?" in QUESTIONS
 
 

@@ -1,7 +1,7 @@
 """`python -m leaml demo --data-only` builds `demo` (all labeled) and `demo-1pct` (the seed
 split that `run --label-fraction 0.01 --seed 0` keeps on `demo`, the rest unlabeled)."""
-from leaml import pipeline
-from leaml.cli import main
+from leaml.methods import pipeline
+from leaml.cli.main import main
 from leaml.store import connect
 from leaml.store.images import list_images
 from leaml.store.projects import get_project, project_counts

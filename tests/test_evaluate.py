@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from leaml.evaluate import (EvalItem, answer_set, exact_match, is_open, normalize, score,
+from leaml.engine.evaluate import (EvalItem, answer_set, exact_match, is_open, normalize, score,
                             summarize, token_recall)
 
 

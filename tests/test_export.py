@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from leaml.export import export_project
-from leaml.ingest import import_path
+from leaml.data.export import export_project
+from leaml.data.ingest import import_path
 from leaml.store import NotFoundError
 from leaml.store.images import list_images
 from leaml.store.projects import get_project
@@ -157,7 +157,7 @@ def test_hf_datasets_reads_the_parquet(db, project, tmp_path, monkeypatch):
 def test_app_zip_download_reimports_to_the_same_rows(db, project, tmp_path):
     """The Projects page's download: app_service.export_zip for a viewer, re-imported (as
     the upload form does) into a new project, gives the same rows; annotators get nothing."""
-    from leaml import app_service
+    from leaml.app import service as app_service
     from leaml.store.users import add_user
     viewer = add_user(db, "pi", "correct-horse", "viewer")
     expert = add_user(db, "doc", "correct-horse", "expert")

@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from leaml import generator, models, neurons
-from leaml.generator import GeneratorConfig
-from leaml.train import TrainConfig
+from leaml.engine import generator
+from leaml.engine import models
+from leaml.engine import neurons
+from leaml.engine.generator import GeneratorConfig
+from leaml.engine.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

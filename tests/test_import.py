@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leaml.ingest import import_path
+from leaml.data.ingest import import_path
 from leaml.store.images import image_path, list_images
 from leaml.store.projects import get_project
 from leaml.store.qa import list_qa

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leaml.ingest import ImportRejected, import_path
+from leaml.data.ingest import ImportRejected, import_path
 from leaml.store import StoreError
 
 
@@ -370,8 +370,8 @@ def test_skip_invalid_imports_the_rest(seeded, src):
 
 
 def test_zip_bomb_entry(seeded, tmp_path, monkeypatch):
-    import leaml.ingest_files
-    monkeypatch.setattr(leaml.ingest_files, "MAX_ZIP_BYTES", 1 << 20)
+    import leaml.data.sources
+    monkeypatch.setattr(leaml.data.sources, "MAX_ZIP_BYTES", 1 << 20)
     z = tmp_path / "bomb.zip"
     with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("a.png", png_bytes())

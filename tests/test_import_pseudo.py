@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leaml.export import export_project
-from leaml.ingest import ImportRejected, import_path
+from leaml.data.export import export_project
+from leaml.data.ingest import ImportRejected, import_path
 from leaml.store import qa as qa_store
 from leaml.store.projects import get_project
 

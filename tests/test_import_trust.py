@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from leaml import app_service
-from leaml.ingest import ImportFailed, ImportRejected, import_path
+from leaml.app import service as app_service
+from leaml.data.ingest import ImportFailed, ImportRejected, import_path
 from leaml.store import qa as qa_store
 from leaml.store import users as users_store
 from test_import_bad import png_bytes, seeded, write_jsonl  # noqa: F401 (seeded: a fixture)

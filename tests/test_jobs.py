@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from leaml import jobs
+from leaml.jobs import queue as jobs
 from leaml.store import ConflictError, NotFoundError, connect
 from leaml.store import jobs as q
 from leaml.store.projects import create_project
@@ -203,7 +203,7 @@ def test_job_pins_its_full_config_so_resume_survives_new_defaults(db, project):
     failed with "checkpoint ... was written by another config"; jobs now pin every field."""
     import logging
 
-    from leaml import pipeline
+    from leaml.methods import pipeline
     asked = {"train": {"max_steps": 5}}
     job_id = jobs.enqueue(db, "run", "demo", {"method": "seed-lora", "seed": 2, "overrides": asked})
     job = q.claim_next(db, os.getpid())
@@ -231,8 +231,8 @@ def quick(max_steps: int, **train) -> dict:
 
 @pytest.fixture
 def demo(db):
-    from leaml.demo import DemoConfig
-    from leaml.ingest import load_demo
+    from leaml.data.demo.build import DemoConfig
+    from leaml.data.ingest import load_demo
     load_demo(db, DemoConfig(n_train=8, n_test=1))
 
 

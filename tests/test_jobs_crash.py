@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from leaml import jobs
-from leaml.demo import DemoConfig
-from leaml.ingest import load_demo
+from leaml.jobs import queue as jobs
+from leaml.data.demo.build import DemoConfig
+from leaml.data.ingest import load_demo
 from leaml.store.runs import get_metrics, get_run
 
 ROOT = Path(__file__).resolve().parents[1]

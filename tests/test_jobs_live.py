@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from leaml import jobs
+from leaml.jobs import queue as jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CANCEL_BOUND_S = 5.0 + 1.0  # the promise, plus a second for a busy two-core machine
@@ -23,8 +23,8 @@ CANCEL_BOUND_S = 5.0 + 1.0  # the promise, plus a second for a busy two-core mac
 
 @pytest.fixture
 def demo(db):
-    from leaml.demo import DemoConfig
-    from leaml.ingest import load_demo
+    from leaml.data.demo.build import DemoConfig
+    from leaml.data.ingest import load_demo
     load_demo(db, DemoConfig(n_train=8, n_test=40))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from leaml import jobs
+from leaml.jobs import queue as jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def quick(max_steps: int, **train) -> dict:
 
 @pytest.fixture
 def demo(db):
-    from leaml.demo import DemoConfig
-    from leaml.ingest import load_demo
+    from leaml.data.demo.build import DemoConfig
+    from leaml.data.ingest import load_demo
     load_demo(db, DemoConfig(n_train=8, n_test=1))
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from leaml import leaml_method, pipeline
-from leaml.demo import DemoConfig
-from leaml.ingest import load_demo
+from leaml.methods import leaml as leaml_method
+from leaml.methods import pipeline
+from leaml.data.demo.build import DemoConfig
+from leaml.data.ingest import load_demo
 from leaml.store import connect
 from leaml.store.qa import add_qa_many, edit, get_qa, list_qa, reject
 from leaml.store.runs import create_run, finish_run, update_run
@@ -157,12 +158,14 @@ def test_choose_mode_stores_only_answers_the_seed_gives_to_that_question(home):
 def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     """A generator trained with the answer stream and caption context answers known questions
     as question -> answer after the image's teacher caption; the stage stores exactly that."""
-    from leaml import generator, models, pseudo
-    from leaml.pseudo_stage import (_allowed_questions, _chunk_seed, _draw_questions, conditional_answers,
+    from leaml.engine import generator
+    from leaml.engine import models
+    from leaml.engine import pseudo
+    from leaml.methods.pseudo_stage import (_allowed_questions, _chunk_seed, _draw_questions, conditional_answers,
                                     seed_answers, seed_caption_reliability, seed_question_counts,
                                     unlabeled_images)
     from leaml.store.images import image_path
-    from leaml.train import load_trained
+    from leaml.engine.train import load_trained
     db = connect(home)
     g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
     gen = _params(db, g["generator_run"])
@@ -198,8 +201,8 @@ def test_caption_questions_asks_conditional_questions_only_where_the_caption_nam
     """caption_questions: a question the seed QA asks of only some images (a polyp's size) is
     asked of an unlabeled image only if its caption names one of that question's answers;
     questions asked of every seed image are asked regardless."""
-    from leaml.pseudo import YES_NO, named_choices
-    from leaml.pseudo_stage import conditional_answers, unlabeled_images
+    from leaml.engine.pseudo import YES_NO, named_choices
+    from leaml.methods.pseudo_stage import conditional_answers, unlabeled_images
     db = connect(home)
     g = leaml_method.generator_command(db, "demo", label_fraction=0.5, seed=0, overrides=FAST)
     run = leaml_method.check_generator_run(db, g["generator_run"])

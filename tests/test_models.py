@@ -1,4 +1,4 @@
-"""leaml.models: prompts, answer-only labels, tokenizer, generation logprobs, the tiny base."""
+"""leaml.engine.models: prompts, answer-only labels, tokenizer, generation logprobs, the tiny base."""
 from __future__ import annotations
 
 import random
@@ -6,15 +6,16 @@ import random
 import pytest
 import torch
 
-from leaml import models
-from leaml.pretrain_data import questions, random_scene, render
+from leaml.engine import models
+from leaml.tiny import build as tiny_build
+from leaml.tiny.corpus import questions, random_scene, render
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
 def untrained():
-    model, processor = models.build_tiny(seed=0)
+    model, processor = tiny_build.build_tiny(seed=0)
     return model, processor
 
 

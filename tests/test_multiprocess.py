@@ -25,9 +25,9 @@ import torch
 torch.set_num_threads(1)
 from accelerate import PartialState
 from PIL import Image
-from leaml import models
-from leaml.batches import Example
-from leaml.train import TrainConfig, save_trained, train
+from leaml.engine import models
+from leaml.engine.batches import Example
+from leaml.engine.train import TrainConfig, save_trained, train
 
 out = Path(sys.argv[1])
 colors = {"red": (220, 30, 30), "blue": (30, 30, 220)}

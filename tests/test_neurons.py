@@ -5,15 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from leaml import models, neurons
-from leaml.batches import Example
-from leaml.train import Stream, TrainConfig, train
+from leaml.engine import models
+from leaml.tiny import build as tiny_build
+from leaml.engine import neurons
+from leaml.engine.batches import Example
+from leaml.engine.train import Stream, TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def tiny_once():
     torch.set_num_threads(2)
-    return models.build_tiny(0)
+    return tiny_build.build_tiny(0)
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from leaml import pipeline
-from leaml.demo import DemoConfig
-from leaml.ingest import load_demo
+from leaml.methods import pipeline
+from leaml.data.demo.build import DemoConfig
+from leaml.data.ingest import load_demo
 from leaml.store.runs import get_metrics, get_run
 
 FAST = {"max_steps": 2, "min_steps": 0, "batch_size": 8}
@@ -54,7 +54,7 @@ def test_method_end_to_end_stores_json_run_and_metrics(project, method):
 def test_zero_shot_stores_the_untrained_base_as_a_run(project):
     """zero-shot: no training; the run's model is the project's base, weight for weight, and
     its accuracy is the base's own on the test split."""
-    from leaml import models
+    from leaml.engine import models
     db = project
     out = pipeline.run_method(db, "demo", "zero-shot")
     run = get_run(db, out["run_id"])
@@ -114,7 +114,7 @@ def test_full_finetuning_warms_the_vision_up_by_default_but_the_demo_table_budge
     target = pipeline.method_config("leaml").stages["finetune"]
     assert target.vision_warmup_epochs > 0 and target.vision_lr_scale == 0
     assert pipeline.method_config("seed-lora").stages["train"].vision_warmup_epochs == 0
-    from leaml.report import full_plan, quick_plan
+    from leaml.methods.report import full_plan, quick_plan
     for plan in (full_plan(), quick_plan()):
         for method, overrides in plan.overrides.items():
             for stage in pipeline.method_config(method, overrides=overrides).stages.values():

@@ -1,4 +1,4 @@
-"""leaml.pretrain: a seconds-long smoke run writes a loadable base; the cached-feature fast
+"""leaml.tiny.pretrain: a seconds-long smoke run writes a loadable base; the cached-feature fast
 path computes LLaVA's own loss; exact steps reproduce a run."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leaml import models
-from leaml import pretrain as P
-from leaml import pretrain_data as D
+from leaml.engine import models
+from leaml.tiny import build as tiny_build
+from leaml.tiny import pretrain as P
+from leaml.tiny import corpus as D
 
 SMALL = dict(n_train_scenes=64, n_eval_scenes=12, eval_per_type=2, batch_size=8,
              warmup_steps=3)
@@ -30,7 +31,7 @@ def test_smoke_run_writes_loadable_folder(tmp_path):
 
 
 def test_fast_loss_equals_llava_forward():
-    model, proc = models.build_tiny(seed=0)
+    model, proc = tiny_build.build_tiny(seed=0)
     scenes = P._scenes(3, 0)
     pix = P._pixels(proc, scenes)
     feats = P._cache_features(model, pix)
@@ -85,7 +86,7 @@ def test_auto_qa_weights_follow_the_error_rate(tmp_path):
     assert set(w) == set(D.QUESTION_TYPES) and all(0.1 <= v <= 1.1 for v in w.values())
     assert w["background"] == 0.1  # the committed base never misses the background colour
     # an untrained model of the same shape misses far more, so every type weighs more
-    untrained, proc = models.build_tiny(seed=0)
+    untrained, proc = tiny_build.build_tiny(seed=0)
     cfg = P.PretrainConfig(**SMALL, qa_weights="auto")
     w0 = P._qa_weights(untrained, proc, P._corpus(untrained, proc, cfg), cfg)
     assert sum(w0.values()) > sum(w.values()) + 2.0

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from leaml import models, pseudo
-from leaml.models import Generation
+from leaml.engine import models
+from leaml.engine import pseudo
+from leaml.engine.models import Generation
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +328,7 @@ def test_caption_reliability_is_how_often_named_answers_held_the_truth_on_seed_i
 
 
 def test_demo_report_prints_both_precision_tables():
-    from leaml.report import format_precision
+    from leaml.methods.report import format_precision
     bins = [{"bin": 0, "lo": 0.125, "hi": 0.375, "n": 4, "n_known": 3, "precision": 0.5,
              "precision_known": 2 / 3}]
     by_conf = format_precision(bins, 0)

@@ -3,7 +3,7 @@
 import pytest
 from apphelp import add_users, make_project
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import connect, qa
 
 

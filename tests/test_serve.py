@@ -86,7 +86,7 @@ def image_token_count() -> int:
     """How many tokens the served base's processor expands one image into."""
     from PIL import Image
     from transformers import AutoProcessor
-    from leaml.models import TINY_DIR
+    from leaml.engine.models import TINY_DIR
     processor = AutoProcessor.from_pretrained(TINY_DIR)
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     ids = processor(text=[processor.image_token], images=[Image.new("RGB", (64, 64))])["input_ids"][0]
@@ -179,8 +179,8 @@ def test_the_server_survives_all_of_it():
 
 
 def test_load_served_lora_run_full_run_and_missing_folder(tmp_path):
-    from leaml import models
-    from leaml.serve import ChatRequest, ServeConfig, complete, load_served
+    from leaml.engine import models
+    from leaml.serve.server import ChatRequest, ServeConfig, complete, load_served
     from leaml.store import connect
     from leaml.store.projects import create_project
     from leaml.store.runs import create_run

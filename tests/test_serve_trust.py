@@ -205,7 +205,7 @@ def test_the_caption_client_sends_the_key(keyed):
 
 
 def test_binding_beyond_the_loopback_without_a_key_warns():
-    from leaml.serve_limits import exposure_warning
+    from leaml.serve.limits import exposure_warning
     assert "--api-key" in exposure_warning("0.0.0.0", None)
     assert "--api-key" in exposure_warning("192.168.1.20", None)
     assert exposure_warning("0.0.0.0", KEY) is None

@@ -8,7 +8,7 @@ import pytest
 from apphelp import PASSWORD, ROOT, add_users, home_db, make_project
 from streamlit.testing.v1 import AppTest
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import sessions as sessions_store
 from leaml.store import users as users_store
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from leaml import models
-from leaml.batches import EpochOrder, Example, augment, mentions_position, mirror_target
-from leaml.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
+from leaml.engine import models
+from leaml.tiny import build as tiny_build
+from leaml.engine.batches import EpochOrder, Example, augment, mentions_position, mirror_target
+from leaml.engine.train import (Stream, TrainConfig, has_checkpoint, load_trained, save_trained,
                          stream_schedule, total_steps, train)
-from leaml.vision_warmup import AnswerTargets, mirror_word, shifted
+from leaml.engine.warmup import AnswerTargets, mirror_word, shifted
 
 
 # a smaller tiny LLaVA than the committed base: these tests check mechanics, not accuracy
@@ -25,7 +26,7 @@ SMALL = dict(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, vi
 @pytest.fixture(scope="module")
 def base():
     torch.set_num_threads(2)
-    return models.build_tiny(seed=0, **SMALL)
+    return tiny_build.build_tiny(seed=0, **SMALL)
 
 
 @pytest.fixture
@@ -217,7 +218,7 @@ def _shared_image_examples():
 
 
 def test_packed_rows_give_the_loss_and_gradients_of_separate_sequences(tiny):
-    from leaml.batches import ImageSource, PackedText, TextCache, image_groups
+    from leaml.engine.batches import ImageSource, PackedText, TextCache, image_groups
     model, proc = tiny
     model.train()
     ex = _shared_image_examples()
@@ -256,7 +257,7 @@ def test_training_packs_questions_of_one_image_unless_told_not_to(base):
 
 
 def test_vision_lr_scale_sets_the_vision_towers_learning_rate(tiny):
-    from leaml.train import _optimizer, _vision_params, prepare_model
+    from leaml.engine.train import _optimizer, _vision_params, prepare_model
     model, _ = tiny
     config = _cfg(mode="full", lr=1e-3, vision_lr_scale=5.0)
     model = prepare_model(model, config)
@@ -269,7 +270,7 @@ def test_vision_lr_scale_sets_the_vision_towers_learning_rate(tiny):
         _cfg(vision_lr_scale=-0.1)
 
 
-# --- vision warmup (leaml/vision_warmup.py) -----------------------------------------------
+# --- vision warmup (leaml/engine/warmup.py) -----------------------------------------------
 
 CORNER = "What is in the corner?"
 
@@ -323,7 +324,7 @@ def test_warmup_trains_only_the_image_path_and_its_heads_learn_a_small_detail(ba
 
 
 def test_vision_lr_scale_zero_freezes_the_warmed_tower_for_the_main_loop(base):
-    from leaml.train import _vision_params
+    from leaml.engine.train import _vision_params
     model, proc = base
     cfg = dict(mode="full", batch_size=8, vision_warmup_steps=20, vision_warmup_lr=0.1,
                vision_lr_scale=0.0)
@@ -484,7 +485,7 @@ def _square_at(pixels: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_main_loop_mirror_moves_place_answers_with_the_image(base, pack):
-    from leaml.train import _Data
+    from leaml.engine.train import _Data
     model, proc = base
     ex = _square_pictures()
     cfg = TrainConfig(mode="full", batch_size=8, augment="mirror", hard_fraction=0.25)
@@ -543,7 +544,7 @@ def test_warmup_needs_full_mode_and_sane_numbers():
 # --- hard examples ---------------------------------------------------------------------------
 
 def _packed_logits(model, proc, ex):
-    from leaml.batches import ImageSource, PackedText, TextCache, image_groups
+    from leaml.engine.batches import ImageSource, PackedText, TextCache, image_groups
     images = ImageSource(proc, [e.image for e in ex], budget_mb=64)
     text = TextCache(proc, ex)
     index = [images.index(e.image) for e in ex]
@@ -558,7 +559,7 @@ def _packed_logits(model, proc, ex):
 
 def _alone_losses(model, proc, ex):
     """Each example's own mean answer-token loss, in a sequence of its own."""
-    from leaml.batches import ImageSource, TextCache
+    from leaml.engine.batches import ImageSource, TextCache
     images = ImageSource(proc, [e.image for e in ex], budget_mb=64)
     text = TextCache(proc, ex)
     with torch.no_grad():
@@ -567,7 +568,7 @@ def _alone_losses(model, proc, ex):
 
 
 def test_question_losses_give_the_models_loss_and_each_questions_running_mean(tiny):
-    from leaml.question_losses import QuestionLosses
+    from leaml.engine.question_losses import QuestionLosses
     model, proc = tiny
     model.eval()
     ex = _shared_image_examples()
@@ -601,7 +602,7 @@ def test_hard_fraction_trains_and_is_validated(base):
 
 
 def test_hard_examples_come_from_the_questions_with_the_highest_running_loss(base):
-    from leaml.train import _Data
+    from leaml.engine.train import _Data
     model, proc = base
     ex = _shared_image_examples()
     cfg = _cfg(mode="full", batch_size=8, hard_fraction=0.5, question_power=2.0)
@@ -620,7 +621,7 @@ def test_hard_examples_come_from_the_questions_with_the_highest_running_loss(bas
 
 
 def test_a_huge_caption_is_cut_to_max_target_tokens_and_still_trains(tiny):
-    from leaml.batches import TextCache
+    from leaml.engine.batches import TextCache
     model, proc = tiny
     huge = "a large sessile polyp in the lower-left, reddish mucosa, no bleeding. " * 150
     ex = [Example(Image.new("RGB", (64, 64), (200, 60, 60)), "Describe the image.", huge, open=True),
@@ -641,7 +642,7 @@ def test_a_huge_caption_is_cut_to_max_target_tokens_and_still_trains(tiny):
 def test_heads_with_a_bias_per_token_tell_where_when_the_features_cannot():
     """One "hot" token per image, the same vector wherever it is: the answer (which token) is
     only in where it sits. Plain max-pooled heads cannot say it; ``where`` heads learn it."""
-    from leaml.vision_warmup import AnswerHeads, AnswerTargets, loss_fn
+    from leaml.engine.warmup import AnswerHeads, AnswerTargets, loss_fn
     words = ["left", "center", "right"]
     targets = AnswerTargets(["Where?"] * 3, words, [0, 1, 2])
     feats = torch.zeros(3, 3, 8)

@@ -10,7 +10,7 @@ import time
 import pytest
 from apphelp import PASSWORD, add_pending, add_users, make_project
 
-from leaml import app_service
+from leaml.app import service as app_service
 from leaml.store import connect
 from leaml.store import jobs as jobs_store
 from leaml.store import sessions as sessions_store

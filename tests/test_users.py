@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from leaml import auth, cli
+from leaml import auth
+from leaml.cli import main as cli
 from leaml.store import NotFoundError, connect
 from leaml.store import users
 

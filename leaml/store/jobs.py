@@ -5,7 +5,7 @@ state it expects (``WHERE status = 'running' AND worker_pid = ?``), so a worker 
 job (marked ``interrupted`` after a stale heartbeat, say) cannot overwrite what came after.
 States: queued -> running -> succeeded | failed | cancelled | interrupted; cancelled,
 interrupted and failed jobs go back to queued on resume. Also the ``workers`` table, which
-tells :func:`leaml.jobs.ensure_worker` whether a worker process is alive.
+tells :func:`leaml.jobs.queue.ensure_worker` whether a worker process is alive.
 """
 from __future__ import annotations
 

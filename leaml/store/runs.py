@@ -79,7 +79,7 @@ def finish_run(db: sqlite_utils.Database, run_id: int, *, accuracy: float | None
 def save_metrics(db: sqlite_utils.Database, run_id: int, summary: dict) -> int:
     """Replace the run's metrics by those of an evaluation summary; returns rows written.
 
-    ``summary`` is :func:`leaml.evaluate.summarize`'s dict: ``accuracy``, ``n_test``,
+    ``summary`` is :func:`leaml.engine.evaluate.summarize`'s dict: ``accuracy``, ``n_test``,
     ``by_category`` / ``by_question_type`` (percent) and their ``*_n`` counts.
     """
     rows = [(run_id, "overall", "", summary["accuracy"], summary["n_test"])]

@@ -52,7 +52,7 @@ def sign_in(page, url: str, name: str) -> None:
 def wait_job_done(page, db, kind: str, timeout: float = 120) -> dict:
     """Wait in the Training page's live job view (refreshed every 2 s) until the newest
     ``kind`` job has ended; it must have succeeded."""
-    from leaml import jobs
+    from leaml.jobs import queue as jobs
     ended = page.get_by_text(re.compile(
         rf"Job #\d+ · {kind} · (succeeded|failed|cancelled|interrupted)")).first
     t0 = time.monotonic()

@@ -50,7 +50,7 @@ def wait_until(check, timeout: float, what: str, step: float = 1.0):
 
 
 def jobs_done(db, ids: list[int]) -> bool:
-    from leaml import jobs
+    from leaml.jobs import queue as jobs
     states = [jobs.get_job(db, i) for i in ids]
     failed = [j for j in states if j["status"] in ("failed", "cancelled", "interrupted")]
     assert not failed, [(j["id"], j["kind"], j["status"], j["message"]) for j in failed]
@@ -76,7 +76,7 @@ def test_first_time_user_closes_the_loop(tmp_path):
 
 
 def loop(page, url: str, home: Path) -> None:
-    from leaml import jobs
+    from leaml.jobs import queue as jobs
     from leaml.store import connect, projects, qa
     db = connect(home)
     pid = projects.get_project(db, "demo-1pct")["id"]

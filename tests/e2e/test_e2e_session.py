@@ -22,7 +22,7 @@ def app_url(tmp_path):
     """A running app on a fresh data home with an admin, an expert and a small demo project."""
     from apphelp import make_project
 
-    from leaml import app_service
+    from leaml.app import service as app_service
     from leaml.store import connect
     from leaml.store import users as users_store
     home = tmp_path / "home"
@@ -109,7 +109,7 @@ def test_a_deep_link_opens_its_page_after_signing_in(app_url, browser):
 
 def test_a_token_revoked_by_a_role_change_no_longer_works(app_url, browser):
     url, db = app_url
-    from leaml import app_service
+    from leaml.app import service as app_service
     context = browser.new_context()
     page = context.new_page()
     page.goto(url + "/training")

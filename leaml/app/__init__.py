@@ -1,0 +1,1 @@
+"""What the web app does, as permission-checked functions the pages call: accounts and sessions, projects, labeling, review, jobs, dashboards, the loop. No Streamlit here. Imports leaml.jobs.queue and below."""

@@ -1,0 +1,77 @@
+"""The ``pretrain-tiny`` subcommand (registered in leaml/cli/main.py's ADDERS).
+
+Rebuilds the embedded tiny base from configs and pretrains it on the general synthetic corpus
+(leaml/tiny/pretrain.py); torch is imported only when the command runs, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _steps(text: str) -> dict:
+    try:
+        a, b, c = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps {text!r}: give three integers "
+                                         "VISION,ALIGN,INSTRUCT, e.g. 1200,300,2000") from None
+    return {"vision": a, "align": b, "instruct": c}
+
+
+def _weights(text: str) -> dict | str:
+    if text == "auto":
+        return text
+    try:
+        pairs = [kv.split("=") for kv in text.split(",")]
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--qa-weights {text!r}: give 'auto' or TYPE=W pairs, "
+                                         "e.g. color=4,position=3") from None
+
+
+def _add_pretrain_tiny(sub, common) -> None:
+    text = "rebuild and pretrain the embedded tiny base model"
+    p = sub.add_parser("pretrain-tiny", help=text, description=text, parents=[common])
+    p.add_argument("--out", default=None,
+                   help="output folder (default: leaml/tiny/assets/tiny, the committed base)")
+    p.add_argument("--seed", type=int, default=0, help="seed for scenes, init and sampling")
+    p.add_argument("--minutes", type=float, default=40.0,
+                   help="wall-clock budget of the three stages (evaluation comes on top)")
+    p.add_argument("--steps", type=_steps, default=None,
+                   help="exact steps VISION,ALIGN,INSTRUCT (as recorded in PRETRAIN.md) "
+                        "instead of a time budget: reproduces a run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a "
+                   "shared 2-core machine)")
+    p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda where "
+                   "a GPU is at hand (default cpu)")
+    p.add_argument("--init-from", default="",
+                   help="continue from a saved base folder (give its skipped stages 0 steps)")
+    p.add_argument("--patch-size", type=int, default=0,
+                   help="with --init-from: re-cut the image into patches of this many pixels "
+                        "(kernel resized, position embeddings interpolated) before training")
+    p.add_argument("--qa-weights", type=_weights, default={},
+                   help="question-type sampling weights in stages B/C: 'auto' (each type's "
+                        "current error rate) or TYPE=W pairs; default uniform")
+    p.add_argument("--lr-lm", type=float, default=None,
+                   help="peak learning rate of stages B/C (projector + language model); "
+                        "default: PretrainConfig's")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per step in every stage; default: PretrainConfig's")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=cmd_pretrain_tiny)
+
+
+def cmd_pretrain_tiny(args) -> int:
+    from leaml.tiny.pretrain import PretrainConfig, pretrain_tiny
+    opts = {} if args.lr_lm is None else {"lr_lm": args.lr_lm}
+    if args.batch_size is not None:
+        opts["batch_size"] = args.batch_size
+    cfg = PretrainConfig(seed=args.seed, minutes=args.minutes, steps=args.steps or {},
+                         threads=args.threads, device=args.device, init_from=args.init_from,
+                         qa_weights=args.qa_weights, patch_size=args.patch_size, **opts)
+    metrics = pretrain_tiny(args.out, cfg)
+    if args.json:
+        print(json.dumps(metrics, default=str))
+    else:
+        print(json.dumps(metrics["eval"]["qa_accuracy"]))
+    return 0

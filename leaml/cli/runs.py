@@ -1,0 +1,141 @@
+"""The ``run`` and ``evaluate`` subcommands (registered in leaml/cli/main.py's ADDERS).
+
+Thin: the work is in leaml.methods.pipeline. A progress bar per stage goes to stderr; with
+``--json`` the result object is the last line of stdout.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+METHODS_HELP = "leaml, seed-lora, seed-full, caption-then-seed, caption-qa, zero-shot"
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def _threads(n: int) -> None:
+    """CPU threads for torch, and our own progress bars only (no per-file loading bars)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+    torch.set_num_threads(max(1, n))
+    hf_logging.disable_progress_bar()
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.lr=1e-3", "eval_batch_size=32"]`` -> ``{"train": {"lr": 0.001}, ...}``;
+    values are JSON where they parse as JSON, else text."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: write STAGE.FIELD=VALUE, e.g. train.lr=1e-3")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        stage, dot, name = key.partition(".")
+        if dot:
+            out.setdefault(stage, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _add_run(sub, common) -> None:
+    text = f"run a method ({METHODS_HELP}) end to end: train, evaluate, store run + metrics"
+    p = sub.add_parser("run", help=text, description=text, parents=[common])
+    p.add_argument("--project", required=True, help="project name")
+    p.add_argument("--method", required=True, help=METHODS_HELP)
+    p.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
+                   help="use the labels of a seeded random fraction F of the labeled train "
+                        "images (e.g. 0.01); the rest count as unlabeled (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label subset and training")
+    p.add_argument("--base-model", default=None, metavar="REF",
+                   help="'tiny16', 'tiny', a Hugging Face id or a local folder (default: the "
+                        "project's)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override a hyperparameter, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--rho", type=float, default=None,
+                   help="leaml: share of neurons per layer that caption distillation may update "
+                        "(default 0.1; 1.0 = plain caption distillation, an ablation)")
+    p.add_argument("--no-captions", action="store_true",
+                   help="leaml: train the QA generator without caption distillation (ablation)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--background", action="store_true",
+                   help="queue as a background job and print its id instead of waiting")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from leaml.methods import pipeline
+    overrides = parse_overrides(args.set)
+    if (args.rho is not None or args.no_captions) and args.method != "leaml":
+        raise ValueError("--rho and --no-captions apply to --method leaml only")
+    if args.rho is not None:
+        overrides.setdefault("generator", {})["rho"] = args.rho
+    if args.no_captions:
+        overrides.setdefault("generator", {})["captions"] = False
+    if args.background:
+        from leaml.cli.jobs import queue_background
+        params = {"method": args.method, "label_fraction": args.label_fraction,
+                  "seed": args.seed, "base_model": args.base_model,
+                  "stages": pipeline.stage_names(args.method)}
+        if overrides:
+            params["overrides"] = overrides
+        queue_background(args.home, "run", args.project, params, start_worker=True)
+        return 0
+    _threads(args.threads)
+    bar = pipeline.ProgressBar()
+    try:
+        result = pipeline.run_method(args.home, args.project, args.method,
+                                     label_fraction=args.label_fraction, seed=args.seed,
+                                     base_model=args.base_model, progress=bar,
+                                     overrides=overrides)
+    finally:
+        bar.close()
+    _report(result, args.json)
+    return 0
+
+
+def _add_evaluate(sub, common) -> None:
+    text = "re-evaluate a stored run on its project's test split (replaces its metrics)"
+    p = sub.add_parser("evaluate", help=text, description=text, parents=[common])
+    p.add_argument("--project", default=None, help="project name (checked against the run)")
+    p.add_argument("--run", type=int, required=True, help="run id (printed by `run`)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from leaml.methods import pipeline
+    from leaml.store import connect
+    from leaml.store.projects import get_project
+    from leaml.store.runs import get_run
+    db = connect(args.home)
+    run = get_run(db, args.run)
+    if args.project is not None and get_project(db, args.project)["id"] != run["project_id"]:
+        raise ValueError(f"run {args.run} does not belong to project '{args.project}'")
+    _threads(args.threads)
+    bar = pipeline.ProgressBar()
+    try:
+        result = pipeline.evaluate_run(db, args.run, progress=bar)
+    finally:
+        bar.close()
+    _report(result, args.json)
+    return 0
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    print(f"{result['method']}: accuracy {result['accuracy']:.1f}% on {result['n_test']} test "
+          f"questions in {result['seconds']:.0f} s (run {result['run_id']})")
+    for group in ("by_category", "by_question_type"):
+        cells = ", ".join(f"{k} {v:.1f}" for k, v in result[group].items())
+        print(f"  {group[3:]}: {cells}")
+    sys.stdout.flush()

@@ -1,0 +1,1 @@
+"""The model engine: load/encode/generate any image-text-to-text model, batches, training, evaluation, the QA generator, pseudo QA sampling, the neuron mask, vision warmup, checkpoints. Imports leaml.config, leaml.store and leaml.data (never methods, jobs, app or cli)."""

@@ -1,0 +1,1 @@
+"""The embedded tiny bases: how they are built (config, tokenizer, processor), their general corpus, pretraining, its evaluation, and the committed weights in assets/. Imports leaml.engine and below."""

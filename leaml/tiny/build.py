@@ -1,0 +1,101 @@
+"""The embedded tiny bases, built from configs: a small LLaVA (tiny CLIP vision tower + tiny
+Llama) with a byte-level BPE tokenizer trained locally and a PIL-backed processor. Untrained;
+``python -m leaml pretrain-tiny`` (leaml/tiny/pretrain.py) trains and saves them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A simple user/assistant template; the image placeholder goes in the user turn. The
+# generation prompt ends with a newline so the answer's first token never merges with it.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '\\n' }}{% else %}{{ 'ASSISTANT:\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ eos_token + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:\\n' }}{% endif %}"
+)
+
+
+
+@dataclass
+class TinyConfig:
+    """Shape of the tiny LLaVA. Defaults are the committed base (~3M parameters)."""
+    image_size: int = 96          # input resolution (pixels, square)
+    patch_size: int = 32          # 96/32 -> 3x3 = 9 image tokens, one per 3x3-grid cell
+    vision_hidden: int = 128      # CLIP width
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 384
+    text_hidden: int = 128        # Llama width
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 384
+    vocab_size: int = 2048        # byte-level BPE target size
+    max_positions: int = 256
+
+
+def build_tokenizer(vocab_size: int = 2048, texts: list[str] | None = None):
+    """Train a byte-level BPE tokenizer locally; any unicode text encodes (bytes fallback)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from leaml.tiny.corpus import tokenizer_texts
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(texts if texts is not None else tokenizer_texts(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>",
+                                  extra_special_tokens={"image_token": "<image>"})
+    tok.padding_side = "left"
+    return tok
+
+
+def build_processor(cfg: TinyConfig, tokenizer):
+    """CLIPImageProcessorPil + tokenizer + chat template in a LlavaProcessor."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    ip = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
+                               crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    # "default" strategy drops CLS: exactly (image/patch)^2 image tokens, matching the model.
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                          vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
+
+
+def build_tiny(seed: int = 0, **overrides):
+    """An untrained tiny LLaVA ``(model, processor)`` from configs; overrides go to TinyConfig."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+    cfg = TinyConfig(**overrides)
+    tok = build_tokenizer(cfg.vocab_size)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp,
+                              num_hidden_layers=cfg.vision_layers,
+                              num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
+                              patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
+                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         image_seq_length=n_img, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    return model.eval(), build_processor(cfg, tok)
