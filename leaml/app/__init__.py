@@ -1,1 +1,1 @@
-"""What the web app does, as permission-checked functions the pages call: accounts and sessions, projects, labeling, review, jobs, dashboards, the loop. No Streamlit here. Imports leaml.jobs.queue and below."""
+"""What the web app does, as permission-checked functions the pages call through service.py (which re-exports the rest): accounts and sessions, projects, labeling, review, jobs, the loop, dashboards, images. No Streamlit here. Imports leaml.jobs.queue and below."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sqlite_utils
 
 from leaml import auth
-from leaml.app import service as app_service
-from leaml.jobs import queue as jobs
+from leaml.app import jobs as app_jobs
+from leaml.app.accounts import require as _require
+from leaml.app.projects import seed_target
 from leaml.store import projects as projects_store
 from leaml.store import runs as runs_store
 
@@ -53,8 +54,8 @@ def start_generator_and_pseudo(db: sqlite_utils.Database, user: dict, project: s
     """Queue step 1 (train G) and step 2 (pseudo pairs from the G it trains) at once; the
     worker runs jobs in order, so the pseudo job starts when G is stored. Both need 'train'.
     ``generator``/``pseudo`` are app_service.job_params results. Returns both job ids."""
-    first = app_service.start_job(db, user, "generator", project, generator)
-    return first, app_service.start_job(db, user, "pseudo", project, pseudo)
+    first = app_jobs.start_job(db, user, "generator", project, generator)
+    return first, app_jobs.start_job(db, user, "pseudo", project, pseudo)
 
 
 def has_baseline(db: sqlite_utils.Database, project_id: int) -> bool:
@@ -88,13 +89,12 @@ def loop_status(db: sqlite_utils.Database, user: dict, project_id: int) -> dict:
     target, the newest generator run, pending and decided pseudo pairs, the last finetune
     (a LEAML run) and seed-only baseline with their accuracy, the active jobs; and
     ``next``, what this user can do next (only pages their role can open)."""
-    user = app_service._require(db, user, "view")
+    user = _require(db, user, "view")
     project = projects_store.get_project(db, project_id)
     counts = projects_store.project_counts(db, project_id)
-    active = [j for j in jobs.list_jobs(db, project_id, limit=20)
-              if j["status"] in ("queued", "running")]
+    active = app_jobs.active_jobs(db, user, project_id)  # a dead worker's job is not active
     status = {"seed_pairs": counts["seed"], "seed_images": counts["seed_images"],
-              "seed_target": app_service.seed_target(project, counts),
+              "seed_target": seed_target(project, counts),
               "unlabeled_images": counts["unlabeled_images"],
               "generator": _latest(db, project_id, "generator"),
               "pending": counts["pending"],
