@@ -17,11 +17,17 @@ def test_form_knobs_are_engine_fields():
 
 def test_job_params_shapes():
     p = app_service.job_params("run", base_model="tiny", seed=1, method="caption-then-seed",
-                               label_fraction=0.01, hyperparameters={"lr": 0.01, "k": 2})
+                               label_fraction=0.01, hyperparameters={"lr": 0.01})
     assert p == {"base_model": "tiny", "seed": 1, "method": "caption-then-seed",
                  "label_fraction": 0.01, "overrides": {"align": {"lr": 0.01},
-                                                       "train": {"lr": 0.01}},
-                 "options": {"k": 2}}
+                                                       "train": {"lr": 0.01}}}
+    p = app_service.job_params("run", base_model="tiny", seed=1, method="leaml",
+                               hyperparameters={"lr": 0.01, "k": 2, "rho": 0.5})
+    assert p["overrides"] == {"finetune": {"lr": 0.01}, "pseudo": {"k": 2},
+                              "generator": {"rho": 0.5}}
+    with pytest.raises(ValueError, match="'k' is not a knob of caption-then-seed"):
+        app_service.job_params("run", base_model="tiny", seed=1, method="caption-then-seed",
+                               hyperparameters={"k": 2})
 
 
 @pytest.mark.parametrize("role,allowed", [("admin", True), ("expert", True),

@@ -61,34 +61,14 @@ def test_caption_context_and_answer_stream_examples():
     assert generator.known_form(old) == ("generate", False)
 
 
-WHERE = "Where in the image is the polyp?"
-
-
-def test_swapped_examples_change_the_named_answer_in_caption_and_target_alike():
-    rows = [{"question": WHERE, "answer": "upper-left", "image_caption": "A polyp in the upper-left."},
-            {"question": WHERE, "answer": "center", "image_caption": "A polyp in the center, a clip "
-                                                                       "in the lower-right."},
-            {"question": WHERE, "answer": "lower-right", "image_caption": "A polyp, unplaced."},
+def test_answer_stream_is_the_seed_pairs_with_caption_context_or_nothing():
+    rows = [{"question": "Where in the image is the polyp?", "answer": "center",
+             "image_caption": "A polyp in the center."},
             {"question": "Is there text?", "answer": "no", "image_caption": "No text, no polyp."}]
-    out = generator.swapped_examples(rows, lambda r: r["answer"], swaps=5, seed=0)
-    got = sorted((e.image, e.instruction, e.target) for e in out)
-    # row 1: every other answer of the question; row 2: not the one its caption names already;
-    # row 3: the caption does not name its answer; row 4: yes/no is left alone
-    assert got == sorted([
-        ("upper-left", f"A polyp in the center.\n{WHERE}", "center"),
-        ("upper-left", f"A polyp in the lower-right.\n{WHERE}", "lower-right"),
-        ("center", f"A polyp in the upper-left, a clip in the lower-right.\n{WHERE}", "upper-left")])
-    assert all(e.open for e in out)
-    one = generator.swapped_examples(rows, str, swaps=1, seed=0)
-    assert len(one) == 2 and one == generator.swapped_examples(rows, str, swaps=1, seed=0)
-    assert generator.swapped_examples(rows, str, swaps=0) == []
-    with pytest.raises(ValueError, match="caption_swaps"):
-        GeneratorConfig(caption_swaps=-1)
-    # the stream G trains on: the swaps only with caption context, nothing without the stream
     plain = generator.answer_examples(rows, str, context=True)
-    assert generator.answer_stream(rows, str, GeneratorConfig(caption_swaps=1)) == plain + one
+    assert plain[0].instruction == "A polyp in the center.\nWhere in the image is the polyp?"
     assert generator.answer_stream(rows, str, GeneratorConfig()) == plain
-    assert generator.answer_stream(rows, str, GeneratorConfig(caption_swaps=1, captions=False)) == \
+    assert generator.answer_stream(rows, str, GeneratorConfig(captions=False)) == \
         generator.answer_examples(rows, str)
     assert generator.answer_stream(rows, str, GeneratorConfig(answer_stream=False)) == []
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from leaml.config import fold_overrides
+
 METHODS_HELP = "leaml, seed-lora, seed-full, caption-then-seed, caption-qa, zero-shot"
 
 
@@ -24,23 +26,8 @@ def _threads(n: int) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["train.lr=1e-3", "eval_batch_size=32"]`` -> ``{"train": {"lr": 0.001}, ...}``;
-    values are JSON where they parse as JSON, else text."""
-    out: dict = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: write STAGE.FIELD=VALUE, e.g. train.lr=1e-3")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        stage, dot, name = key.partition(".")
-        if dot:
-            out.setdefault(stage, {})[name] = value
-        else:
-            out[key] = value
-    return out
+    """``--set`` strings as the nested overrides (``leaml.config.fold_overrides`` parses them)."""
+    return fold_overrides("", sets=pairs)
 
 
 def _add_run(sub, common) -> None:
@@ -71,13 +58,11 @@ def _add_run(sub, common) -> None:
 
 def cmd_run(args) -> int:
     from leaml.methods import pipeline
-    overrides = parse_overrides(args.set)
     if (args.rho is not None or args.no_captions) and args.method != "leaml":
         raise ValueError("--rho and --no-captions apply to --method leaml only")
-    if args.rho is not None:
-        overrides.setdefault("generator", {})["rho"] = args.rho
-    if args.no_captions:
-        overrides.setdefault("generator", {})["captions"] = False
+    flags = {"rho": args.rho} if args.rho is not None else {}
+    flags.update({"captions": False} if args.no_captions else {})
+    overrides = fold_overrides(args.method, sets=args.set, options=flags)
     if args.background:
         from leaml.cli.jobs import queue_background
         params = {"method": args.method, "label_fraction": args.label_fraction,

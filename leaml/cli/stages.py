@@ -17,8 +17,8 @@ def _print_json(obj) -> None:
 
 
 def _overrides(args) -> dict:
-    from leaml.cli.runs import parse_overrides
-    return parse_overrides(getattr(args, "set", []))
+    from leaml.config import fold_overrides
+    return fold_overrides("leaml", sets=getattr(args, "set", []))
 
 
 def _shared(p: argparse.ArgumentParser) -> None:

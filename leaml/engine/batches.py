@@ -2,7 +2,7 @@
 
 Kept apart from the loop (``leaml/engine/train.py``) so that the loop reads as a loop. Everything
 here is deterministic given a seed and a step number: the order of examples in an epoch and
-the augmentation of a batch are derived from ``(seed, stream, epoch)`` and ``(seed, step)``,
+the hard draws of a batch are derived from ``(seed, stream, epoch)`` and ``(seed, step)``,
 never from a running RNG, so a run resumed from a checkpoint sees exactly the batches an
 uninterrupted run would have seen.
 """
@@ -17,10 +17,11 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from leaml.config import MAX_TARGET_TOKENS
 from leaml.engine import models
 
-# Words whose meaning a flip or rotation of the image changes. An example whose instruction
-# or target holds one of them is never augmented ("where is the polyp?" -> "left").
+# Words whose meaning a flip of the image changes ("where is the polyp?" -> "left"): the
+# vision warmup (leaml/engine/warmup.py) mirrors only answers it can mirror with the image.
 _POSITION_WORDS = re.compile(
     r"\b(left|right|top|bottom|upper|lower|up|down|above|below|center|centre|central|"
     r"middle|corner|side|position|located|location|where|quadrant|clockwise|"
@@ -28,7 +29,7 @@ _POSITION_WORDS = re.compile(
 
 
 def mentions_position(*texts: str) -> bool:
-    """True when any text speaks about position or orientation (augmentation would lie)."""
+    """True when any text speaks about position or orientation (a mirror may change the answer)."""
     return any(_POSITION_WORDS.search(t or "") for t in texts)
 
 
@@ -38,47 +39,15 @@ _PLACE_PARTS = {"left", "right", "upper", "lower", "top", "bottom", "center", "c
                 "middle", "none"}
 _MIRROR = {"h": {"left": "right", "right": "left"},
            "v": {"upper": "lower", "lower": "upper", "top": "bottom", "bottom": "top"}}
-# transposed (mirrored along the main diagonal): rows become columns; row words come first
-_TRANSPOSE = {"left": "upper", "upper": "left", "right": "lower", "lower": "right",
-              "center": "center", "centre": "centre", "middle": "middle", "none": "none"}
 
 
 def mirror_word(word: str, axis: str) -> str | None:
     """``word`` as it reads in the image mirrored along ``axis``: 'upper-left' -> 'upper-right'
-    ('h'), 'lower-left' ('v') or, transposed ('t': rows become columns, row word first),
-    'center-left' -> 'upper-center'; None when the word is not a place name (or, for 't',
-    names no row or column: 'top')."""
+    ('h') or 'lower-left' ('v'); None when the word is not a place name."""
     parts = re.split(r"([-\s]+)", word)
-    if not all(p in (_TRANSPOSE if axis == "t" else _PLACE_PARTS) for p in parts[::2]):
+    if not all(p in _PLACE_PARTS for p in parts[::2]):
         return None
-    if axis == "t":  # the column word becomes the row word and comes first
-        return "".join(_TRANSPOSE[p] if i % 2 == 0 else p for i, p in enumerate(parts[::-1]))
     return "".join(_MIRROR[axis].get(p, p) if i % 2 == 0 else p for i, p in enumerate(parts))
-
-
-def mirror_target(instruction: str, target: str, axes: str) -> str | None:
-    """``target`` as the answer for the image mirrored along each axis in ``axes`` ('h', 'v',
-    'hv'): unchanged when neither text speaks of position; its place names mirrored, case
-    kept, when every comma-separated part of it is a place name ("Upper-left, center" ->
-    "Upper-right, center" for 'h'; a list sorted as the demo's stays sorted); None when a
-    mirror leaves the answer unknown (a position question answered otherwise: "Is the polyp
-    on the left?" "Yes")."""
-    if not mentions_position(instruction, target):
-        return target
-    parts = [p.strip().lower() for p in target.split(",")]
-    if not all(p and mirror_word(p, "h") is not None for p in parts):
-        return None
-    swap = {k: v for axis in axes for k, v in _MIRROR[axis].items()}
-
-    def one(m: re.Match) -> str:
-        word = m.group()
-        new = swap.get(word.lower(), word.lower())
-        return new.upper() if word.isupper() and len(word) > 1 else \
-            new.capitalize() if word[0].isupper() else new
-    mirrored = [re.sub(r"[A-Za-z]+", one, p.strip()) for p in target.split(",")]
-    if len(parts) > 1 and parts == sorted(parts):  # a sorted list stays sorted
-        mirrored.sort(key=str.lower)
-    return ", ".join(mirrored)
 
 
 @dataclass
@@ -87,13 +56,12 @@ class Example:
 
     ``image`` is a path (opened lazily or cached as a tensor) or an already open PIL image.
     ``open`` marks free-text/short-answer examples that ``TrainConfig.oversample_open``
-    repeats; ``augment`` False keeps the image as is even when augmentation is on.
+    repeats.
     """
     image: str | Path | Image.Image
     instruction: str
     target: str
     open: bool = False
-    augment: bool = True
 
 
 def open_image(image: str | Path | Image.Image) -> Image.Image:
@@ -149,8 +117,6 @@ class ImageSource:
         return models.pixel_values(self.processor, [open_image(self.images[i]) for i in indices])
 
 
-MAX_TARGET_TOKENS = 512  # TrainConfig.max_target_tokens' default; an imported caption may run
-                         # to 10,000 characters (~3,500 tokens)
 
 
 class TextCache:
@@ -162,25 +128,10 @@ class TextCache:
     """
 
     def __init__(self, processor, examples: Sequence[Example], chunk: int = 256,
-                 max_target_tokens: int = MAX_TARGET_TOKENS, mirror: bool = False):
+                 max_target_tokens: int = MAX_TARGET_TOKENS):
         self.pad_id = _pad_id(processor)
-        # sequences 0..n-1 are the examples; with ``mirror`` the mirrored targets that differ
-        # follow (see :func:`mirror_target`), ``mirrored[axes][i]`` names example i's sequence
-        # for an image mirrored along ``axes`` (-1: it sits such images out)
         seqs = [(e.instruction, e.target) for e in examples]
-        self.example_of = list(range(len(examples)))
-        self.mirrored: dict[str, list[int]] = {}
-        for axes in ("h", "v", "hv") if mirror else ():
-            column = []
-            for i, e in enumerate(examples):
-                t = mirror_target(e.instruction, e.target, axes)
-                if t is None or t == e.target:
-                    column.append(-1 if t is None else i)
-                else:
-                    seqs.append((e.instruction, t))
-                    self.example_of.append(i)
-                    column.append(len(seqs) - 1)
-            self.mirrored[axes] = column
+        self.example_of = list(range(len(examples)))  # the example of each sequence
         # VQA sets repeat the same few questions and answers: tokenise each distinct pair once
         pairs = list(dict.fromkeys(seqs))
         ids, labels = [], []
@@ -222,12 +173,12 @@ def _target_end(labels: torch.Tensor, max_target_tokens: int) -> int:
     return int(target[0]) + max_target_tokens
 
 
-def image_groups(image_index: Sequence[int], augmentable: Sequence[bool]) -> list[list[int]]:
-    """Example indices grouped by (image, augmentable), in order of first appearance: the
-    examples that may share one packed sequence (augmentation acts on the whole image)."""
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, (img, aug) in enumerate(zip(image_index, augmentable)):
-        groups.setdefault((img, bool(aug)), []).append(i)
+def image_groups(image_index: Sequence[int]) -> list[list[int]]:
+    """Example indices grouped by image, in order of first appearance: the examples that may
+    share one packed sequence."""
+    groups: dict[int, list[int]] = {}
+    for i, img in enumerate(image_index):
+        groups.setdefault(img, []).append(i)
     return list(groups.values())
 
 
@@ -281,9 +232,7 @@ class PackedText:
         seqs, labs, pos, seg = [], [], [], []
         for row in rows:
             if len(row) > 1:
-                p = self._prefix.get(tuple(row))
-                if p is None:  # a row of mirrored targets: the same prompts, the same prefix
-                    p = self._prefix[tuple(row)] = self._prefix_len(row)
+                p = self._prefix[tuple(row)]
             else:  # one example: its whole sequence is the "prefix", no blocks follow
                 p = len(self.text.ids[row[0]])
             ids = [self.text.ids[row[0]][:p]]
@@ -381,27 +330,3 @@ class EpochOrder:
             e = len(self._starts) - 1
             self._starts.append(self._starts[-1] + len(self._epoch_order(e)))
         return max(e for e, s in enumerate(self._starts[:-1]) if s <= pos)
-
-
-def augment(pixels: torch.Tensor, allowed: Sequence[bool], kind: str, seed: int,
-            step: int) -> torch.Tensor:
-    """Label-safe augmentation of a batch of pixel tensors (B, C, H, W).
-
-    ``kind`` is 'none', 'flip' (horizontal), 'rot90' (quarter turns, square images only) or
-    'flip+rot90'. Rows whose example is not ``allowed`` (it talks about position) are left
-    untouched. Randomness comes from (seed, step), so a resumed run augments identically.
-    """
-    if kind == "none" or not any(allowed):
-        return pixels
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) & 0x7FFFFFFF)
-    out = pixels.clone()
-    flips = torch.rand(len(out), generator=g) < 0.5
-    turns = torch.randint(0, 4, (len(out),), generator=g)
-    for row in range(len(out)):
-        if not allowed[row]:
-            continue
-        if "flip" in kind and flips[row]:
-            out[row] = torch.flip(out[row], dims=[-1])
-        if "rot90" in kind and turns[row] and out.shape[-1] == out.shape[-2]:
-            out[row] = torch.rot90(out[row], int(turns[row]), dims=[-2, -1])
-    return out

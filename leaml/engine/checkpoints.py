@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -194,3 +195,58 @@ def _set_aside(folder: Path) -> None:
     aside = folder.with_name(folder.name + ".corrupt")
     shutil.rmtree(aside, ignore_errors=True)
     folder.rename(aside)
+
+
+# --- a training run's state (leaml.engine.train) -------------------------------------------
+
+# config fields a resumed stage must share with its checkpoint
+RESUME_KEYS = ("mode", "lr", "batch_size", "grad_accum", "seed", "lora_r", "epochs",
+               "max_steps", "min_steps", "oversample_open", "hard_fraction")
+
+
+def save_training(acc, ckpt: Path, model, optimizer, scheduler, config, step, stage,
+                  losses=None) -> None:
+    """Write the checkpoint atomically with its checksum, keeping the previous one
+    (:func:`save`; ``ckpt`` is ``<work_dir>/checkpoint``)."""
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    inner = acc.unwrap_model(model)
+    state = {
+        "step": step, "stage": stage, "config": config.to_dict(),
+        # full mode: every weight (a tower frozen after its warmup was trained too); LoRA: adapters
+        "weights": {n: p.detach().cpu() for n, p in inner.named_parameters()
+                    if p.requires_grad or config.mode == "full"},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "question_losses": losses.state_dict() if losses else None,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    save(ckpt.parent, state, {"stage": stage, "step": step, "config": config.to_dict()})
+
+
+def load_training(ckpt: Path, model, optimizer, scheduler, config, stage,
+                  losses=None) -> int | None:
+    """Load the newest intact checkpoint into the model, optimizer and scheduler; returns its
+    step, or None when none is usable (the stage starts over; the reason is logged)."""
+    state, folder = load(ckpt.parent)
+    if state is None:
+        return None
+    saved = state["config"]
+    diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(config, k)]
+    if diff or state["stage"] != stage:
+        raise ValueError(f"checkpoint {folder} was written by another config ({', '.join(diff) or 'stage'}"
+                         f" differ); delete the folder or train with resume=False")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if losses is not None and state.get("question_losses"):
+        losses.load_state_dict(state["question_losses"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])

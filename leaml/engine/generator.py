@@ -25,9 +25,7 @@ labels that is what lets the captions reach the pseudo answers (bench/RESULTS.md
 from __future__ import annotations
 
 import math
-import random
-from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,74 +34,12 @@ import torch
 from leaml.engine import models
 from leaml.engine import neurons
 from leaml.engine.batches import Example, ImageSource, TextCache
-from leaml.engine.pseudo import QA_INSTRUCTION, YES_NO, format_qa, named_at, with_context
-from leaml.engine.train import Stream, TrainConfig, TrainResult, train
-from leaml.config import option as _f
+from leaml.config import GeneratorConfig  # noqa: F401  (re-exported)
+from leaml.config import generator_train as default_train  # noqa: F401  (re-exported)
+from leaml.engine.pseudo import QA_INSTRUCTION, YES_NO, format_qa, with_context
+from leaml.engine.train import Stream, TrainResult, train
 
 CAPTION_INSTRUCTION = "Describe the image."
-
-
-def default_train() -> TrainConfig:
-    """G's optimiser settings (full finetuning; the step count comes from GeneratorConfig)."""
-    return TrainConfig(mode="full", lr=1e-3, batch_size=32, warmup_ratio=0.05,
-                       weight_decay=0.0)
-
-
-@dataclass
-class GeneratorConfig:
-    """Every knob of LEAML's QA-generator stage, with its default."""
-    train: TrainConfig = _f(default_train(), "optimiser settings of G (mode must be 'full')")
-    rho: float = _f(0.1, "fraction of neurons per layer that caption steps may update (1.0 = all, no masks)")
-    captions: bool = _f(True, "interleave caption distillation (False = the no-captions ablation)")
-    caption_ratio: float = _f(1.0, "caption steps per seed-QA step")
-    qa_epochs: float = _f(12.0, "passes over the seed QA stream")
-    min_qa_steps: int = _f(60, "at least this many seed-QA steps (tiny seed sets still train)")
-    max_qa_steps: int = _f(400, "at most this many seed-QA steps (0 = no cap)")
-    importance_batch_size: int = _f(16, "examples per backward pass when scoring neurons")
-    max_captions: int = _f(0, "use at most this many captioned images (0 = all), seeded choice")
-    answer_stream: bool = _f(True, "also train the seed QA as question -> answer, the form in "
-                                   "which known-question pseudo QA answers")
-    answer_ratio: float = _f(4.0, "answer-stream steps per seed-QA step")
-    caption_context: bool = _f(True, "start G's QA prompts with the image's teacher caption, in "
-                                     "training and pseudo QA (needs captions)")
-    caption_swaps: int = _f(0, "answer stream, with caption context: per seed pair whose answer "
-                               "its caption names, this many copies with that name swapped for "
-                               "another seed answer of the question, in caption and answer")
-
-    def __post_init__(self):
-        if isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train)
-        checks = [(self.train.mode == "full", "train.mode must be 'full' (G is fully finetuned)"),
-                  (0 < self.rho <= 1, "rho must be in (0, 1]"),
-                  (self.caption_ratio > 0, "caption_ratio must be > 0"),
-                  (self.answer_ratio > 0, "answer_ratio must be > 0"),
-                  (self.qa_epochs > 0, "qa_epochs must be > 0"),
-                  (self.min_qa_steps >= 1 and self.max_qa_steps >= 0, "min_qa_steps >= 1, max_qa_steps >= 0"),
-                  (self.importance_batch_size >= 1, "importance_batch_size must be >= 1"),
-                  (self.max_captions >= 0, "max_captions must be >= 0"),
-                  (self.caption_swaps >= 0, "caption_swaps must be >= 0")]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"GeneratorConfig: {msg}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GeneratorConfig":
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def qa_steps(self, n_seed: int) -> int:
-        steps = max(self.min_qa_steps, math.ceil(self.qa_epochs * n_seed / self.train.batch_size))
-        return min(steps, self.max_qa_steps) if self.max_qa_steps else steps
-
-    @property
-    def context(self) -> bool:
-        """Whether G's QA prompts carry the caption (caption_context, unless no captions)."""
-        return self.captions and self.caption_context
 
 
 def known_form(config: dict) -> tuple[str, bool]:
@@ -136,45 +72,12 @@ def answer_examples(rows: Sequence[dict], image_file: Callable[[dict], str], *,
 
 
 def answer_stream(rows: Sequence[dict], image_file: Callable[[dict], str],
-                  cfg: GeneratorConfig, seed: int = 0) -> list[Example]:
+                  cfg: GeneratorConfig) -> list[Example]:
     """G's answer stream as ``cfg`` sets it: none without ``answer_stream``; else the seed
-    pairs as question -> answer and, with caption context, ``caption_swaps`` counterfactual
-    copies of those whose caption names the answer (``swapped_examples``)."""
+    pairs as question -> answer (after the caption with caption context)."""
     if not cfg.answer_stream:
         return []
-    out = answer_examples(rows, image_file, context=cfg.context)
-    if cfg.context:
-        out += swapped_examples(rows, image_file, cfg.caption_swaps, seed)
-    return out
-
-
-def swapped_examples(rows: Sequence[dict], image_file: Callable[[dict], str], swaps: int,
-                     seed: int = 0) -> list[Example]:
-    """Counterfactual answer-stream examples that teach G to read the caption: for each seed
-    pair whose image caption (``image_caption``) names its answer, up to ``swaps`` copies in
-    which that name (its first mention) is replaced, in the caption and in the answer alike,
-    by another answer the seed set gives to the same question (one the caption does not
-    name). Yes/no answers are left alone. The image stays as it is, so only the caption tells
-    the answer: on 30 labelled images G otherwise answers places and colours from the image
-    and its priors, although the captions name them (bench/RESULTS.md)."""
-    if not swaps:
-        return []
-    answers: dict[str, set[str]] = defaultdict(set)
-    for r in rows:
-        answers[r["question"].strip()].add(r["answer"].strip())
-    rng = random.Random(seed)
-    out = []
-    for r in rows:
-        q, a, caption = r["question"].strip(), r["answer"].strip(), r.get("image_caption") or ""
-        span = None if a.lower() in YES_NO else named_at(caption, a)
-        if not span:
-            continue
-        others = sorted(x for x in answers[q] if x.lower() not in (a.lower(), *YES_NO)
-                        and not named_at(caption, x))
-        for alt in rng.sample(others, min(swaps, len(others))):
-            swapped = caption[:span[0]] + alt + caption[span[1]:]
-            out.append(Example(image_file(r), with_context(swapped, q), alt, open=True))
-    return out
+    return answer_examples(rows, image_file, context=cfg.context)
 
 
 def caption_examples(rows: Sequence[dict], image_file: Callable[[dict], str]) -> list[Example]:

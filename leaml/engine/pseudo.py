@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from leaml.config import option as _f
+from leaml.config import PseudoConfig  # noqa: F401  (re-exported)
 from leaml.store.text import text_problem
 
 QA_INSTRUCTION = "Generate a question about this image and answer it."
@@ -105,48 +105,6 @@ def known_prompt(question: str, form: str = "generate", context: str | None = No
 def known_target(prefix: str, answer: str) -> str:
     """G's whole reply for a known question: ``prefix`` (may be empty) then the answer."""
     return f"{prefix} {answer.strip()}" if prefix else answer.strip()
-
-
-@dataclass
-class PseudoConfig:
-    """How pseudo QA is sampled from the generator and which pairs may train the target."""
-    k: int = _f(12, "per unlabeled image: known questions asked ('known' mode), or QA candidates "
-                "sampled ('sample' mode)")
-    temperature: float = _f(0.7, "sampling temperature")
-    top_p: float = _f(0.95, "nucleus sampling mass")
-    max_new_tokens: int = _f(48, "generation budget; a candidate that hits it is dropped as cut off")
-    batch_size: int = _f(32, "images per generate() call (each yields k sequences)")
-    seed: int = _f(0, "sampling seed (each chunk of images reseeds from it, so resumes match)")
-    chunk: int = _f(128, "images per stored chunk (the unit of progress, cancel and resume)")
-    max_images: int = _f(0, "sample at most this many unlabeled images (0 = all), seeded choice")
-    question_mode: str = _f("known", "'known': G answers k known questions per image (drawn by "
-                            "seed frequency; fixed-template sets); 'sample': G writes both")
-    answer_mode: str = _f("choose", "'known' questions: 'generate' (G's greedy answer) or "
-                          "'choose' (the answer, among those the seed QA gives to that question, "
-                          "that G finds most likely: no misspelt or unseen answers)")
-    max_choices: int = _f(64, "answer_mode 'choose': at most this many answers per question "
-                          "(the most frequent in the seed QA)")
-    known_questions: bool = _f(True, "keep only questions the project already asks (seed/test/"
-                               "accepted; fixed-template sets such as Kvasir-VQA), in their known wording")
-    caption_choices: bool = _f(True, "answer_mode 'choose', generator reading captions: choose "
-                               "only among the answers the image's caption names, where it names any")
-    caption_questions: bool = _f(True, "'known' questions, generator reading captions: ask a "
-                                 "question that the seed QA asks of only some images (where is the "
-                                 "abnormality?) only of images whose caption names one of its answers")
-
-    def __post_init__(self):
-        for ok, msg in [(self.k >= 1, "k must be >= 1"), (self.temperature > 0, "temperature must be > 0"),
-                        (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                        (self.max_new_tokens >= 4, "max_new_tokens must be >= 4"),
-                        (self.batch_size >= 1 and self.chunk >= 1, "batch_size and chunk must be >= 1"),
-                        (self.max_images >= 0, "max_images must be >= 0"),
-                        (self.question_mode in ("sample", "known"), "question_mode: 'sample' or 'known'"),
-                        (self.answer_mode in ("generate", "choose"), "answer_mode: 'generate' or 'choose'"),
-                        (self.answer_mode == "generate" or self.question_mode == "known",
-                         "answer_mode 'choose' needs question_mode 'known' (set answer_mode 'generate')"),
-                        (self.max_choices >= 1, "max_choices must be >= 1")]:
-            if not ok:
-                raise ValueError(f"PseudoConfig: {msg}")
 
 
 @dataclass

@@ -8,16 +8,15 @@ deterministic weighted round robin, and a stream may carry gradient masks over p
 
 Runs under ``accelerate``: a plain CPU process, or ``accelerate launch`` for GPUs / DDP, where
 each process takes its slice of every micro-batch. Checkpoints carry the config, the step, the
-trainable weights, optimizer, scheduler and RNG state; the batch order and augmentation are
-pure functions of (seed, step), so a resumed run ends with the same weights as an
+trainable weights, optimizer, scheduler and RNG state; the batch order and the hard draws
+are pure functions of (seed, step), so a resumed run ends with the same weights as an
 uninterrupted one.
 """
 from __future__ import annotations
 
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,114 +24,14 @@ import torch
 
 from leaml.engine import checkpoints
 from leaml.engine import models
-from leaml.engine.batches import (MAX_TARGET_TOKENS, EpochOrder, Example, ImageSource, PackedText,
-                           TextCache, augment, image_groups, mentions_position)
-from leaml.config import option as _f
+from leaml.config import TrainConfig, describe_config  # noqa: F401  (re-exported)
+from leaml.engine.batches import EpochOrder, Example, ImageSource, PackedText, TextCache, image_groups
 from leaml.engine.question_losses import QuestionLosses
 from leaml.engine.warmup import AnswerTargets
 from leaml.engine.warmup import fit as fit_heads
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 CHECKPOINT = "checkpoint"
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run; stored as JSON with the run and its checkpoints."""
-    mode: str = _f("lora", "'lora' (peft adapters on the language model) or 'full'")
-    lr: float = _f(1e-3, "peak learning rate of AdamW")
-    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only; never on frozen rows)")
-    warmup_ratio: float = _f(0.05, "fraction of the steps spent in linear warmup")
-    min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
-    batch_size: int = _f(32, "examples per optimizer step, over all processes and accumulation")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (batch_size must divide evenly)")
-    epochs: float = _f(3.0, "passes over the data (all streams together), if max_steps is 0")
-    max_steps: int = _f(0, "optimizer steps, overriding epochs and min_steps; 0 = from epochs")
-    min_steps: int = _f(0, "with epochs: at least this many steps (tiny label fractions still train)")
-    max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
-    seed: int = _f(0, "seeds weights of new adapters, batch order, augmentation, dropout")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    lora_targets: list = _f([], "module name suffixes to adapt; [] = arch_spec's language-model targets")
-    train_vision: bool = _f(True, "full mode: train the vision tower too (False = frozen)")
-    vision_lr_scale: float = _f(1.0, "full mode: the vision tower's lr = lr x this (0 = frozen "
-                                "after the vision warmup: no backward through it)")
-    image_cache_mb: float = _f(2048.0, "preprocess all images once when they fit; else open per batch")
-    augment: str = _f("none", "'none'; 'mirror' (left-right and up-down at random, place "
-                      "answers mirrored with the image, other position questions sit mirrored "
-                      "images out); or 'flip', 'rot90', 'flip+rot90' (never on position questions)")
-    oversample_open: float = _f(1.0, "per-epoch repeat factor of examples marked open")
-    checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on stop)")
-    mixed_precision: str = _f("no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory on large models")
-    pack: bool = _f(True, "train all questions of an image in one sequence (same loss, "
-                    "vision and prefix once); where the architecture allows")
-    vision_warmup_steps: int = _f(0, "full mode: steps of direct answer-word heads on the image "
-                                  "features (tower + projector) before the main loop; 0 = off")
-    vision_warmup_epochs: float = _f(0.0, "full mode: the vision warmup's length in passes "
-                                     "over the images, if vision_warmup_steps is 0")
-    vision_warmup_lr: float = _f(0.5, "SGD (momentum 0.9) lr of the vision warmup")
-    vision_warmup_flips: bool = _f(True, "vision warmup: mirror images at random, place answers "
-                                   "('upper-left') with them")
-    vision_warmup_transpose: bool = _f(False, "vision warmup, with flips: transpose images "
-                                       "(square ones) at random too, place answers following")
-    vision_warmup_where: bool = _f(False, "vision warmup: the heads learn a bias per image "
-                                   "token and answer word (place words find their tokens)")
-    vision_warmup_shift: int = _f(0, "vision warmup: move each image by up to this many pixels "
-                                  "along each axis at random (edges repeated); answers kept")
-    hard_fraction: float = _f(0.0, "fraction of every batch drawn by question, each with "
-                              "probability ~ its running loss ** question_power (questions "
-                              "not learned yet get more samples); 0 = off")
-    question_power: float = _f(1.0, "hard_fraction: a question's weight = its running loss ** this")
-    max_target_tokens: int = _f(MAX_TARGET_TOKENS, "targets longer than this many tokens are "
-                                "cut (an imported caption may run to 10,000 characters); prompts "
-                                "are never cut")
-
-    def __post_init__(self):
-        checks = [
-            (self.mode in ("lora", "full"), "mode must be 'lora' or 'full'"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.vision_lr_scale >= 0, "vision_lr_scale must be >= 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.batch_size % self.grad_accum == 0, "batch_size must be a multiple of grad_accum"),
-            (self.epochs > 0 or self.max_steps > 0, "set epochs > 0 or max_steps > 0"),
-            (self.max_steps >= 0 and self.min_steps >= 0, "max_steps/min_steps must be >= 0"),
-            (self.lora_r >= 1, "lora_r must be >= 1"),
-            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (self.augment in ("none", "mirror", "flip", "rot90", "flip+rot90"),
-             "augment must be 'none', 'mirror', 'flip', 'rot90' or 'flip+rot90'"),
-            (self.oversample_open >= 1, "oversample_open must be >= 1"),
-            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision: 'no', 'bf16' or 'fp16'"),
-            (self.vision_warmup_steps >= 0 and self.vision_warmup_epochs >= 0
-             and self.vision_warmup_lr > 0 and self.vision_warmup_shift >= 0,
-             "vision_warmup_steps/epochs/shift must be >= 0 and vision_warmup_lr > 0"),
-            (0 <= self.hard_fraction < 1, "hard_fraction must be in [0, 1)"),
-            (self.vision_warmup_steps == self.vision_warmup_epochs == 0 or self.mode == "full",
-             "vision_warmup_steps/epochs need mode 'full' (LoRA keeps the vision tower frozen)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def describe_config(cls=TrainConfig) -> list[tuple[str, object, str]]:
-    """(name, default, help) of every field of a config dataclass, for --help and the UI."""
-    out = []
-    for f in fields(cls):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        out.append((f.name, default, f.metadata.get("help", "")))
-    return out
 
 
 @dataclass
@@ -169,8 +68,8 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modul
     """Wrap with LoRA adapters (language model only) or set up full finetuning.
 
     LoRA: peft adapters on arch_spec's language-model target modules (or config.lora_targets),
-    everything else frozen. Full: every parameter trains, the vision tower too unless
-    config.train_vision is False.
+    everything else frozen. Full: every parameter trains (``vision_lr_scale`` sets the vision
+    tower's lr; 0 freezes it after the vision warmup, see :func:`train`).
     """
     if config.mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -184,9 +83,8 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modul
                           lora_dropout=config.lora_dropout, bias="none", target_modules=targets)
         torch.manual_seed(config.seed)  # adapter init is random: make it the run's
         return get_peft_model(model, lora)
-    frozen = set() if config.train_vision else _vision_params(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model
 
 
@@ -281,13 +179,8 @@ class _Data:
                  pack: bool = False):
         everything = [e for s in streams for e in s.examples]
         self.images = ImageSource(processor, [e.image for e in everything], config.image_cache_mb)
-        self.mirror = config.augment == "mirror"
-        self.text = TextCache(processor, everything, max_target_tokens=config.max_target_tokens,
-                              mirror=self.mirror)
+        self.text = TextCache(processor, everything, max_target_tokens=config.max_target_tokens)
         self.image_index = [self.images.index(e.image) for e in everything]
-        # mirroring rewrites or drops the position examples itself (TextCache.mirrored)
-        self.augmentable = [e.augment and (self.mirror or not mentions_position(
-            e.instruction, e.target)) for e in everything]
         image_token = getattr(processor, "image_token_id", None)
         self.packed = PackedText(self.text, image_token) if pack and image_token is not None \
             else None
@@ -295,9 +188,7 @@ class _Data:
         for sid, s in enumerate(streams):
             idx = list(range(start, start + len(s.examples)))
             if self.packed:
-                # without augmentation, position questions may share their image's row
-                aug = [self.augmentable[i] or config.augment == "none" for i in idx]
-                units = self.packed.rows(image_groups([self.image_index[i] for i in idx], aug))
+                units = self.packed.rows(image_groups([self.image_index[i] for i in idx]))
                 units = [[idx[i] for i in u] for u in units]
             else:
                 units = [[i] for i in idx]
@@ -320,7 +211,7 @@ class _Data:
                 start += len(s.examples)
 
     def micro_batch(self, stream: int, position: int, size: int, rank: int, world: int,
-                    config: TrainConfig, aug_key: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+                    config: TrainConfig, key: int) -> list[tuple[dict[str, torch.Tensor], float]]:
         """The (batch, share) parts of one micro-batch: the stream's next ``size`` examples or,
         with ``hard_fraction``, fewer of them and the hard examples as a second part (its own
         rows, so short single questions are not padded to the length of packed rows); a
@@ -336,48 +227,21 @@ class _Data:
             start, stop = round(position / per), round((position + size) / per)
             local = self.orders[stream].take(start, max(stop - start, world))[rank::world]
         units = [self.units[stream][i] for i in local]
-        parts = [(self._batch(units, config, aug_key), size / (size + hard))]
-        extra = [[i] for i in self._hard_examples(stream, hard, config.seed, aug_key)][rank::world]
+        parts = [(self._batch(units), size / (size + hard))]
+        extra = [[i] for i in self._hard_examples(stream, hard, config.seed, key)][rank::world]
         if extra:
-            parts.append((self._batch(extra, config, aug_key), hard / (size + hard)))
+            parts.append((self._batch(extra), hard / (size + hard)))
         return parts
 
-    def _batch(self, units: list[list[int]], config: TrainConfig, aug_key: int) -> dict[str, torch.Tensor]:
+    def _batch(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
         tag = self.losses is not None
         pixels = self.images.batch([self.image_index[u[0]] for u in units])
-        if self.mirror:
-            units, pixels = self._mirrored(units, pixels, config.seed, aug_key)
-        else:
-            pixels = augment(pixels, [self.augmentable[u[0]] for u in units],
-                             config.augment, config.seed, aug_key)
         if self.packed is None:
             batch = self.text.batch([u[0] for u in units], with_example=tag)
         else:
             batch = self.packed.batch(units, with_example=tag)
         batch["pixel_values"] = pixels
         return batch
-
-    def _mirrored(self, units: list[list[int]], pixels: torch.Tensor, seed: int,
-                  key: int) -> tuple[list[list[int]], torch.Tensor]:
-        """``augment='mirror'``: each unit's image mirrored left-right and up-down with
-        probability 1/2 each (from (seed, key)), its examples replaced by their sequences for
-        that mirror (place answers mirrored; examples the mirror leaves unknown left out). The
-        units come back as sequence indices of :class:`leaml.engine.batches.TextCache`."""
-        g = torch.Generator().manual_seed((seed * 1_000_003 + key) & 0x7FFFFFFF)
-        draws = (torch.rand(len(units), 2, generator=g) < 0.5).tolist()
-        out, pixels = [], pixels.clone()
-        for row, (unit, (h, v)) in enumerate(zip(units, draws)):
-            axes = "h" * h + "v" * v
-            seqs = [self.text.mirrored[axes][i] for i in unit] \
-                if axes and self.augmentable[unit[0]] else []
-            seqs = [s for s in seqs if s >= 0]
-            if not seqs:  # not mirrored (drawn so, or nothing of it survives a mirror)
-                out.append(unit)
-                continue
-            out.append(seqs)
-            dims = [d for d, on in ((-1, h), (-2, v)) if on]
-            pixels[row] = pixels[row].flip(dims)
-        return out, pixels
 
     def _hard_examples(self, stream: int, count: int, seed: int, key: int) -> list[int]:
         """``count`` examples of the stream: a question drawn by its running-loss weight, then
@@ -425,8 +289,8 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     ckpt = Path(work_dir) / CHECKPOINT if work_dir else None
     loaded = None
     if resume and ckpt and checkpoints.exists(ckpt.parent):
-        loaded = _load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, config,
-                                  stage, batches.losses)
+        loaded = checkpoints.load_training(ckpt, acc.unwrap_model(model), optimizer, scheduler,
+                                           config, stage, batches.losses)
     step = loaded or 0
     if loaded is None:
         torch.manual_seed(config.seed)  # dropout; a resumed run restored its RNG state above
@@ -466,7 +330,6 @@ def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: Tr
         else None
     _, losses = fit_heads(model, targets, batches.images.batch, steps=steps, batch_size=size,
                           lr=config.vision_warmup_lr, flips=config.vision_warmup_flips,
-                          transpose=config.vision_warmup_transpose,
                           shift=config.vision_warmup_shift, where=config.vision_warmup_where,
                           seed=config.seed, max_grad_norm=config.max_grad_norm, progress=report)
     return losses
@@ -493,11 +356,11 @@ def _loop(acc, model, optimizer, scheduler, batches, schedule, masks, config, st
         if progress:
             progress(stage, step, total, loss)
         if ckpt and config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-            _save_checkpoint(acc, ckpt, model, optimizer, scheduler, config, step, stage,
-                             batches.losses)
+            checkpoints.save_training(acc, ckpt, model, optimizer, scheduler, config, step,
+                                      stage, batches.losses)
     if stopped and ckpt:
-        _save_checkpoint(acc, ckpt, model, optimizer, scheduler, config, step, stage,
-                         batches.losses)
+        checkpoints.save_training(acc, ckpt, model, optimizer, scheduler, config, step, stage,
+                                  batches.losses)
     seconds = time.perf_counter() - t0
     return TrainResult(acc.unwrap_model(model), step, total, stopped, losses, seconds,
                        samples / seconds if seconds else 0.0, batches.images.cached)
@@ -598,61 +461,6 @@ def _optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
                    {"params": [p for p in params if p.dim() < 2],
                     "weight_decay": 0.0, "lr": config.lr * scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
-
-
-# --- checkpoints ---------------------------------------------------------------------------
-
-_RESUME_KEYS = ("mode", "lr", "batch_size", "grad_accum", "seed", "lora_r", "epochs",
-                "max_steps", "min_steps", "oversample_open", "augment", "hard_fraction")
-
-
-def _save_checkpoint(acc, ckpt: Path, model, optimizer, scheduler, config, step, stage,
-                     losses: QuestionLosses | None = None) -> None:
-    """Write the checkpoint atomically with its checksum, keeping the previous one
-    (:func:`leaml.engine.checkpoints.save`; ``ckpt`` is ``<work_dir>/checkpoint``)."""
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        return
-    inner = acc.unwrap_model(model)
-    state = {
-        "step": step, "stage": stage, "config": config.to_dict(),
-        # full mode: every weight (a tower frozen after its warmup was trained too); LoRA: adapters
-        "weights": {n: p.detach().cpu() for n, p in inner.named_parameters()
-                    if p.requires_grad or config.mode == "full"},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "question_losses": losses.state_dict() if losses else None,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    checkpoints.save(ckpt.parent, state, {"stage": stage, "step": step,
-                                          "config": config.to_dict()})
-
-
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, config, stage,
-                     losses: QuestionLosses | None = None) -> int | None:
-    """Load the newest intact checkpoint into the model, optimizer and scheduler; returns its
-    step, or None when none is usable (the stage starts over; the reason is logged)."""
-    state, folder = checkpoints.load(ckpt.parent)
-    if state is None:
-        return None
-    saved = state["config"]
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
-    if diff or state["stage"] != stage:
-        raise ValueError(f"checkpoint {folder} was written by another config ({', '.join(diff) or 'stage'}"
-                         f" differ); delete the folder or train with resume=False")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["weights"].items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if losses is not None and state.get("question_losses"):
-        losses.load_state_dict(state["question_losses"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
 
 
 def has_checkpoint(work_dir: str | Path) -> bool:

@@ -56,7 +56,7 @@ class AnswerTargets:
         # their labels there (a question about position whose answers are not place names
         # cannot say what a mirror does to it)
         self.mirror: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for axis in ("h", "v", "t"):
+        for axis in ("h", "v"):
             perm, keeps = list(range(len(self.labels))), []
             for q in self.questions:
                 ws = sorted(words[q])
@@ -72,22 +72,15 @@ class AnswerTargets:
             self.mirror[axis] = torch.tensor(perm), torch.tensor(keeps)
 
     def mirrored(self, pixels: torch.Tensor, y: torch.Tensor, asked: torch.Tensor,
-                 generator: torch.Generator, transpose: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch (pixels (B, C, H, W) and its rows of ``y``/``asked``) with each image
-        mirrored left-right and up-down with probability 1/2 each and, with ``transpose``
-        (square images only), along the diagonal too: the eight symmetries of the square.
-        Labels follow."""
+        mirrored left-right and up-down with probability 1/2 each. Labels follow."""
         pixels, y, asked = pixels.clone(), y.clone(), asked.clone()
-        axes = ("h", "v", "t") if transpose else ("h", "v")
-        if transpose and pixels.shape[-1] != pixels.shape[-2]:
-            raise ValueError(f"transpose needs square images, not {tuple(pixels.shape[-2:])}")
-        for axis in axes:
+        for axis in ("h", "v"):
             rows = torch.rand(len(pixels), generator=generator) < 0.5
             if rows.any():
                 perm, keeps = self.mirror[axis]
-                pixels[rows] = pixels[rows].transpose(-1, -2) if axis == "t" else \
-                    pixels[rows].flip(-1 if axis == "h" else -2)
+                pixels[rows] = pixels[rows].flip(-1 if axis == "h" else -2)
                 y[rows] = y[rows][:, perm]
                 asked[rows] &= keeps
         return pixels, y, asked
@@ -158,14 +151,14 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, asked: torch.Tensor,
 
 
 def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Tensor], *,
-        steps: int, batch_size: int, lr: float, flips: bool = True, transpose: bool = False,
+        steps: int, batch_size: int, lr: float, flips: bool = True,
         shift: int = 0, where: bool = False, seed: int = 0,
         max_grad_norm: float = 1.0,
         progress: Callable[[int, int, float], None] | None = None
         ) -> tuple[AnswerHeads, list[float]]:
     """Train the model's trainable parameters (the image path) and fresh heads on ``targets``
     for ``steps`` SGD steps (momentum 0.9, linear warmup over 5%, cosine decay) of
-    ``batch_size`` images drawn with replacement, mirrored with ``flips``/``transpose`` and
+    ``batch_size`` images drawn with replacement, mirrored with ``flips`` and
     moved by up to ``shift`` pixels, with a bias per image token and answer word if ``where``;
     ``pixels_of(image ids)`` gives their pixel tensors.
     Returns the heads and the losses."""
@@ -187,7 +180,7 @@ def fit(model, targets: AnswerTargets, pixels_of: Callable[[list[int]], torch.Te
         pixels = pixels_of([targets.images[r] for r in rows.tolist()])
         y, asked = targets.y[rows], targets.asked[rows]
         if flips:
-            pixels, y, asked = targets.mirrored(pixels, y, asked, gen, transpose=transpose)
+            pixels, y, asked = targets.mirrored(pixels, y, asked, gen)
         if shift:
             pixels = shifted(pixels, shift, gen)
         logits = heads(image_features(model, pixels.to(probe.device, probe.dtype)))

@@ -23,7 +23,7 @@ from typing import Callable
 
 import sqlite_utils
 
-from leaml import auth
+from leaml import auth, config
 from leaml.store import jobs as q
 from leaml.store.db import NotFoundError
 from leaml.store.projects import get_project
@@ -254,7 +254,8 @@ def _stage_kind(name: str) -> Kind:
         params = dict(params)  # the page's flat options (k, max_images, rho ...) + data mix
         options, mix = params.pop("options", None), params.pop("data_mix", None)
         if options or mix is not None:  # would be swallowed by the commands' **_ignored
-            params["overrides"] = leaml_method.job_overrides(params.get("overrides"), options, mix)
+            params["overrides"] = config.fold_overrides(name, params.get("overrides"),
+                                                        options=options, data_mix=mix)
         params = pin_config(ctx, params, "leaml")  # the stage commands read LEAML's config
         return command(ctx.db, ctx.job["project_id"], **_engine_kwargs(ctx, params))
     return run

@@ -1,6 +1,6 @@
 """The settings a queued job will really train with, flat by field name.
 
-Built by the same functions the job kinds call (``leaml_method.job_overrides``,
+Built by the same functions the job kinds call (``config.fold_overrides``,
 ``pipeline.method_config``, ``generator_config``, ``pseudo_config``), so a form's test can
 check that every field it shows reaches the engine: what the Training page stores as a job's
 params must come out here as entered. Imports the engine (torch): for the worker side and
@@ -8,8 +8,7 @@ tests, never for the app process.
 """
 from __future__ import annotations
 
-# TrainConfig fields the generator sets itself from its QA-step knobs (generator.train_generator)
-GENERATOR_OWN_STEPS = ("max_steps", "min_steps", "epochs")
+from leaml.config import GENERATOR_OWN_STEPS, fold_overrides
 
 
 def _flat(*dicts: dict) -> dict:
@@ -27,10 +26,10 @@ def effective_settings(kind: str, params: dict) -> dict:
     seed = int(params.get("seed", 0))
     top = {"seed": seed, "label_fraction": float(params.get("label_fraction", 1.0))}
     if kind == "run":
-        cfg = pipeline.method_config(params["method"], seed, _overrides(params))
+        cfg = pipeline.method_config(params["method"], seed, _overrides(params["method"], params))
         options = [v for v in cfg.options.values() if isinstance(v, dict)]
         return _flat(*options, *(tc.to_dict() for tc in cfg.stages.values()), top)
-    cfg = pipeline.method_config("leaml", seed, _overrides(params))
+    cfg = pipeline.method_config("leaml", seed, _overrides(kind, params))
     if kind == "generator":
         g = leaml_method.generator_config(cfg).to_dict()
         train = {k: v for k, v in g.pop("train").items() if k not in GENERATOR_OWN_STEPS}
@@ -44,11 +43,10 @@ def effective_settings(kind: str, params: dict) -> dict:
                      "pseudo or finetune")
 
 
-def _overrides(params: dict) -> dict:
+def _overrides(method: str, params: dict) -> dict:
     """The job's overrides with its flat ``options`` and ``data_mix`` folded in, as the job
     kinds (and pipeline.run_method) fold them."""
-    from leaml.methods import leaml as leaml_method
     options, mix = params.get("options"), params.get("data_mix")
     if options or mix is not None:
-        return leaml_method.job_overrides(params.get("overrides"), options, mix)
+        return fold_overrides(method, params.get("overrides"), options=options, data_mix=mix)
     return params.get("overrides") or {}

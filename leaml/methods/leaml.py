@@ -28,12 +28,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from leaml.config import (DEFAULT_BASE, FinetuneOptions, GeneratorConfig, PseudoConfig,
+                          TrainConfig, generator_train, leaml_options)
 from leaml.methods import pipeline
-from leaml.config import DEFAULT_BASE
-from leaml.engine.generator import GeneratorConfig, default_train
 from leaml.methods.pipeline import MethodConfig, RunContext, Stage
-from leaml.engine.pseudo import PseudoConfig
-from leaml.engine.train import TrainConfig
 
 GENERATOR_METHOD = "generator"
 
@@ -47,23 +45,10 @@ def _target_train() -> TrainConfig:
     return replace(pipeline.DEFAULTS["seed-full"]().stages["train"], epochs=8.0)
 
 
-def default_options() -> dict:
-    """LEAML's own knobs (MethodConfig.options); override with e.g. {"generator": {"rho": 1.0}}."""
-    gen = GeneratorConfig().to_dict()
-    gen.pop("train")  # G's TrainConfig is the "generator" stage config
-    return {"generator": gen,
-            "pseudo": {k: v for k, v in PseudoConfig().__dict__.items() if k != "seed"},
-            "finetune": {"keep_top": 0.6, "min_confidence": None, "seed_weight": 2.0,
-                         "use_seed": True, "use_reviewed": True, "use_pending": True,
-                         "cut_per_question": True},
-            "generator_run": None,   # reuse this stored generator run (skip training G)
-            "reuse_pseudo": False}   # use the pairs already stored for it (skip sampling)
-
-
 def default_config() -> MethodConfig:
     """MethodConfig of the ``leaml`` method (stage TrainConfigs + LEAML options)."""
-    return MethodConfig({"generator": default_train(), "finetune": _target_train()},
-                        options=default_options())
+    return MethodConfig({"generator": generator_train(), "finetune": _target_train()},
+                        options=leaml_options())
 
 
 def run_seed(ctx: RunContext) -> int:
@@ -77,6 +62,11 @@ def generator_config(config: MethodConfig) -> GeneratorConfig:
 
 def pseudo_config(config: MethodConfig, seed: int) -> PseudoConfig:
     return PseudoConfig(seed=seed, **config.options["pseudo"])
+
+
+def finetune_options(config: MethodConfig) -> FinetuneOptions:
+    """Which pairs train the target (``options["finetune"]``, typed)."""
+    return FinetuneOptions(**config.options["finetune"])
 
 
 # --- stage 1: the generator ---------------------------------------------------------------
@@ -112,7 +102,7 @@ def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: s
     model, processor = models.load(base_model)
     try:
         qa = generator.qa_examples(data.seed_rows, file_of, context=cfg.context)
-        answers = generator.answer_stream(data.seed_rows, file_of, cfg, seed)
+        answers = generator.answer_stream(data.seed_rows, file_of, cfg)
         res = generator.train_generator(model, processor, qa, generator.caption_examples(captions, file_of),
                                         cfg, answers=answers, work_dir=work_dir, progress=progress,
                                         should_stop=should_stop)
@@ -248,20 +238,18 @@ def _target_stage() -> Stage:
         from leaml.engine import models
         from leaml.engine import checkpoints
         from leaml.engine.train import Stream, save_trained, train
-        opts = ctx.config.options["finetune"]
+        opts = finetune_options(ctx.config)
         gen_id = _generator_of(ctx)
-        seed_rows = ctx.data.seed_rows if opts.get("use_seed", True) else []
+        seed_rows = ctx.data.seed_rows if opts.use_seed else []
         rows, summary = target_rows(ctx.db, ctx.project["id"], gen_id, seed_rows,
-                                    keep_top=opts.get("keep_top"),
-                                    min_confidence=opts.get("min_confidence"),
-                                    use_reviewed=opts.get("use_reviewed", True),
-                                    use_pending=opts.get("use_pending", True),
-                                    cut_per_question=opts.get("cut_per_question", True))
+                                    keep_top=opts.keep_top, min_confidence=opts.min_confidence,
+                                    use_reviewed=opts.use_reviewed, use_pending=opts.use_pending,
+                                    cut_per_question=opts.cut_per_question)
         seed_ex = pipeline.qa_examples(ctx.db, seed_rows)
         if not seed_ex and not rows:
             raise ValueError(f"project '{ctx.project['name']}': no seed QA and no usable pseudo QA "
                              "to train the target on; label some images or lower the cut")
-        streams = [Stream(seed_ex, weight=opts.get("seed_weight", 1.0) * len(seed_ex), name="seed")] if seed_ex else []
+        streams = [Stream(seed_ex, weight=opts.seed_weight * len(seed_ex), name="seed")] if seed_ex else []
         if rows:
             streams.append(Stream(pipeline.qa_examples(ctx.db, rows), weight=len(rows), name="pseudo"))
         model, processor = models.load(ctx.base_model)
@@ -286,17 +274,6 @@ def stages() -> list[Stage]:
 
 
 # --- the single stages as commands / job kinds ------------------------------------------------
-
-def overrides_for(*, rho: float | None = None, captions: bool | None = None,
-                  extra: dict | None = None) -> dict:
-    """run_method overrides for the CLI's --rho / --no-captions, merged into ``extra``."""
-    out = copy.deepcopy(extra or {})
-    if rho is not None:
-        out.setdefault("generator", {})["rho"] = rho
-    if captions is not None:
-        out.setdefault("generator", {})["captions"] = captions
-    return out
-
 
 def _open(store):
     import sqlite_utils
@@ -361,7 +338,7 @@ def pseudo_command(store, project, *, generator_run: int | None = None, k: int |
     seed = run["params"].get("seed", 0) if seed is None else seed
     cfg = pseudo_config(pipeline.method_config("leaml", seed, overrides), seed)
     if k is not None:
-        cfg = PseudoConfig(**{**cfg.__dict__, "k": k})
+        cfg = replace(cfg, k=k)
     return generate_pseudo(db, int(generator_run), cfg, progress=progress,
                            should_stop=should_stop, user=user)
 
@@ -407,27 +384,3 @@ def finetune_command(store, project, *, generator_run: int | None = None,
 
 STAGE_COMMANDS = {"generator": generator_command, "pseudo": pseudo_command,
                   "finetune": finetune_command}
-
-
-def job_overrides(overrides: dict | None, options: dict | None = None,
-                  data_mix: dict | None = None) -> dict:
-    """Fold a job's flat ``options`` (k, rho, temperature, keep_top ...: each goes to the
-    LEAML option group that has it) and ``data_mix`` (``{"seed", "reviewed",
-    "pending_min_conf"}`` from the Training page) into run_method overrides."""
-    out = copy.deepcopy(overrides or {})
-    groups = default_options()
-    for key, value in (options or {}).items():
-        group = next((g for g in ("generator", "pseudo", "finetune") if key in groups[g]), None)
-        if group is None:
-            raise ValueError(f"option '{key}' is not a LEAML knob; use one of "
-                             f"{', '.join(sorted(k for g in ('generator', 'pseudo', 'finetune') for k in groups[g]))}")
-        out.setdefault(group, {})[key] = value
-    if data_mix is not None:
-        ft = out.setdefault("finetune", {})
-        ft.update(use_seed=bool(data_mix.get("seed", True)),
-                  use_reviewed=bool(data_mix.get("reviewed", True)))
-        if data_mix.get("pending_min_conf") is None:
-            ft["use_pending"] = False
-        else:
-            ft.update(use_pending=True, min_confidence=float(data_mix["pending_min_conf"]))
-    return out

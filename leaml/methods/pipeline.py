@@ -22,9 +22,8 @@ from typing import Callable
 
 import sqlite_utils
 
-from leaml.config import DEFAULT_BASE
+from leaml.config import DEFAULT_BASE, TrainConfig, drop_removed, fold_overrides
 from leaml.data.split import keep_fraction  # noqa: F401  (torch-free; re-exported)
-from leaml.engine.train import TrainConfig
 
 Progress = Callable[[str, int, int, float], None]
 ALIGN_INSTRUCTION = "Describe the image."
@@ -100,7 +99,9 @@ def _leaml():
 
 def method_config(method: str, seed: int = 0, overrides: dict | None = None) -> MethodConfig:
     """The default config of ``method`` with the run's seed, updated by ``overrides``
-    (``{"train": {"lr": 1e-3}, "eval_batch_size": 32}``)."""
+    (``{"train": {"lr": 1e-3}, "eval_batch_size": 32}``: every other form of override is
+    folded into this one by ``leaml.config.fold_overrides``). Removed options that stored
+    params still name are dropped with a warning."""
     if method not in DEFAULTS:
         raise ValueError(f"unknown method '{method}'; use one of {', '.join(sorted(METHODS))}")
     cfg = DEFAULTS[method]()
@@ -123,6 +124,7 @@ def _override(cfg: MethodConfig, key: str, value, method: str) -> None:
             raise ValueError(f"override '{key}' of {method}: give fields, e.g. {key}.lr=1e-3")
         cfg.options[key] = value
         return
+    value = drop_removed(value, f"{key}.")
     names = set(TrainConfig.__dataclass_fields__) if key in cfg.stages else set()
     mine = {k: v for k, v in value.items() if k in names}
     rest = {k: v for k, v in value.items() if k not in names}
@@ -377,7 +379,7 @@ def run_method(store, project: str | int, method: str, *, label_fraction: float 
     from leaml.store.projects import get_project
     from leaml.store.runs import finish_run
     if options or data_mix is not None:
-        overrides = _leaml().job_overrides(overrides, options, data_mix)
+        overrides = fold_overrides(method, overrides, options=options, data_mix=data_mix)
     if method in ("generator", "pseudo", "finetune"):
         return _leaml().STAGE_COMMANDS[method](
             store, project, label_fraction=label_fraction, seed=seed, base_model=base_model,
