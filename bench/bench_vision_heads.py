@@ -6,12 +6,10 @@ the test split, those heads say how much of the demo the 9 image tokens can carr
 upper bound for what the language model can learn to read from them. This runs the warmup's
 own ``fit`` twice on the same demo scenes (the baseline and the change, same seed, same
 steps) and prints per-question test accuracy and the difference. The change is the mirrors
-(``--change flips``: flips off, then on), the transpose on top of them (``--change
-transpose``: the four mirrors, then all eight symmetries of the square) or small shifts on top
-of them (``--change shift``: the four mirrors, then each image also moved by up to
-``--shift`` pixels).
+(``--change flips``: flips off, then on) or small shifts on top of them (``--change shift``:
+the four mirrors, then each image also moved by up to ``--shift`` pixels).
 
-    .venv/bin/python bench/bench_vision_heads.py [--change flips|transpose|shift] [--shift 4]
+    .venv/bin/python bench/bench_vision_heads.py [--change flips|shift] [--shift 4]
         [--steps 4000] [--batch-size 64] [--threads 2]
 
 Scenes come from the demo generator in memory (the default 3000 train / 500 test of
@@ -83,9 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="tiny", help="base model ref (default tiny)")
-    ap.add_argument("--change", choices=("flips", "transpose", "shift"), default="flips",
-                    help="flips: no mirrors vs mirrors; transpose: mirrors vs mirrors + "
-                         "transpose; shift: mirrors vs mirrors + shifts")
+    ap.add_argument("--change", choices=("flips", "shift"), default="flips",
+                    help="flips: no mirrors vs mirrors; shift: mirrors vs mirrors + shifts")
     ap.add_argument("--shift", type=int, default=4, help="--change shift: up to this many pixels")
     args = ap.parse_args(argv)
     import torch
@@ -106,10 +103,9 @@ def main(argv=None) -> int:
           f"questions, {len(targets.labels)} answer words ({time.perf_counter() - t0:.0f} s)",
           file=sys.stderr)
     results = {}
-    variants = {"flips": [("no flips", False, False, 0), ("flips", True, False, 0)],
-                "transpose": [("flips", True, False, 0), ("flips+transpose", True, True, 0)],
-                "shift": [("flips", True, False, 0), ("flips+shift", True, False, args.shift)]}
-    for name, flips, transpose, shift in variants[args.change]:
+    variants = {"flips": [("no flips", False, 0), ("flips", True, 0)],
+                "shift": [("flips", True, 0), ("flips+shift", True, args.shift)]}
+    for name, flips, shift in variants[args.change]:
         model, _ = models.load(args.model)
         for pname, p in model.named_parameters():  # the image path only, as the warmup does
             p.requires_grad_(models.arch_spec(model).language_model_prefix not in pname
@@ -117,7 +113,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         heads, losses = fit(model, targets, lambda ids: train_px[ids], steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, flips=flips,
-                            transpose=transpose, shift=shift, seed=args.seed)
+                            shift=shift, seed=args.seed)
         acc = _accuracy(heads, model, test_px, test_qa, targets)
         results[name] = {
             "seconds": round(time.perf_counter() - t, 1), "final_loss": round(losses[-1], 4),

@@ -12,9 +12,6 @@ import sqlite_utils
 
 from leaml.store.db import NotFoundError, log_event, now, row, to_json, transaction
 
-SCOPES = ("overall", "category", "question_type")
-
-
 def _decode(r: dict | None) -> dict | None:
     if r is not None:
         r = dict(r)

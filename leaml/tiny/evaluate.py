@@ -153,14 +153,3 @@ def report_markdown(metrics: dict) -> str:
               f"- generated: {ev['caption_example'].get('generated')}", "",
               f"Generate-QA format: {ev['generate_qa']}", ""]
     return "\n".join(lines)
-
-
-def accuracy_on(model, processor, images, qa: list[tuple[str, str, str]],
-                max_new_tokens: int = 12) -> tuple[dict, list[str]]:
-    """Exact-match accuracy per type of (question, answer, type) triples, one image each
-    (e.g. the endoscopy demo: the base's zero-shot behaviour out of its domain)."""
-    gens = models.generate(model, processor, images, [q for q, _, _ in qa],
-                           max_new_tokens=max_new_tokens, batch_size=64)
-    preds = [g[0].text for g in gens]
-    items = [(0, t, q, a) for q, a, t in qa]
-    return _accuracy_by_type(items, preds), preds
