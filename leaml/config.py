@@ -185,6 +185,13 @@ def form_fields(cls, names) -> list[tuple[str, type, str]]:
             for n in names]
 
 
+def choices_of(cls, names) -> dict[str, tuple]:
+    """The allowed values of the named fields of ``cls`` that have a fixed set (a form shows
+    them as a pick list)."""
+    return {f.name: f.metadata["choices"] for f in fields(cls)
+            if f.name in names and "choices" in f.metadata}
+
+
 def generator_train() -> TrainConfig:
     """G's optimiser settings (full finetuning; the step count comes from GeneratorConfig)."""
     return TrainConfig(mode="full", lr=1e-3, batch_size=32, warmup_ratio=0.05,

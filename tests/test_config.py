@@ -52,6 +52,8 @@ def test_form_fields_take_type_and_help_from_the_declaration():
     for kind, knobs in service.JOB_HYPERPARAMETERS.items():
         for name, typ, help_text in knobs:
             assert help_text and typ in (int, float, str, bool), (kind, name)
+    assert service.job_choices("finetune") == {"mode": ("lora", "full")}
+    assert service.job_choices("pseudo") == {}
 
 
 def test_leaml_options_hold_every_group_field_but_G_train_and_the_pseudo_seed():

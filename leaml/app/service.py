@@ -107,3 +107,13 @@ def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
 def job_hyperparameters(kind: str) -> list[tuple[str, type, str]]:
     """(name, type, help) of the main hyperparameters of a job kind, for the form."""
     return list(JOB_HYPERPARAMETERS.get(kind, _TRAIN_HP))
+
+
+def job_choices(kind: str) -> dict[str, tuple]:
+    """The allowed values of those of a job kind's knobs that have a fixed set ('mode':
+    ('lora', 'full')), from leaml/config.py, for a pick list instead of free text."""
+    names = [name for name, _, _ in job_hyperparameters(kind)]
+    out: dict[str, tuple] = {}
+    for cls in (config.TrainConfig, config.GeneratorConfig, config.PseudoConfig):
+        out.update(config.choices_of(cls, names))
+    return out
