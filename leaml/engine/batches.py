@@ -232,7 +232,9 @@ class PackedText:
         seqs, labs, pos, seg = [], [], [], []
         for row in rows:
             if len(row) > 1:
-                p = self._prefix[tuple(row)]
+                p = self._prefix.get(tuple(row))
+                if p is None:  # a row :meth:`rows` saw under other indices (a later stream's)
+                    p = self._prefix[tuple(row)] = self._prefix_len(row)
             else:  # one example: its whole sequence is the "prefix", no blocks follow
                 p = len(self.text.ids[row[0]])
             ids = [self.text.ids[row[0]][:p]]
