@@ -1,7 +1,10 @@
-"""The ``pretrain-tiny`` subcommand (registered in leaml/cli/main.py's ADDERS).
+"""The ``pretrain-tiny`` and ``build-tiny`` subcommands (registered in leaml/cli/main.py's
+ADDERS through ``_add_pretrain_tiny``).
 
-Rebuilds the embedded tiny base from configs and pretrains it on the general synthetic corpus
-(leaml/tiny/pretrain.py); torch is imported only when the command runs, so ``--help`` stays fast.
+``pretrain-tiny`` rebuilds the embedded tiny base from configs and pretrains it on the general
+synthetic corpus (leaml/tiny/pretrain.py); ``build-tiny`` saves an untrained tiny model of any
+family in leaml/tiny/build.py's TINY_ARCHS as a folder for ``--base-model``. torch is imported
+only when a command runs, so ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -59,6 +62,30 @@ def _add_pretrain_tiny(sub, common) -> None:
                    help="samples per step in every stage; default: PretrainConfig's")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_pretrain_tiny)
+    _add_build_tiny(sub, common)
+
+
+_ARCHS = ("llava", "idefics3")  # leaml/tiny/build.py's TINY_ARCHS (not imported: --help stays fast)
+
+
+def _add_build_tiny(sub, common) -> None:
+    text = ("save an untrained tiny model of one architecture family (random weights, a "
+            "tokenizer and processor built locally) as a folder for --base-model")
+    p = sub.add_parser("build-tiny", help=text, description=text, parents=[common])
+    p.add_argument("--arch", choices=_ARCHS, required=True, help="architecture family")
+    p.add_argument("--out", required=True, help="folder to save the model and processor in")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=cmd_build_tiny)
+
+
+def cmd_build_tiny(args) -> int:
+    from leaml.engine import models
+    from leaml.tiny.build import build_tiny_arch
+    model, processor = build_tiny_arch(args.arch, seed=args.seed)
+    out = models.save(model, processor, args.out)
+    print(json.dumps({"arch": args.arch, "model_type": model.config.model_type,
+                      "parameters": models.count_params(model), "folder": str(out)}))
+    return 0
 
 
 def cmd_pretrain_tiny(args) -> int:

@@ -231,8 +231,11 @@ def encode(processor, images, instructions, targets=None, *, padding_side: str =
 
 
 def pixel_values(processor, images) -> torch.Tensor:
-    """Images preprocessed once, shape (N, C, H, W): cache these and pair with encode_text."""
-    out = processor.image_processor([_as_rgb(im) for im in images], return_tensors="pt")
+    """Images preprocessed once, one row per image, shape (N, C, H, W) (or (N, V, C, H, W)
+    where the processor cuts V views of each image, as Idefics3's does): cache these and pair
+    with encode_text. Each image goes in as its own sample (a nested list), so a processor
+    that takes several images per sample never folds the batch into one sample."""
+    out = processor.image_processor([[_as_rgb(im)] for im in images], return_tensors="pt")
     return out["pixel_values"]
 
 

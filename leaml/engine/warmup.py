@@ -90,13 +90,14 @@ class AnswerTargets:
 
 
 def shifted(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image of (B, C, H, W) moved by up to ``shift`` pixels along each axis (uniform,
-    edges repeated to fill). Answers stay as they are: a few pixels move few objects across
-    the border of a place."""
-    b, _, h, w = pixels.shape
-    padded = F.pad(pixels, (shift, shift, shift, shift), mode="replicate")
+    """Each image of (B, C, H, W) (or (B, V, C, H, W): the V views of an image move alike)
+    moved by up to ``shift`` pixels along each axis (uniform, edges repeated to fill). Answers
+    stay as they are: a few pixels move few objects across the border of a place."""
+    b, h, w = pixels.shape[0], pixels.shape[-2], pixels.shape[-1]
+    padded = F.pad(pixels.reshape(b, -1, h, w), (shift, shift, shift, shift), mode="replicate")
     dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=generator).tolist()
-    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))]
+                       ).reshape(pixels.shape)
 
 
 def answer_words(answer: str) -> list[str]:

@@ -1,6 +1,10 @@
 """The embedded tiny bases, built from configs: a small LLaVA (tiny CLIP vision tower + tiny
 Llama) with a byte-level BPE tokenizer trained locally and a PIL-backed processor. Untrained;
-``python -m leaml pretrain-tiny`` (leaml/tiny/pretrain.py) trains and saves them."""
+``python -m leaml pretrain-tiny`` (leaml/tiny/pretrain.py) trains and saves them.
+
+Also a tiny random model of a second family (Idefics3, SmolVLM's architecture), built the same
+way and never trained: ``python -m leaml build-tiny --arch idefics3 --out DIR`` saves it as a
+folder that ``--base-model DIR`` takes, to check that every stage runs on more than LLaVA."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,12 +46,14 @@ class TinyConfig:
     max_positions: int = 256
 
 
-def build_tokenizer(vocab_size: int = 2048, texts: list[str] | None = None):
-    """Train a byte-level BPE tokenizer locally; any unicode text encodes (bytes fallback)."""
+def build_tokenizer(vocab_size: int = 2048, texts: list[str] | None = None, *,
+                    eos: str = "</s>", extra: tuple[str, ...] = ()):
+    """Train a byte-level BPE tokenizer locally; any unicode text encodes (bytes fallback).
+    ``eos`` names the end-of-turn token, ``extra`` adds special tokens a processor needs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from leaml.tiny.corpus import tokenizer_texts
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    specials = ["<pad>", "<s>", eos, "<unk>", "<image>", *extra]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -56,7 +62,7 @@ def build_tokenizer(vocab_size: int = 2048, texts: list[str] | None = None):
                                   show_progress=False)
     tk.train_from_iterator(texts if texts is not None else tokenizer_texts(), trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>",
+                                  eos_token=eos, unk_token="<unk>",
                                   extra_special_tokens={"image_token": "<image>"})
     tok.padding_side = "left"
     return tok
@@ -99,3 +105,94 @@ def build_tiny(seed: int = 0, **overrides):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, key, getattr(tok, key))
     return model.eval(), build_processor(cfg, tok)
+
+
+# --- a second architecture family, for checking that nothing assumes LLaVA -----------------
+
+# SmolVLM's turn format: "User:<image> question<end_of_utterance>\nAssistant: answer...". The
+# generation prompt ends with a newline, as the tiny LLaVA's does.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] | capitalize }}{{ ':' }}"
+    "{% if message['role'] == 'assistant' %}{{ '\\n' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif c['type'] == 'text' %}{% if message['role'] == 'user' %}{{ ' ' }}{% endif %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_utterance>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class TinyIdefics3Config:
+    """Shape of a tiny random Idefics3 (SmolVLM's architecture: SigLIP-style vision tower,
+    pixel-shuffle connector, Llama). 96 px in 16 px patches, 6x6 patches shuffled by 2 ->
+    9 image tokens; ~0.3M parameters."""
+    image_size: int = 96
+    patch_size: int = 16
+    scale_factor: int = 2
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 128
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 128
+    vocab_size: int = 1024
+    max_positions: int = 256
+
+
+def build_tiny_idefics3(seed: int = 0, **overrides):
+    """An untrained tiny Idefics3 ``(model, processor)`` from configs: the PIL image processor
+    (no image splitting: one fixed-size view per image), a locally trained tokenizer holding
+    Idefics3's image tokens, and a chat template; overrides go to TinyIdefics3Config."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3ImageProcessorPil, Idefics3Processor,
+                              Idefics3VisionConfig, LlamaConfig)
+    cfg = TinyIdefics3Config(**overrides)
+    grid = cfg.image_size // cfg.patch_size
+    if grid % cfg.scale_factor:
+        raise ValueError(f"image_size/patch_size = {grid} patches a side must divide by "
+                         f"scale_factor {cfg.scale_factor}")
+    tok = build_tokenizer(cfg.vocab_size, eos="<end_of_utterance>",
+                          extra=("<fake_token_around_image>", "<global-img>",
+                                 *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))))
+    vision = Idefics3VisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp,
+                                  num_hidden_layers=cfg.vision_layers,
+                                  num_attention_heads=cfg.vision_heads,
+                                  image_size=cfg.image_size, patch_size=cfg.patch_size)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
+                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            scale_factor=cfg.scale_factor, tie_word_embeddings=True,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": cfg.image_size},
+                                   max_image_size={"longest_edge": cfg.image_size},
+                                   do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=ip, tokenizer=tok,
+                                  image_seq_len=grid ** 2 // cfg.scale_factor ** 2,
+                                  chat_template=IDEFICS3_CHAT_TEMPLATE)
+    return model.eval(), processor
+
+
+# family -> builder of an untrained tiny (model, processor); ``python -m leaml build-tiny``
+TINY_ARCHS = {"llava": build_tiny, "idefics3": build_tiny_idefics3}
+
+
+def build_tiny_arch(arch: str, seed: int = 0, **overrides):
+    """An untrained tiny ``(model, processor)`` of family ``arch`` (a key of TINY_ARCHS)."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {', '.join(TINY_ARCHS)}")
+    return TINY_ARCHS[arch](seed, **overrides)
