@@ -9,7 +9,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from leaml import auth
 from leaml.app import service as app_service
 from pages._common import current_user, forget_user, get_db, session_cookie_ui, user_errors
 
@@ -28,7 +27,9 @@ PAGES = [
 
 @st.cache_resource(show_spinner="Preparing the demo project (first start only) ...")
 def demo_ready(home: str) -> bool:
-    """Build the small demo project once per data home and process (see ensure_demo)."""
+    """First-run setup, the one write the app makes without a user's action: the small demo
+    project, built once per data home (ensure_demo is idempotent: afterwards it only reads)
+    and checked once per process."""
     with user_errors():
         return app_service.ensure_demo(get_db()) is not None
     return False
@@ -102,7 +103,8 @@ def main() -> None:
             st.switch_page(wanted[0])
         nav.run()
         return
-    allowed = [st.Page(f, title=t, icon=i) for f, t, i, perm in PAGES if auth.can(user, perm)]
+    allowed = [st.Page(f, title=t, icon=i) for f, t, i, perm in PAGES
+               if app_service.can(user, perm)]
     with st.sidebar:
         st.caption(f"Signed in as **{user['name']}** ({user['role']})")
         st.button("Sign out", icon=":material/logout:", on_click=logout)

@@ -15,18 +15,16 @@ import streamlit as st
 from PIL import Image
 from streamlit.errors import StreamlitAPIException
 
-from leaml import auth
 from leaml.app import service as app_service
-from leaml.store import ConflictError, NotFoundError, StoreError, connect
-from leaml.store import projects as projects_store
+from leaml.app.service import ConflictError, NotFoundError, StoreError
 
-VIEW_PX = 560  # images are shown this wide (demo frames are 64-128 px: upscaled)
+VIEW_PX = app_service.VIEW_PX  # images are shown this wide (demo frames are 64-128 px: upscaled)
 SESSION_COOKIE = "leaml_session"
 
 
 def get_db():
     """A connection for this script run (SQLite connections must stay in their thread)."""
-    return connect()
+    return app_service.connect()
 
 
 def current_user() -> dict | None:
@@ -107,19 +105,19 @@ def require_page(perm: str) -> dict:
             st.switch_page("app.py", query_params={"next": page} if page else None)
         st.info("You are signed out. Reload the page to sign in again.")
         st.stop()
-    if not auth.can(user, perm):
+    if not app_service.can(user, perm):
         st.error(f"Your role ({user['role']}) cannot open this page. Ask an admin for access.")
         st.stop()
     return user
 
 
-def project_ui(db) -> dict | None:
+def project_ui(db, user: dict) -> dict | None:
     """Sidebar project picker; remembers the choice across pages. None without projects."""
-    projects = projects_store.list_projects(db)
+    projects = app_service.list_projects(db, user)
     if not projects:
         return None
     names = [p["name"] for p in projects]
-    wanted = st.session_state.get("project_name", "demo-1pct")  # the landing project
+    wanted = st.session_state.get("project_name", app_service.LANDING_PROJECT)
     index = names.index(wanted) if wanted in names else 0
     # a new key after select_project(): the browser's remembered choice must not win
     key = f"project_picker_{st.session_state.get('project_picker_n', 0)}"
@@ -165,16 +163,7 @@ def show_flash() -> None:
 def view_image(path: str, zoom: float = 1.0, cx: float = 0.5, cy: float = 0.5,
                width: int = VIEW_PX) -> Image.Image:
     """The image at ``path`` upscaled to ``width`` px; ``zoom`` > 1 crops around (cx, cy)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-    w, h = im.size
-    if zoom > 1:
-        cw, ch = w / zoom, h / zoom
-        left = min(max(cx * w - cw / 2, 0), w - cw)
-        top = min(max(cy * h - ch / 2, 0), h - ch)
-        im = im.crop((int(left), int(top), int(left + cw), int(top + ch)))
-    scale = width / im.size[0]
-    return im.resize((width, max(1, round(im.size[1] * scale))), Image.LANCZOS)
+    return app_service.view_image(path, zoom, cx, cy, width)
 
 
 def zoom_ui(key: str) -> tuple[float, float, float]:

@@ -1,10 +1,10 @@
 """Where the project stands in the LEAML loop, and what to do next: shown on the Training
-page and the Dashboard (layout only; leaml.app.loop decides what is shown per role)."""
+page and the Dashboard (layout only; the app service decides what is shown per role)."""
 from __future__ import annotations
 
 import streamlit as st
 
-from leaml.app import loop as app_loop
+from leaml.app import service as app_service
 from pages._common import get_db
 
 
@@ -19,7 +19,7 @@ def _run_text(run: dict | None) -> str:
 def loop_ui(user: dict, project: dict) -> None:
     """Seed pairs, generator, pseudo pairs, last finetune, and the next step(s) for this
     user, as the database holds them now (refreshed every 3 s)."""
-    status = app_loop.loop_status(get_db(), user, project["id"])
+    status = app_service.loop_status(get_db(), user, project["id"])
     with st.container(border=True):
         st.markdown("**The loop on this project**")
         c1, c2, c3, c4 = st.columns(4)

@@ -2,7 +2,6 @@
 import pandas as pd
 import streamlit as st
 
-from leaml import auth
 from leaml.app import service as app_service
 from pages._common import flash, get_db, require_page, show_flash, user_errors
 
@@ -19,7 +18,7 @@ def add_ui() -> tuple[str, str, str, bool]:
     with st.form("add_user", clear_on_submit=True):
         name = st.text_input("User name")
         pw = st.text_input("Initial password (at least 8 characters)", type="password")
-        role = st.selectbox("Role", auth.ROLES, index=1, help=ROLE_HELP)
+        role = st.selectbox("Role", app_service.ROLES, index=1, help=ROLE_HELP)
         go = st.form_submit_button("Add user", type="primary")
     return name, pw, role, go
 
@@ -43,7 +42,8 @@ with right:
     names = [u["name"] for u in users]
     who = st.selectbox("User", names, key="admin_who")
     current = next(u for u in users if u["name"] == who)
-    new_role = st.selectbox("Role", auth.ROLES, index=auth.ROLES.index(current["role"]),
+    new_role = st.selectbox("Role", app_service.ROLES,
+                            index=app_service.ROLES.index(current["role"]),
                             key=f"admin_role_{who}")
     if st.button("Set role", disabled=new_role == current["role"]):
         with user_errors():

@@ -3,14 +3,12 @@ import pandas as pd
 import streamlit as st
 
 from leaml.app import service as app_service
-from leaml.store import images as images_store
-from leaml.store import projects as projects_store
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page, show_flash,
                            show_image, user_errors)
 
 user = require_page("label")
 db = get_db()
-project = project_ui(db) or no_project_stop()
+project = project_ui(db, user) or no_project_stop()
 pid = project["id"]
 state = st.session_state
 state.setdefault("label_n", 0)  # bumped after each save: fresh, empty widgets
@@ -50,13 +48,9 @@ def qa_ui(choices: dict, image: dict, n: int) -> tuple[str, str, str]:
 def current_image(strategy: str) -> dict | None:
     """The image being labeled: kept across reruns until saved or skipped, and only while
     it belongs to the project picked now (switching projects picks a new one)."""
-    if state.get("label_image") is not None:
-        try:
-            image = images_store.get_image(db, state["label_image"])
-            if image["project_id"] == pid:
-                return image
-        except LookupError:
-            pass
+    image = app_service.project_image(db, user, pid, state.get("label_image"))
+    if image is not None:
+        return image
     with st.spinner("Choosing the next image ..."):
         image = app_service.next_image(db, pid, strategy=strategy,
                                        exclude=tuple(state.get("label_skipped", ())))
@@ -69,7 +63,7 @@ def next_image() -> None:
     state["label_n"] += 1
 
 
-counts = projects_store.project_counts(db, pid)
+counts = app_service.project_counts(db, user, pid)
 progress_ui(counts)
 strategy = strategy_ui()
 image = current_image(strategy)
@@ -78,7 +72,7 @@ if image is None:
 else:
     left, right = st.columns([3, 2])
     with left:
-        show_image(images_store.image_path(db, image),
+        show_image(app_service.image_path(db, image),
                    caption=f"image {image['id']} · {image.get('source_name') or ''}", key="label")
     with right:
         q, a, c = qa_ui(app_service.label_choices(db, project), image, state["label_n"])

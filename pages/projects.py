@@ -2,10 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from leaml import auth
 from leaml.app import service as app_service
-from leaml.config import DEFAULT_BASE
-from leaml.store import projects as projects_store
 from pages._common import (get_db, project_ui, require_page, select_project, show_flash,
                            user_errors)
 
@@ -36,7 +33,7 @@ def create_ui() -> tuple[str, str, int, bool]:
     """The new-project form: name, base model, seed target, submitted?"""
     with st.form("new_project", clear_on_submit=False):
         name = st.text_input("Name", placeholder="kvasir-vqa")
-        base = st.text_input("Base model", value=DEFAULT_BASE,
+        base = st.text_input("Base model", value=app_service.DEFAULT_BASE,
                              help="`tiny16` or `tiny` (bundled, run on a CPU), a Hugging Face "
                                   "id such as `HuggingFaceTB/SmolVLM-256M-Instruct`, or a "
                                   "local path")
@@ -85,13 +82,13 @@ def export_ui(project: dict) -> None:
                             "as it is (here, or with `python -m leaml import`)")
 
 
-project = project_ui(db)
+project = project_ui(db, user)
 # the tiles are filled at the end of the run, so an import made below shows at once
 tiles = st.container()
 if project is None:
     st.info("No project yet. Create one below, then import images and QA into it.")
 
-if auth.can(user, "import"):
+if app_service.can(user, "import"):
     left, right = st.columns(2)
     with left:
         st.subheader("New project")
@@ -108,14 +105,13 @@ if auth.can(user, "import"):
             if go and f is None:
                 st.warning("Choose a file first.")
             elif go:
-                from leaml.data.ingest import ImportRejected
                 try:
                     with st.spinner("Importing ..."):
                         report = app_service.import_upload(db, user, project["name"], f.name,
                                                            f.getvalue(), skip_invalid=skip)
                     st.success("Import done.")
                     report_ui(report)
-                except ImportRejected as exc:
+                except app_service.ImportRejected as exc:
                     st.error("Nothing was imported: some rows are invalid. Fix them (or tick "
                              "'Skip invalid rows') and upload again.")
                     report_ui(exc.report)
@@ -123,15 +119,12 @@ if auth.can(user, "import"):
                     st.error(str(exc))
 
 st.subheader("All projects")
-rows = [dict(name=p["name"], base_model=p["base_model"], created=p["created_at"][:16],
-             **{k: v for k, v in projects_store.project_counts(db, p["id"]).items()
-                if k in ("images", "seed", "pending", "accepted", "test")})
-        for p in projects_store.list_projects(db)]
+rows = app_service.projects_overview(db, user)
 if rows:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 if project is not None:
     with tiles:
-        counts_ui(project, projects_store.project_counts(db, project["id"]))
-        if auth.can(user, "export"):
+        counts_ui(project, app_service.project_counts(db, user, project["id"]))
+        if app_service.can(user, "export"):
             export_ui(project)

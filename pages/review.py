@@ -5,23 +5,19 @@ The pair is a fragment: a decision runs in its button's callback and reruns only
 fragment, so the next pair is on screen in well under 300 ms (bench/bench_review_browser.py;
 ``?rerun=page`` in the URL reruns the whole page per decision instead, for comparison).
 """
-import base64
-import io
-
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from leaml.app import service as app_service
-from leaml.store import ConflictError, NotFoundError, StoreError
-from leaml.store import images as images_store
+from leaml.app.service import ConflictError, NotFoundError, StoreError
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page,
-                           show_flash, view_image, zoom_ui)
+                           show_flash, zoom_ui)
 from pages._keys import key_to_button
 
 user = require_page("review")
 db = get_db()
-project = project_ui(db) or no_project_stop()
+project = project_ui(db, user) or no_project_stop()
 pid = project["id"]
 state = st.session_state
 st.title("Review pseudo QA")
@@ -154,19 +150,11 @@ def decision_ui(editing: bool) -> None:
     c5.button("Undo", shortcut="U", width="stretch", on_click=act, args=("undo",))
 
 
-@st.cache_data(max_entries=512, show_spinner=False)
-def image_url(path: str, zoom: float, cx: float, cy: float) -> str:
-    """The shown image as a JPEG data URL, cached: a decision costs no resize and no
-    encoding for an image seen before, and the image arrives with the pair itself (no
-    second request from the browser after the pair is on screen)."""
-    buf = io.BytesIO()
-    view_image(path, zoom, cx, cy).save(buf, format="JPEG", quality=92)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def image_ui(db, pair: dict) -> None:
+    """The pair's image as a JPEG data URL (cached by the service): it arrives with the pair
+    itself, no second request from the browser after the pair is on screen."""
     zoom, cx, cy = zoom_ui("rv")
-    st.image(image_url(str(images_store.image_path(db, pair["image_id"])), zoom, cx, cy),
+    st.image(app_service.pair_image_url(db, user, pair, zoom, cx, cy),
              caption=f"image {pair['image_id']} · {pair.get('category') or ''}",
              width="stretch")
 

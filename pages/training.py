@@ -3,23 +3,19 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from leaml.app import loop as app_loop
 from leaml.app import service as app_service
-from leaml.serve import teacher as captions
-from leaml.jobs import queue as jobs
 from pages._common import (flash, get_db, no_project_stop, project_ui, require_page, show_flash,
                            user_errors)
 from pages._loop import loop_ui
 
 user = require_page("train")
 db = get_db()
-project = project_ui(db) or no_project_stop()
+project = project_ui(db, user) or no_project_stop()
 pid = project["id"]
-jobs.recover_stale(db)  # a job whose worker died shows as interrupted (resumable), not running
 st.title("Training")
 show_flash()
 loop_ui(user, project)
-loop = app_loop.loop_status(db, user, pid)
+loop = app_service.loop_status(db, user, pid)
 status_counts = {"unlabeled_images": loop["unlabeled_images"]}
 
 
@@ -30,7 +26,7 @@ KIND_LABELS = {"loop": "1+2 · Generator, then pseudo pairs", "generator": "1 ·
 
 def budget_ui() -> str:
     """Quick (the default: a first look in minutes) or full (the method's defaults)."""
-    return st.radio("Budget", list(app_loop.PRESETS), format_func=app_loop.PRESET_LABELS.get,
+    return st.radio("Budget", list(app_service.PRESETS), format_func=app_service.PRESET_LABELS.get,
                     key="budget", horizontal=True,
                     help="Fills in the knobs below; any of them can still be changed.")
 
@@ -38,7 +34,8 @@ def budget_ui() -> str:
 def hyperparameters_ui(kind: str, preset: str, title: str = "Settings") -> dict:
     """The main knobs of ``kind``, filled in from the budget; only the filled-in ones are
     returned (an empty field keeps the method's own default)."""
-    out, values = {}, app_loop.preset_values(preset, kind) if kind in app_loop.LOOP_KINDS else {}
+    out = {}
+    values = app_service.preset_values(preset, kind) if kind in app_service.LOOP_KINDS else {}
     with st.expander(f"{title} (empty = the method's default)", expanded=False):
         cols = st.columns(3)
         for i, (name, typ, help_text) in enumerate(app_service.job_hyperparameters(kind)):
@@ -81,7 +78,7 @@ def start_ui(preset: str) -> list[tuple[str, dict]] | None:
     c1, c2, c3 = st.columns(3)
     form = {"base_model": c1.text_input("Base model", project["base_model"], key=f"base_{kind}"),
             "seed": int(c2.number_input("Seed", 0, 10**6, 0, key=f"seed_{kind}"))}
-    default_fraction = app_loop.default_label_fraction(status_counts)
+    default_fraction = app_service.default_label_fraction(status_counts)
     if kind == "run":
         form["method"] = c3.selectbox("Method", app_service.METHODS, key="run_method")
         form["label_fraction"] = label_fraction_ui("run_frac", default_fraction)
@@ -102,9 +99,9 @@ def start_ui(preset: str) -> list[tuple[str, dict]] | None:
     else:
         form["hyperparameters"] = hyperparameters_ui(form.get("method") or kind, preset)
     baseline = kind == "finetune" and st.checkbox(
-        f"Also train the seed-only baseline ({app_loop.BASELINE_METHOD}, same seed set and "
+        f"Also train the seed-only baseline ({app_service.BASELINE_METHOD}, same seed set and "
         "settings) to compare with on the Dashboard",
-        not app_loop.has_baseline(db, pid), key="with_baseline")
+        not app_service.has_baseline(db, pid), key="with_baseline")
     if not st.button("Start job", type="primary", icon=":material/play_arrow:"):
         return None
     with user_errors():
@@ -117,7 +114,7 @@ def start_ui(preset: str) -> list[tuple[str, dict]] | None:
         if baseline:
             gen_run = loop["generator"]
             frac = (gen_run["params"].get("label_fraction") if gen_run else None) or default_fraction
-            picked.append(("run", app_loop.baseline_params(picked[0][1], frac)))
+            picked.append(("run", app_service.baseline_params(picked[0][1], frac)))
         return picked
     return None
 
@@ -127,7 +124,7 @@ def live_ui() -> None:
     """The running job of the project (else the next queued one, else the last one) and the
     jobs queued after it, refreshed every 2 s without reloading the page."""
     fdb = get_db()
-    recent = jobs.list_jobs(fdb, pid, limit=20)
+    recent = app_service.project_jobs(fdb, user, pid, limit=20)
     active = [j for j in recent if j["status"] in ("queued", "running")]
     if not recent:
         st.caption("No job yet. Start one above; it runs in the background, whatever "
@@ -140,19 +137,19 @@ def live_ui() -> None:
     later = [f"#{j['id']} {j['kind']}" for j in active[::-1] if j["id"] != job["id"]]
     if later:
         st.caption(f"Then, in this order: {', '.join(later)}.")
-    p = jobs.job_progress(fdb, job["id"])
+    p = app_service.job_progress(fdb, user, job["id"])
     eta = f" · about {p['eta']:.0f} s left" if p.get("eta") else ""
     st.markdown(f"**Job #{job['id']} · {job['kind']}** · {p['status']} · stage "
                 f"`{p['phase']}`{eta}")  # what it does, or what it waits for
     st.progress(float(p["progress"] or 0), text=p.get("message") or f"{p['progress']:.0%}")
-    log = pd.DataFrame(jobs.train_log(fdb, job["id"]))
+    log = pd.DataFrame(app_service.job_train_log(fdb, user, job["id"]))
     if not log.empty and log["loss"].notna().any():
         log["point"] = range(len(log))
         fig = px.line(log, x="point", y="loss", color="stage", markers=len(log) < 60)
         fig.update_layout(height=260, margin=dict(l=0, r=0, t=10, b=0), xaxis_title="step")
         st.plotly_chart(fig, width="stretch")
     with st.expander("Log", expanded=False):
-        st.code(jobs.log_tail(fdb.home, job, 30) or "(no output yet)", language=None)
+        st.code(app_service.job_log_tail(fdb, user, job, 30) or "(no output yet)", language=None)
     if active and st.button("Cancel job", key=f"cancel_{job['id']}", icon=":material/stop:"):
         with user_errors():
             app_service.cancel_job(fdb, user, job["id"])
@@ -172,7 +169,7 @@ if picked:
 
 def captions_ui() -> dict | None:
     """Teacher captions for the images without one (a background job); the form when clicked."""
-    missing = captions.missing_count(db, pid)
+    missing = app_service.captions_missing(db, user, pid)
     with st.expander(f"Teacher captions · {missing} image(s) without a caption"):
         c1, c2 = st.columns(2)
         endpoint = c1.text_input("OpenAI-compatible endpoint (blank: a local teacher model)",
@@ -189,7 +186,7 @@ caption_form = captions_ui()
 if caption_form:
     with user_errors():
         job_id = app_service.start_job(db, user, "caption", project["name"],
-                                       captions.caption_job_params(**caption_form))
+                                       app_service.caption_job_params(**caption_form))
         flash(f"Caption job #{job_id} queued; Current job below says what it waits for.")
         st.rerun()
 
@@ -201,7 +198,7 @@ def past_jobs_ui() -> None:
     """Every job of the project as the database holds it now (refreshed every 2 s, so a job
     that started, failed or was cancelled shows so without a reload)."""
     fdb = get_db()
-    past = jobs.list_jobs(fdb, pid, limit=50)
+    past = app_service.project_jobs(fdb, user, pid, limit=50)
     if not past:
         st.caption("No jobs yet.")
         return

@@ -89,3 +89,35 @@ def test_annotator_may_not_start_jobs(home, tmp_path):
     with pytest.raises(PermissionError, match="annotator 'annotator1' may not train"):
         app_service.start_job(db, users["annotator"], "finetune", "p1", {})
     assert jobs.list_jobs(db) == []
+
+
+def test_a_dead_workers_job_shows_interrupted_and_loading_the_page_writes_nothing(
+        monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1")
+    no_worker_needed(db)
+    job_id = jobs.enqueue(db, "finetune", "p1", {}, user="expert1")
+    assert jobs_store.claim_next(db, 2**22 + 7)["id"] == job_id  # a worker took it, then died:
+    db.execute("UPDATE jobs SET heartbeat_at = '2000-01-01T00:00:00+00:00' WHERE id = ?",
+               [job_id])                                       # its last heartbeat is old
+    at = page("pages/training.py", users["expert"], "p1")
+    assert not at.exception
+    assert jobs_store.get_job(db, job_id)["status"] == "running"  # the page wrote nothing
+    assert any(f"Job #{job_id}" in m.value and "interrupted" in m.value for m in at.markdown)
+    assert not [b for b in at.button if b.label.startswith("Cancel job")]  # not active
+    assert at.selectbox(key="resume_pick").value == job_id
+    button(at, "Resume").click().run()  # an action: recovery records it, then it is queued
+    job = jobs_store.get_job(db, job_id)
+    assert job["status"] == "queued" and "was interrupted" in job["message"]
+
+
+def test_a_live_job_is_not_shown_interrupted(monkeypatch, home, tmp_path):
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1")
+    job_id = jobs.enqueue(db, "finetune", "p1", {}, user="expert1")
+    jobs_store.claim_next(db, os.getpid())  # heartbeat now: alive
+    shown = app_service.project_jobs(db, users["viewer"], jobs.get_job(db, job_id)["project_id"])
+    assert [j["status"] for j in shown] == ["running"]
+    assert app_service.job_progress(db, users["viewer"], job_id)["status"] == "running"
