@@ -51,8 +51,41 @@ def paper_table(results: list[dict], chosen: list[int]) -> pd.DataFrame:
     return pd.DataFrame(app_service.results_table(results, chosen)).set_index("run")
 
 
+def review_worth_ui() -> None:
+    """What review decisions are worth: the stored simulate-review curve of this project and
+    the accuracy of its real LEAML finetunes against the reviewed pairs they trained on."""
+    sim = app_service.simulation(db, user, pid)
+    real = pd.DataFrame(app_service.decision_runs(db, user, pid))
+    if sim is None and real.empty:
+        return
+    st.subheader("What review decisions are worth")
+    if sim is not None:
+        st.caption(
+            f"Simulated reviewer who knows the hidden answers ({sim['created_at']}; label "
+            f"fraction {sim['label_fraction']}, seed {sim['seed']}; {sim['n_pending']} pending "
+            f"pairs, {sim['pseudo_precision']}% right): the target's accuracy after the first N "
+            f"decisions in each review order, finetuned as the Training page's finetune does. "
+            f"Best order: **{sim['best']}**. Right: the same against reviewer minutes "
+            f"(accept/reject {sim['costs']['accept']:g} s, edit {sim['costs']['edit']:g} s), "
+            f"beside spending them on seed labels ({sim['costs']['seed_pair']:g} s a pair). "
+            "`python -m leaml simulate-review` makes it.")
+        left, right = st.columns(2)
+        for col, fig in ((left, sim["fig_decisions"]), (right, sim["fig_minutes"])):
+            fig.update_layout(height=320)
+            col.plotly_chart(fig, width="stretch")
+    if not real.empty:
+        fig = px.scatter(real, x="decisions", y="accuracy", hover_data=["run_id", "finished_at"],
+                         labels={"decisions": "reviewed pairs it trained on",
+                                 "accuracy": "accuracy (%)"})
+        fig.update_layout(height=280, margin=dict(l=0, r=0, t=10, b=0))
+        st.caption("Your LEAML finetunes: accuracy against the accepted and edited pairs they "
+                   "trained on.")
+        st.plotly_chart(fig, width="stretch")
+
+
 loop_ui(user, project)
 progress_ui()
+review_worth_ui()
 results = app_service.results(db, user, pid)
 rows = pd.DataFrame(results)
 if rows.empty:

@@ -31,11 +31,33 @@ def filter_options(home: str, project_id: int) -> dict:
     return app_service.review_filter_options(get_db(), user, project_id)
 
 
+ORDERS = {"high-first": "desc", "low-first": "asc", "near-cut": "near-cut",
+          "balanced": "balanced"}  # the page's names -> the queue's
+DEFAULT_ORDER = "high-first"
+ORDER_HELP = ("high-first: confident pairs (fast accepts); low-first: doubtful ones; near-cut: "
+              "the pairs that will train the target (at or above its confidence cut per "
+              "question), those nearest the cut first: the likeliest wrong among them; "
+              "balanced: near-cut, one question at a time in turn")
+
+
+def worth_ui(order: str) -> None:
+    """'The next 100 decisions: ~+x points' from the project's stored simulate-review curve."""
+    gain = app_service.next_decisions_gain(db, user, pid, 100, order)
+    if gain is None:
+        return
+    where = (f"partly past the largest simulated budget, {gain['largest']} decisions, where "
+             "the curve is not measured" if gain["beyond"]
+             else f"after the {gain['done']} decisions made so far")
+    st.caption(f"The next 100 decisions: ~{gain['points']:+.1f} points of target accuracy "
+               f"({gain['order']} order, from the simulated reviewer's curve on the Dashboard; "
+               f"{where}).")
+
+
 def filters_ui() -> dict:
     """Queue order and filters from the sidebar, as claim_next keyword arguments."""
     sb = st.sidebar
-    order = sb.radio("Order", ["high-first", "low-first"], horizontal=True, key="rv_order",
-                     help="high-first: confident pairs (fast accepts); low-first: doubtful ones")
+    order = sb.radio("Order", list(ORDERS), index=list(ORDERS).index(DEFAULT_ORDER),
+                     horizontal=True, key="rv_order", help=ORDER_HELP)
     opts = filter_options(str(db.home), pid)
     category = sb.selectbox("Category", ["(any)", *opts["categories"]], key="rv_cat")
     qtype = sb.selectbox("Question type", ["(any)", *opts["question_types"]], key="rv_qtype")
@@ -45,7 +67,7 @@ def filters_ui() -> dict:
     gen = sb.selectbox("Generator run", [None, *runs], key="rv_gen",
                        format_func=lambda r: "(any)" if r is None else runs[r])
     lo, hi = sb.slider("Confidence range", 0.0, 1.0, (0.0, 1.0), 0.01, key="rv_conf")
-    return {"order": "desc" if order == "high-first" else "asc",
+    return {"order": ORDERS[order],
             "category": None if category == "(any)" else category,
             "question_type": None if qtype == "(any)" else qtype,
             "source": None if source == "(any)" else source,
@@ -212,6 +234,7 @@ def pair_ui(filters: dict) -> None:
 
 FRAGMENT = st.query_params.get("rerun") != "page"
 filters = filters_ui()
+worth_ui(state.get("rv_order", DEFAULT_ORDER))
 follow_filters(filters)
 (st.fragment(pair_ui) if FRAGMENT else pair_ui)(filters)
 key_to_button("r", "Reject")

@@ -2,7 +2,7 @@
 
 The one module the pages import (tests/test_layers.py checks): it holds the job forms
 (kinds, hyperparameters, params) and re-exports the other parts, one module per concern
-in leaml/app/: accounts, projects, labeling, review, jobs, loop, dashboard, images.
+in leaml/app/: accounts, projects, labeling, review, jobs, loop, dashboard, images, worth.
 
 Every page action goes through one of these: each takes the signed-in ``user`` (a users row
 as a dict) and calls :func:`_require` (the row as the database holds it now, then
@@ -21,6 +21,8 @@ from leaml.app.accounts import (SESSION_IDLE_SECONDS, add_user, create_first_adm
                                 list_users, needs_first_admin, open_session, reload_user,
                                 reset_password, session_user, set_disabled, set_role, sign_in,
                                 sign_out)
+# what review decisions are worth (simulate-review curves) lives in app/worth.py
+from leaml.app.worth import decision_runs, next_decisions_gain, simulation  # noqa: F401
 # the other parts, one module per concern; the pages reach them through this module only
 from leaml.app.dashboard import (chosen_rows, overall_over_time, results,  # noqa: F401
                                  results_table, run_choices)

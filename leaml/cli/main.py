@@ -66,12 +66,14 @@ from leaml.cli.stages import _add_finetune, _add_generator, _add_pseudo  # noqa:
 from leaml.cli.pretrain import _add_pretrain_tiny  # noqa: E402
 from leaml.cli.runs import _add_evaluate, _add_run  # noqa: E402
 from leaml.cli.serve import _add_caption, _add_serve  # noqa: E402
+from leaml.cli.simulate import _add_simulate_review  # noqa: E402
 from leaml.cli.users import _add_users  # noqa: E402
 
 ADDERS: list[Callable] = [
     _add_demo, _add_import, _add_export,                # data in and out
     _add_run, _add_evaluate,                            # methods end to end, scoring
     _add_generator, _add_pseudo, _add_finetune,         # LEAML's single stages
+    _add_simulate_review,                               # what review decisions are worth
     _add_worker, _add_jobs,                             # background jobs
     _add_caption, _add_serve,                           # teacher captions, serving
     _add_users, _add_pretrain_tiny,                     # accounts, the embedded base

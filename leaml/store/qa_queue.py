@@ -3,6 +3,7 @@
 Import these from ``leaml.store.qa``. The queue query walks the ``qa_review`` index
 (project_id, status, confidence) or, with a category, ``qa_review_cat`` (project_id, status,
 category, confidence) in order, so a page costs the same at 100 or 100,000 pending pairs.
+The orders 'near-cut' and 'balanced' rank pairs within their question (see RANKED_ORDERS).
 A claim (locked_by, locked_until) reserves a pair for one reviewer; it does not change the
 version and is not audited (it is a lease, not an edit); decisions release it.
 """
@@ -16,7 +17,33 @@ import sqlite_utils
 from leaml.store.db import now, row, to_json, transaction
 
 ORDERS = {"desc": "confidence DESC, id DESC", "asc": "confidence ASC, id ASC"}
+# Orders by a pair's place among the pending pairs of its own question (as the finetune's
+# confidence cut per question ranks them). They sort the matching pairs on each call (window
+# functions) instead of walking an index: fine for a review queue of tens of thousands.
+# near-cut: the pairs that train (at or above the cut, the top NEAR_CUT_KEEP of each question)
+# come first, those just above the cut first (the likeliest wrong among them), then the ones
+# below it, nearest first. balanced: one pair of each question in turn, each in near-cut order.
+RANKED_ORDERS = ("near-cut", "balanced")
+NEAR_CUT_KEEP = 0.6  # the finetune's default keep_top
 _FREE = "(locked_by IS NULL OR locked_until <= :now OR locked_by = :reviewer)"
+
+
+def _ranked(where: str) -> str:
+    """SELECT id, k (near-cut key), n (place in its question's near-cut order) of the pairs
+    matching ``where``. t: rank from the top within the question; c: how many the cut keeps
+    (ceil(keep * m) of its m pairs)."""
+    ceil = "(CAST(:keep * m AS INTEGER) + (:keep * m > CAST(:keep * m AS INTEGER)))"
+    return ("SELECT id, k, ROW_NUMBER() OVER (PARTITION BY question ORDER BY k, id) AS n FROM ("
+            " SELECT id, question, CASE WHEN t <= c THEN (c - t) * 1.0 / m"
+            " ELSE 1 + (t - c) * 1.0 / m END AS k FROM ("
+            f"  SELECT id, question, t, m, {ceil} AS c FROM ("
+            "   SELECT id, question, ROW_NUMBER() OVER (PARTITION BY question"
+            "   ORDER BY confidence DESC, id DESC) AS t, COUNT(*) OVER (PARTITION BY question) AS m"
+            f"   FROM qa WHERE {where})))")
+
+
+def _ranked_order(order: str) -> str:
+    return "s.k, s.id" if order == "near-cut" else "s.n, s.k, s.id"
 
 
 def _where(project_id: int, *, category=None, question_type=None, gen_run_id=None,
@@ -43,7 +70,8 @@ def _where(project_id: int, *, category=None, question_type=None, gen_run_id=Non
 
 def _order(order: str) -> str:
     if order not in ORDERS:
-        raise ValueError(f"order {order!r} is not valid: use 'desc' (most confident first) or 'asc'")
+        raise ValueError(f"order {order!r} is not valid: use 'desc' (most confident first), "
+                         "'asc', 'near-cut' or 'balanced'")
     return ORDERS[order]
 
 
@@ -51,11 +79,17 @@ def queue_sql(project_id: int, *, order: str = "desc", reviewer: str | None = No
               limit: int = 50, offset: int = 0, **filters) -> tuple[str, dict]:
     """The SQL and parameters of :func:`review_queue` (for EXPLAIN QUERY PLAN in tests)."""
     where, params = _where(project_id, **filters)
+    free = ""
     if reviewer is not None:
-        where += f" AND {_FREE}"
+        free = f" AND {_FREE}"
         params.update(now=now(), reviewer=reviewer)
     params.update(limit=int(limit), offset=int(offset))
-    sql = f"SELECT * FROM qa WHERE {where} ORDER BY {_order(order)} LIMIT :limit OFFSET :offset"
+    if order in RANKED_ORDERS:
+        params["keep"] = NEAR_CUT_KEEP
+        sql = (f"SELECT qa.* FROM qa JOIN ({_ranked(where)}) s ON s.id = qa.id WHERE 1{free}"
+               f" ORDER BY {_ranked_order(order)} LIMIT :limit OFFSET :offset")
+        return sql, params
+    sql = f"SELECT * FROM qa WHERE {where}{free} ORDER BY {_order(order)} LIMIT :limit OFFSET :offset"
     return sql, params
 
 
@@ -65,7 +99,8 @@ def review_queue(db: sqlite_utils.Database, project_id: int, *, order: str = "de
                  max_conf: float | None = None, limit: int = 50, offset: int = 0,
                  reviewer: str | None = None, exclude_ids=(),
                  source: str | None = None) -> list[dict]:
-    """A page of pending pseudo pairs, most confident first (``order='asc'``: least).
+    """A page of pending pseudo pairs, most confident first (``order='asc'``: least;
+    'near-cut' and 'balanced': see RANKED_ORDERS).
 
     With ``reviewer``, pairs under a live claim of somebody else are left out. ``source``
     keeps the pairs of one source (qa.source: 'generator', or what an import named).
@@ -102,10 +137,22 @@ def claim_sql(project_id: int, reviewer: str, *, order: str = "desc",
     ``qa_claims`` index) and the first free pair in queue order; plus their parameters."""
     where, params = _where(project_id, **queue_filters)
     params.update(now=now(), reviewer=reviewer)
+    if order in RANKED_ORDERS:
+        return _claim_ranked(where, params, order)
     order_by = _order(order)
     own = (f"SELECT id FROM qa WHERE {where} AND locked_by = :reviewer AND locked_until > :now"
            f" ORDER BY {order_by} LIMIT 1")
     free = f"SELECT id FROM qa WHERE {where} AND {_FREE} ORDER BY {order_by} LIMIT 1"
+    return own, free, params
+
+
+def _claim_ranked(where: str, params: dict, order: str) -> tuple[str, str, dict]:
+    """claim_sql for RANKED_ORDERS: the reviewer's own claim (any), the first free pair."""
+    params["keep"] = NEAR_CUT_KEEP
+    own = (f"SELECT id FROM qa WHERE {where} AND locked_by = :reviewer AND locked_until > :now"
+           " ORDER BY id LIMIT 1")
+    free = (f"SELECT qa.id FROM qa JOIN ({_ranked(where)}) s ON s.id = qa.id WHERE {_FREE}"
+            f" ORDER BY {_ranked_order(order)} LIMIT 1")
     return own, free, params
 
 
