@@ -335,7 +335,9 @@ def resume(db: sqlite_utils.Database, job_id: int, *, user: dict | str | None = 
 
 def recover_stale(db: sqlite_utils.Database) -> list[int]:
     """Mark running jobs without a heartbeat for ``heartbeat_timeout()`` seconds
-    ``interrupted``; returns their ids. Called by ``jobs``, the worker and page loads."""
+    ``interrupted``; returns their ids. Called where something acts: the worker (on start
+    and while it waits), ensure_worker, resume, list_jobs and ``python -m leaml jobs``. The
+    app never calls it to show a page: leaml.app.jobs shows such a job interrupted unwritten."""
     return q.mark_stale(db, heartbeat_timeout())
 
 
