@@ -162,8 +162,8 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     from leaml.engine import models
     from leaml.engine import pseudo
     from leaml.methods.pseudo_stage import (_allowed_questions, _chunk_seed, _draw_questions, conditional_answers,
-                                    seed_answers, seed_caption_reliability, seed_question_counts,
-                                    unlabeled_images)
+                                            generator_data, seed_answers, seed_caption_reliability,
+                                            seed_question_counts)
     from leaml.store.images import image_path
     from leaml.engine.train import load_trained
     db = connect(home)
@@ -177,15 +177,16 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
     cfg = pseudo.PseudoConfig(**_params(db, g["generator_run"])["pseudo"][0]["config"])
     run = leaml_method.check_generator_run(db, g["generator_run"])
     model, proc = load_trained(Path(db.home) / run["model_dir"], "tiny")
-    images = unlabeled_images(db, run)
+    data = generator_data(db, run)
+    images = data.unlabeled
     assert all(r["caption"] for r in images)
-    counts, choices = seed_question_counts(db, run), seed_answers(db, run, cfg.max_choices)
-    reliability = seed_caption_reliability(db, run, choices)
+    counts, choices = seed_question_counts(db, data), seed_answers(db, data, cfg.max_choices)
+    reliability = seed_caption_reliability(db, data, choices)
     direct, blind = [], []
     for index in range(0, len(images), cfg.chunk):
         chunk = images[index:index + cfg.chunk]
         pv = models.pixel_values(proc, [image_path(db, r) for r in chunk])
-        allowed = _allowed_questions(counts, conditional_answers(db, run), [r["caption"] for r in chunk])
+        allowed = _allowed_questions(counts, conditional_answers(db, data), [r["caption"] for r in chunk])
         qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index // cfg.chunk), allowed)
         for out, contexts in ((direct, [r["caption"] for r in chunk]), (blind, None)):
             got = pseudo.choose_known(model, proc, pv, list(range(len(chunk))), qs, choices, cfg,
@@ -202,7 +203,7 @@ def test_caption_questions_asks_conditional_questions_only_where_the_caption_nam
     asked of an unlabeled image only if its caption names one of that question's answers;
     questions asked of every seed image are asked regardless."""
     from leaml.engine.pseudo import YES_NO, named_choices
-    from leaml.methods.pseudo_stage import conditional_answers, unlabeled_images
+    from leaml.methods.pseudo_stage import conditional_answers, generator_data
     db = connect(home)
     g = leaml_method.generator_command(db, "demo", label_fraction=0.5, seed=0, overrides=FAST)
     run = leaml_method.check_generator_run(db, g["generator_run"])
@@ -211,7 +212,8 @@ def test_caption_questions_asks_conditional_questions_only_where_the_caption_nam
     asked = {}
     for r in seed:
         asked.setdefault(r["question"], set()).add(r["image_id"])
-    cond = conditional_answers(db, run)
+    data = generator_data(db, run)
+    cond = conditional_answers(db, data)
     assert cond and set(cond) < set(asked)  # the demo asks some questions of some images only
     for q, answers in cond.items():
         assert len(asked[q]) < len(kept)
@@ -219,7 +221,7 @@ def test_caption_questions_asks_conditional_questions_only_where_the_caption_nam
                                   and r["answer"].lower() not in YES_NO})
     over = {**FAST, "pseudo": {**FAST["pseudo"], "k": 15, "caption_questions": True}}
     leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=over)
-    captions = {r["id"]: r["caption"] for r in unlabeled_images(db, run)}
+    captions = {r["id"]: r["caption"] for r in data.unlabeled}
     pairs = [r for r in list_qa(db, _pid(db), origin="pseudo") if r["gen_run_id"] == g["generator_run"]]
     by_image = {}
     for r in pairs:

@@ -14,14 +14,25 @@ one, QA from the captions, then the target finetuned on seed QA + those pairs, e
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import time
 from typing import Callable
 
-from leaml.serve.teacher import EndpointClient, bounded_map, image_name, open_db
+from leaml.config import TrainConfig
+from leaml.engine.batches import Example
 from leaml.engine.pseudo import format_qa, geometric_mean_prob, parse_qa, question_key
+from leaml.methods.pseudo_stage import known_question_types
+from leaml.methods.stages import MethodConfig, Stage, evaluate_stage, qa_examples, train_stage
+from leaml.serve.teacher import (EndpointClient, bounded_map, caption_missing, image_name,
+                                 open_db)
+from leaml.store.images import image_path, list_images
+from leaml.store.projects import get_project
+from leaml.store.qa import add_qa_many, list_qa
+from leaml.store.runs import (create_run, finish_run, get_run, list_runs, unlabeled_captions,
+                              update_run)
 
 Progress = Callable[[str, int, int, float], None]
 METHOD = "caption-qa"
@@ -42,7 +53,6 @@ _SPECIAL = re.compile(r"<\|?/?[A-Za-z_][\w|]*\|?>|</?s>")
 
 def style_examples(db, project: dict, n: int = 6, seed: int = 0) -> list[tuple[str, str]]:
     """Up to ``n`` seed QA pairs with different questions (seeded pick): the style to imitate."""
-    from leaml.store.qa import list_qa
     by_question: dict[str, tuple[str, str]] = {}
     for r in list_qa(db, project["id"], origin="seed"):
         by_question.setdefault(question_key(r["question"]), (r["question"], r["answer"]))
@@ -117,7 +127,6 @@ def parse_pairs(content: str, logprobs: dict | None = None) -> tuple[list[dict],
 def _run_for(db, project: dict, endpoint: str, model: str, params: dict, user) -> int:
     """A standalone pass's run: the newest one for the same endpoint and model (a rerun
     continues it: images that have its pairs are skipped), else a new ``caption-qa`` run."""
-    from leaml.store.runs import create_run, list_runs, update_run
     for r in list_runs(db, project["id"], method=METHOD):
         p = r["params"]
         if p.get("standalone") and p.get("model") == model and p.get("endpoint") == endpoint:
@@ -128,7 +137,6 @@ def _run_for(db, project: dict, endpoint: str, model: str, params: dict, user) -
 
 
 def _done_images(db, project_id: int, run_id: int) -> set[int]:
-    from leaml.store.qa import list_qa
     return {r["image_id"] for r in list_qa(db, project_id, origin="pseudo") if r["gen_run_id"] == run_id}
 
 
@@ -149,10 +157,6 @@ def qa_from_captions(store, project: str | int, *, endpoint: str, model: str, pe
     are skipped). Requests run ``concurrency`` at a time; each image's pairs are stored in
     one transaction, from the calling thread, as its answer arrives.
     """
-    from leaml.methods.pseudo_stage import known_question_types
-    from leaml.store.images import list_images
-    from leaml.store.projects import get_project
-    from leaml.store.runs import finish_run, get_run, update_run
     if per_image < 1:
         raise ValueError(f"--per-image {per_image} must be >= 1")
     db = open_db(store)
@@ -203,7 +207,6 @@ class _Pass:
         return self.client.chat([{"role": "user", "content": text}], **self.request)
 
     def store(self, row: dict, answer: dict) -> None:
-        from leaml.store.qa import add_qa_many
         choice = answer["choices"][0]
         pairs, stats = parse_pairs(choice["message"]["content"], choice.get("logprobs"))
         for k, v in stats.items():
@@ -247,11 +250,9 @@ def default_options() -> dict:
 
 
 def default_config():
-    from leaml.methods import pipeline
-    from leaml.engine.train import TrainConfig
     target = TrainConfig(mode="lora", lr=3e-3, batch_size=32, epochs=4.0, min_steps=300,
                          warmup_ratio=0.05, lora_r=16, lora_alpha=32.0)
-    return pipeline.MethodConfig({"train": target}, options=default_options())
+    return MethodConfig({"train": target}, options=default_options())
 
 
 def _opts(ctx) -> dict:
@@ -263,13 +264,7 @@ def _opts(ctx) -> dict:
 
 
 def _captions_stage():
-    from leaml.methods.pipeline import Stage
-
     def run(ctx) -> bool:
-        import json
-
-        from leaml.serve.teacher import caption_missing
-        from leaml.store.runs import unlabeled_captions
         o = _opts(ctx)
         info = {"captioned": 0}
         if o.get("caption_missing", True):
@@ -289,14 +284,9 @@ def _captions_stage():
 
 
 def _qa_stage():
-    from leaml.methods.pipeline import Stage
-
     def run(ctx) -> bool:
-        import json
-
-        from leaml.store.runs import unlabeled_captions
         o = _opts(ctx)
-        rows = unlabeled_captions(ctx.db, ctx.project["id"], exclude_image_ids=ctx.data.kept_images)
+        rows = ctx.data.caption_rows  # with the captions the captions stage just wrote
         info = qa_from_captions(ctx.db, ctx.project["id"], endpoint=o["endpoint"], model=o["model"],
                                 per_image=o["per_image"], image_ids=[r["id"] for r in rows],
                                 run_id=ctx.run_id, concurrency=o["concurrency"],
@@ -317,15 +307,11 @@ def _qa_stage():
 
 def run_pairs(db, project_id: int, run_id: int) -> list[dict]:
     """The run's pseudo pairs that may train: every one not rejected."""
-    from leaml.store.qa import list_qa
     return [r for r in list_qa(db, project_id, origin="pseudo")
             if r["gen_run_id"] == run_id and r["status"] != "rejected"]
 
 
 def _train_examples(ctx) -> list:
-    from leaml.engine.batches import Example
-    from leaml.methods.pipeline import qa_examples
-    from leaml.store.images import image_path
     pairs = [Example(str(image_path(ctx.db, r["image_id"])), r["question"], r["answer"],
                      open=r["answer"].strip().lower() not in ("yes", "no"))
              for r in run_pairs(ctx.db, ctx.project["id"], ctx.run_id)]
@@ -334,6 +320,5 @@ def _train_examples(ctx) -> list:
 
 def stages() -> list:
     """captions -> qa -> train (seed + caption QA) -> evaluate."""
-    from leaml.methods import pipeline
-    return [_captions_stage(), _qa_stage(), pipeline.train_stage("train", _train_examples),
-            pipeline.evaluate_stage()]
+    return [_captions_stage(), _qa_stage(), train_stage("train", _train_examples),
+            evaluate_stage()]

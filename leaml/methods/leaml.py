@@ -30,10 +30,18 @@ from pathlib import Path
 
 from leaml.config import (DEFAULT_BASE, FinetuneOptions, GeneratorConfig, PseudoConfig,
                           TrainConfig, generator_train, leaml_options)
-from leaml.methods import pipeline
-from leaml.methods.pipeline import MethodConfig, RunContext, Stage
-
-GENERATOR_METHOD = "generator"
+from leaml.engine import checkpoints, generator, models
+from leaml.engine.pseudo import confidence_cut
+from leaml.engine.train import Stream, save_trained, train
+from leaml.methods.pseudo_stage import (GENERATOR_METHOD, check_generator_run,  # noqa: F401
+                                        generate_pseudo, generator_data)
+from leaml.methods.stages import (MethodConfig, RunContext, RunData, Stage, configure,
+                                  evaluate_stage, load_run_data, open_db, qa_examples,
+                                  run_stages, seed_full_train)
+from leaml.store.images import image_path
+from leaml.store.projects import get_project
+from leaml.store.qa import list_qa, training_pairs
+from leaml.store.runs import create_run, finish_run, get_run, list_runs, update_run
 
 
 def _target_train() -> TrainConfig:
@@ -42,13 +50,19 @@ def _target_train() -> TrainConfig:
     passes over its (far larger) data instead of 2: after 2 the target still answers every
     question with its most common pseudo answer (1% demo labels, seed 0: 61.2% vs 67.2%;
     seed-full itself goes from 59.2% at its default 200 steps to 62.1% at 940; bench/RESULTS.md)."""
-    return replace(pipeline.DEFAULTS["seed-full"]().stages["train"], epochs=8.0)
+    return replace(seed_full_train(), epochs=8.0)
 
 
 def default_config() -> MethodConfig:
     """MethodConfig of the ``leaml`` method (stage TrainConfigs + LEAML options)."""
     return MethodConfig({"generator": generator_train(), "finetune": _target_train()},
                         options=leaml_options())
+
+
+def leaml_config(seed: int = 0, overrides: dict | None = None) -> MethodConfig:
+    """LEAML's config with the run's seed, updated by ``overrides`` (as
+    ``pipeline.method_config("leaml", ...)``)."""
+    return configure("leaml", default_config(), seed, overrides)
 
 
 def run_seed(ctx: RunContext) -> int:
@@ -71,28 +85,23 @@ def finetune_options(config: MethodConfig) -> FinetuneOptions:
 
 # --- stage 1: the generator ---------------------------------------------------------------
 
-def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: str,
-                        cfg: GeneratorConfig, *, seed: int, label_fraction: float,
-                        work_dir: Path, progress=None, should_stop=None, job_id=None,
-                        user=None) -> int | None:
-    """Train G on ``data`` and store it as a ``generator`` run; returns its id (None: stopped).
+def train_generator_run(db, project: dict, data: RunData, base_model: str,
+                        cfg: GeneratorConfig, *, work_dir: Path, progress=None,
+                        should_stop=None, job_id=None, user=None) -> int | None:
+    """Train G on ``data`` (its seed QA, the captions of its unlabeled set; seeded by
+    ``data.seed``) and store it as a ``generator`` run; returns its id (None: stopped).
 
     ``work_dir`` holds the checkpoint and ``generator_run.json``, so a resumed attempt
     continues the same run row.
     """
-    from leaml.engine import generator
-    from leaml.engine import models
-    from leaml.store.images import image_path
-    from leaml.store.runs import create_run, finish_run, update_run
-    from leaml.engine import checkpoints
-    from leaml.engine.train import save_trained
+    seed = data.seed
     work_dir.mkdir(parents=True, exist_ok=True)
     state_file = work_dir / "generator_run.json"
     t0 = time.monotonic()
     if state_file.exists():
         run_id = json.loads(state_file.read_text())["generator_run"]
     else:
-        params = {"label_fraction": label_fraction, "seed": seed, **data.summary(),
+        params = {"label_fraction": data.label_fraction, "seed": seed, **data.summary(),
                   "kept_images": data.kept_images, "config": cfg.to_dict()}
         run_id = create_run(db, project["id"], method=GENERATOR_METHOD, base_model=base_model,
                             params=params, job_id=job_id, user=user)
@@ -122,7 +131,6 @@ def train_generator_run(db, project: dict, data: pipeline.RunData, base_model: s
 
 
 def _merge_params(db, run_id: int, extra: dict) -> None:
-    from leaml.store.runs import get_run, update_run
     params = get_run(db, run_id)["params"]
     params.update(extra)
     update_run(db, run_id, params=params)
@@ -137,7 +145,6 @@ def _generator_stage() -> Stage:
         else:
             gen_id = train_generator_run(
                 ctx.db, ctx.project, ctx.data, ctx.base_model, generator_config(ctx.config),
-                seed=run_seed(ctx), label_fraction=_run_params(ctx)["label_fraction"],
                 work_dir=ctx.stage_dir("generator"), progress=ctx.progress,
                 should_stop=ctx.should_stop, job_id=None, user=None)
             if gen_id is None:
@@ -146,26 +153,6 @@ def _generator_stage() -> Stage:
         _merge_params(ctx.db, ctx.run_id, {"generator_run": gen_id})
         return True
     return Stage("generator", run)
-
-
-def _run_params(ctx: RunContext) -> dict:
-    from leaml.store.runs import get_run
-    return get_run(ctx.db, ctx.run_id)["params"]
-
-
-def check_generator_run(db, run_id: int, project_id: int | None = None) -> dict:
-    """The generator run row, or a ValueError saying what is wrong with it."""
-    from leaml.store.runs import get_run
-    run = get_run(db, run_id)
-    if run["method"] != GENERATOR_METHOD:
-        raise ValueError(f"run {run_id} is a '{run['method']}' run, not a generator run; "
-                         "pass the id printed by `python -m leaml generator`")
-    if project_id is not None and run["project_id"] != project_id:
-        raise ValueError(f"generator run {run_id} belongs to another project")
-    if run["status"] != "succeeded" or not run["model_dir"]:
-        raise ValueError(f"generator run {run_id} has status '{run['status']}' and no model; "
-                         "train it again with `python -m leaml generator`")
-    return run
 
 
 def _write_done(ctx: RunContext, name: str, info: dict) -> None:
@@ -182,12 +169,11 @@ def _generator_of(ctx: RunContext) -> int:
 
 def _pseudo_stage() -> Stage:
     def run(ctx: RunContext) -> bool:
-        from leaml.methods.pseudo_stage import generate_pseudo
         gen_id = _generator_of(ctx)
         info = {"skipped": True}
         if not ctx.config.options.get("reuse_pseudo"):
             info = generate_pseudo(ctx.db, gen_id, pseudo_config(ctx.config, run_seed(ctx)),
-                                   progress=ctx.progress, should_stop=ctx.should_stop)
+                                   ctx.data, progress=ctx.progress, should_stop=ctx.should_stop)
             if info.get("stopped"):
                 return False
         _write_done(ctx, "pseudo", info)
@@ -208,8 +194,6 @@ def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
     answer confidences differ by question, and one global cut can drop a question entirely).
     Never a rejected pair (``store.qa.training_pairs`` does not return them).
     """
-    from leaml.engine.pseudo import confidence_cut
-    from leaml.store.qa import list_qa, training_pairs
     pending = [r for r in list_qa(db, project_id, origin="pseudo", status="pending")
                if r["gen_run_id"] == gen_run_id and r["confidence"] is not None]
     def group(r):  # the pairs one cut ranks: all of them, or those of one question
@@ -235,9 +219,6 @@ def target_rows(db, project_id: int, gen_run_id: int, seed_rows: list[dict], *,
 
 def _target_stage() -> Stage:
     def run(ctx: RunContext) -> bool:
-        from leaml.engine import models
-        from leaml.engine import checkpoints
-        from leaml.engine.train import Stream, save_trained, train
         opts = finetune_options(ctx.config)
         gen_id = _generator_of(ctx)
         seed_rows = ctx.data.seed_rows if opts.use_seed else []
@@ -245,13 +226,13 @@ def _target_stage() -> Stage:
                                     keep_top=opts.keep_top, min_confidence=opts.min_confidence,
                                     use_reviewed=opts.use_reviewed, use_pending=opts.use_pending,
                                     cut_per_question=opts.cut_per_question)
-        seed_ex = pipeline.qa_examples(ctx.db, seed_rows)
+        seed_ex = qa_examples(ctx.db, seed_rows)
         if not seed_ex and not rows:
             raise ValueError(f"project '{ctx.project['name']}': no seed QA and no usable pseudo QA "
                              "to train the target on; label some images or lower the cut")
         streams = [Stream(seed_ex, weight=opts.seed_weight * len(seed_ex), name="seed")] if seed_ex else []
         if rows:
-            streams.append(Stream(pipeline.qa_examples(ctx.db, rows), weight=len(rows), name="pseudo"))
+            streams.append(Stream(qa_examples(ctx.db, rows), weight=len(rows), name="pseudo"))
         model, processor = models.load(ctx.base_model)
         result = train(model, processor, streams, ctx.config.stages["finetune"],
                        work_dir=ctx.stage_dir("finetune"), progress=ctx.progress,
@@ -270,29 +251,10 @@ def _target_stage() -> Stage:
 
 def stages() -> list[Stage]:
     """The ``leaml`` method's stages, in order."""
-    return [_generator_stage(), _pseudo_stage(), _target_stage(), pipeline.evaluate_stage()]
+    return [_generator_stage(), _pseudo_stage(), _target_stage(), evaluate_stage()]
 
 
 # --- the single stages as commands / job kinds ------------------------------------------------
-
-def _open(store):
-    import sqlite_utils
-
-    from leaml.store import connect
-    return store if isinstance(store, sqlite_utils.Database) else connect(store)
-
-
-def _train_data(db, project_id: int, label_fraction: float, seed: int) -> pipeline.RunData:
-    """pipeline.load_run_data without the test pairs (G needs none)."""
-    from leaml.store.images import list_images
-    from leaml.store.qa import training_pairs
-    from leaml.store.runs import unlabeled_captions
-    labeled = [r["id"] for r in list_images(db, project_id, split="train", unlabeled=False)]
-    kept = pipeline.keep_fraction(labeled, label_fraction, seed)
-    seed_rows = [r for r in training_pairs(db, project_id, image_ids=kept) if r["origin"] == "seed"]
-    captions = unlabeled_captions(db, project_id, exclude_image_ids=kept)
-    return pipeline.RunData(seed_rows, captions, [], len(labeled), kept)
-
 
 def generator_command(store, project, *, label_fraction: float = 1.0, seed: int = 0,
                       base_model: str | None = None, progress=None, should_stop=None,
@@ -301,18 +263,15 @@ def generator_command(store, project, *, label_fraction: float = 1.0, seed: int 
     """Stage 1 alone: train G on the project's seed QA (of a label fraction) + captions and
     store it as a ``generator`` run. Returns ``{"generator_run", "seconds", ...}`` or
     ``{"stopped": True}`` (call again with the same work_dir to resume)."""
-    from leaml.store.projects import get_project
-    from leaml.store.runs import get_run
-    db = _open(store)
+    db = open_db(store)
     proj = get_project(db, project)
     base = base_model or proj.get("base_model") or DEFAULT_BASE
-    cfg = generator_config(pipeline.method_config("leaml", seed, overrides))
-    data = _train_data(db, proj["id"], label_fraction, seed)
+    cfg = generator_config(leaml_config(seed, overrides))
+    data = load_run_data(db, proj["id"], label_fraction, seed, tests=False)
     wd = Path(work_dir) if work_dir else Path(db.home) / "work" / f"generator-{time.time_ns()}"
     if not resume:
         shutil.rmtree(wd, ignore_errors=True)
-    gen_id = train_generator_run(db, proj, data, base, cfg, seed=seed, label_fraction=label_fraction,
-                                 work_dir=wd, progress=progress, should_stop=should_stop,
+    gen_id = train_generator_run(db, proj, data, base, cfg, work_dir=wd, progress=progress, should_stop=should_stop,
                                  job_id=job_id, user=user)
     if gen_id is None:
         return {"stopped": True, "stage": "generator", "method": GENERATOR_METHOD}
@@ -329,23 +288,21 @@ def pseudo_command(store, project, *, generator_run: int | None = None, k: int |
     """Stage 2 alone: pending pseudo QA for the generator run's unlabeled images (default:
     the project's newest generator run). The sampling seed defaults to the generator run's
     seed (as in the one-shot run)."""
-    from leaml.methods.pseudo_stage import generate_pseudo
-    from leaml.store.projects import get_project
-    db = _open(store)
+    db = open_db(store)
     pid = get_project(db, project)["id"]
     generator_run = latest_generator_run(db, pid) if generator_run is None else int(generator_run)
     run = check_generator_run(db, generator_run, pid)
-    seed = run["params"].get("seed", 0) if seed is None else seed
-    cfg = pseudo_config(pipeline.method_config("leaml", seed, overrides), seed)
+    data = generator_data(db, run)
+    seed = data.seed if seed is None else seed
+    cfg = pseudo_config(leaml_config(seed, overrides), seed)
     if k is not None:
         cfg = replace(cfg, k=k)
-    return generate_pseudo(db, int(generator_run), cfg, progress=progress,
+    return generate_pseudo(db, int(generator_run), cfg, data, progress=progress,
                            should_stop=should_stop, user=user)
 
 
 def latest_generator_run(db, project_id: int) -> int:
     """The newest succeeded generator run of a project (ValueError when there is none)."""
-    from leaml.store.runs import list_runs
     for r in list_runs(db, project_id, method=GENERATOR_METHOD):
         if r["status"] == "succeeded":
             return r["id"]
@@ -361,8 +318,7 @@ def finetune_command(store, project, *, generator_run: int | None = None,
     """Stage 3 (+ evaluation) alone: the ``leaml`` method reusing a generator run and the
     pairs stored for it (after people reviewed them). Label fraction, seed and base model
     come from the generator run, so the result equals the one-shot run's."""
-    from leaml.store.projects import get_project
-    db = _open(store)
+    db = open_db(store)
     pid = get_project(db, project)["id"]
     gen_id = int(generator_run) if generator_run is not None else latest_generator_run(db, pid)
     gen = check_generator_run(db, gen_id, pid)
@@ -376,10 +332,11 @@ def finetune_command(store, project, *, generator_run: int | None = None,
     ov = copy.deepcopy(overrides or {})
     ov.update(generator_run=gen_id, reuse_pseudo=True)
     ov["finetune"] = {**ov.get("finetune", {}), **target}
-    return pipeline.run_method(db, pid, "leaml", label_fraction=gen["params"]["label_fraction"],
-                               seed=gen["params"]["seed"], base_model=gen["base_model"],
-                               progress=progress, should_stop=should_stop, work_dir=work_dir,
-                               resume=resume, overrides=ov, job_id=job_id, user=user)
+    data = generator_data(db, gen)
+    return run_stages(db, pid, "leaml", leaml_config(data.seed, ov), stages(),
+                      label_fraction=data.label_fraction, seed=data.seed,
+                      base_model=gen["base_model"], progress=progress, should_stop=should_stop,
+                      work_dir=work_dir, resume=resume, job_id=job_id, user=user)
 
 
 STAGE_COMMANDS = {"generator": generator_command, "pseudo": pseudo_command,

@@ -3,26 +3,57 @@
 The pure parts (parsing, filtering, confidence, cut) are in :mod:`leaml.engine.pseudo`. Here:
 which images, chunking (one transaction per chunk of images: the unit of progress, cancel and
 resume), question types from the project's known questions, and the precision report
-against hidden truth.
+against hidden truth. Every function here takes the generator's data (:class:`RunData`:
+which labeled images it learned from, the unlabeled set it writes pairs for), resolved once.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
 from typing import Callable, Sequence
 
-from leaml.engine import pseudo
+import torch
+
+from leaml.engine import models, pseudo
+from leaml.engine.evaluate import exact_match
+from leaml.engine.generator import known_form, pick
 from leaml.engine.pseudo import YES_NO, ParseStats, PseudoConfig, named_choices, question_key
+from leaml.engine.train import load_trained
+from leaml.methods.stages import RunData, kept_data
+from leaml.store.images import image_path
+from leaml.store.qa import add_qa_many
+from leaml.store.runs import get_run, update_run
 
 Progress = Callable[[str, int, int, float], None]
+GENERATOR_METHOD = "generator"
 
 
-def unlabeled_images(db, gen_run: dict) -> list[dict]:
-    """Train images of the generator run's project whose labels the run did not use."""
-    from leaml.store.images import list_images
-    kept = set(gen_run["params"].get("kept_images") or [])
-    return [r for r in list_images(db, gen_run["project_id"], split="train") if r["id"] not in kept]
+# --- the generator run and its data ------------------------------------------------------------
+
+def check_generator_run(db, run_id: int, project_id: int | None = None) -> dict:
+    """The generator run row, or a ValueError saying what is wrong with it."""
+    run = get_run(db, run_id)
+    if run["method"] != GENERATOR_METHOD:
+        raise ValueError(f"run {run_id} is a '{run['method']}' run, not a generator run; "
+                         "pass the id printed by `python -m leaml generator`")
+    if project_id is not None and run["project_id"] != project_id:
+        raise ValueError(f"generator run {run_id} belongs to another project")
+    if run["status"] != "succeeded" or not run["model_dir"]:
+        raise ValueError(f"generator run {run_id} has status '{run['status']}' and no model; "
+                         "train it again with `python -m leaml generator`")
+    return run
+
+
+def generator_data(db, gen_run: dict) -> RunData:
+    """The data a stored generator run was trained on (its kept labeled images, as recorded)
+    and its unlabeled set; no test pairs."""
+    p = gen_run["params"]
+    return kept_data(db, gen_run["project_id"], list(p.get("kept_images") or []),
+                     labeled_images=p.get("n_labeled_images", 0),
+                     label_fraction=p.get("label_fraction", 1.0), seed=p.get("seed", 0),
+                     tests=False)
 
 
 def _most_common_by_key(rows, field: str) -> dict[str, str]:
@@ -47,29 +78,28 @@ def known_questions(db, project_id: int) -> dict[str, str]:
         " OR status IN ('accepted', 'edited'))", [project_id]), "question")
 
 
-def _seed_qa(db, gen_run: dict) -> list[dict]:
+def _seed_qa(db, data: RunData) -> list[dict]:
     """(image_id, question, answer) of the seed QA the generator was trained on (its labeled
     images only)."""
-    import json
     return list(db.query(
         "SELECT image_id, question, answer FROM qa WHERE origin = 'seed' AND image_id IN"
-        " (SELECT value FROM json_each(?))", [json.dumps(gen_run["params"].get("kept_images") or [])]))
+        " (SELECT value FROM json_each(?))", [json.dumps(data.kept_images)]))
 
 
-def seed_question_counts(db, gen_run: dict) -> Counter:
+def seed_question_counts(db, data: RunData) -> Counter:
     """How often each question occurs in the generator's seed QA: the weights 'known' mode
     draws questions by."""
-    counts = Counter(r["question"] for r in _seed_qa(db, gen_run))
+    counts = Counter(r["question"] for r in _seed_qa(db, data))
     if not counts:
         raise ValueError("question_mode 'known' needs seed QA to draw questions from")
     return counts
 
 
-def seed_answers(db, gen_run: dict, limit: int) -> dict[str, list[str]]:
+def seed_answers(db, data: RunData, limit: int) -> dict[str, list[str]]:
     """Per question of the generator's seed QA, its answers, most frequent first (at most
     ``limit``): the choices of answer_mode 'choose'."""
     votes: dict[str, Counter] = {}
-    for r in _seed_qa(db, gen_run):
+    for r in _seed_qa(db, data):
         if r["answer"].strip():
             votes.setdefault(r["question"], Counter())[r["answer"].strip()] += 1
     return {q: [a for a, _ in c.most_common(limit)] for q, c in votes.items()}
@@ -79,7 +109,6 @@ def _draw_questions(counts: Counter, n: int, k: int, seed: int,
                     allowed: Sequence[set[str]] | None = None) -> list[list[str]]:
     """Per image, ``k`` distinct questions drawn by their ``counts``; only those in
     ``allowed[i]`` for image i when given (fewer than ``k`` if fewer are allowed)."""
-    import torch
     qs, w = list(counts), torch.tensor([float(c) for c in counts.values()])
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -91,22 +120,21 @@ def _draw_questions(counts: Counter, n: int, k: int, seed: int,
     return out
 
 
-def seed_caption_reliability(db, gen_run: dict, choices: dict[str, list[str]]) -> dict[str, float]:
+def seed_caption_reliability(db, data: RunData, choices: dict[str, list[str]]) -> dict[str, float]:
     """:func:`leaml.engine.pseudo.caption_reliability` on the generator's seed QA and the captions of
     its images."""
-    import json
-    rows = _seed_qa(db, gen_run)
+    rows = _seed_qa(db, data)
     captions = {r["id"]: r["caption"] for r in db.query(
         "SELECT id, caption FROM images WHERE id IN (SELECT value FROM json_each(?))",
         [json.dumps(sorted({r["image_id"] for r in rows}))])}
     return pseudo.caption_reliability(rows, captions, choices)
 
 
-def conditional_answers(db, gen_run: dict) -> dict[str, list[str]]:
+def conditional_answers(db, data: RunData) -> dict[str, list[str]]:
     """The questions the generator's seed QA asks of only some of its images, each with its
     answers other than yes/no (questions with none left out): caption_questions asks these only
     of images whose caption names one of those answers."""
-    rows = _seed_qa(db, gen_run)
+    rows = _seed_qa(db, data)
     n_images = len({r["image_id"] for r in rows})
     asked: dict[str, set[int]] = {}
     answers: dict[str, set[str]] = {}
@@ -134,9 +162,11 @@ def _chunk_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7919) & 0x7FFFFFFF
 
 
-def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progress | None = None,
+def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, data: RunData, *,
+                    progress: Progress | None = None,
                     should_stop: Callable[[], bool] | None = None, user: str | None = None) -> dict:
-    """Sample, filter and store pending pseudo QA for every unlabeled image of a generator run.
+    """Sample, filter and store pending pseudo QA for every image of the unlabeled set of
+    ``data`` (the generator run's data) with the generator run's model.
 
     Images go in chunks of ``cfg.chunk``; each chunk is sampled with its own seed (derived from
     ``cfg.seed`` and the chunk's index) and stored in one transaction, so a stopped run resumes
@@ -144,27 +174,21 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
     one. Returns counts (images, sampled, kept, dropped by reason, seconds) or
     ``{"stopped": True, ...}``.
     """
-    from leaml.engine import models
-    from leaml.engine.generator import known_form, pick
-    from leaml.methods.leaml import check_generator_run
-    from leaml.store.images import image_path
-    from leaml.store.qa import add_qa_many
-    from leaml.engine.train import load_trained
     run = check_generator_run(db, gen_run_id)
-    images = pick(unlabeled_images(db, run), cfg.max_images, cfg.seed)
+    images = pick(data.unlabeled, cfg.max_images, cfg.seed)
     if not images:
         raise ValueError(f"generator run {gen_run_id}: no unlabeled train images to write QA for; "
                          "import images without labels or use a label fraction below 1")
-    model, processor = load_trained(db.home / run["model_dir"], run["base_model"])
+    model, processor = load_trained(db.home / run["model_dir"], run["base_model"], inference=True)
     form, use_context = known_form(run["params"].get("config") or {})
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
     # 'sample' mode filters by known wordings, 'known' draws them
     known, counts, choices, conditional, reliability = None, None, None, None, None
     if cfg.question_mode == "known":
-        counts = seed_question_counts(db, run)
-        choices = seed_answers(db, run, cfg.max_choices) if cfg.answer_mode == "choose" else None
-        conditional = conditional_answers(db, run) if cfg.caption_questions and use_context else None
-        reliability = (seed_caption_reliability(db, run, choices)
+        counts = seed_question_counts(db, data)
+        choices = seed_answers(db, data, cfg.max_choices) if cfg.answer_mode == "choose" else None
+        conditional = conditional_answers(db, data) if cfg.caption_questions and use_context else None
+        reliability = (seed_caption_reliability(db, data, choices)
                        if choices and cfg.caption_choices and use_context else None)
     elif cfg.known_questions:
         known = known_questions(db, run["project_id"])
@@ -206,7 +230,6 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, *, progress: Progres
 
 
 def _record(db, gen_run_id: int, info: dict, cfg: PseudoConfig) -> None:
-    from leaml.store.runs import get_run, update_run
     params = get_run(db, gen_run_id)["params"]
     params.setdefault("pseudo", []).append({"config": dict(cfg.__dict__), **info})
     update_run(db, gen_run_id, params=params)
@@ -220,7 +243,6 @@ def pseudo_precision_by_bin(db, gen_run_id: int, *, bins: int = 5,
     (normalised exact match, answer sets as sets). Pairs whose question has no true answer
     for that image count as wrong (``precision``) and are left out of ``precision_known``.
     ``per_question``: bins by confidence rank within each question (as the cut ranks)."""
-    from leaml.engine.evaluate import exact_match
     pairs = list(db.query("SELECT image_id, question, answer, confidence FROM qa WHERE gen_run_id = ?"
                           " AND origin = 'pseudo' AND confidence IS NOT NULL", [gen_run_id]))
     images = sorted({p["image_id"] for p in pairs})

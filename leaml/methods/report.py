@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from leaml.data.demo.build import DemoConfig
+from leaml.data.ingest import load_demo
+from leaml.methods.pipeline import run_method
+from leaml.methods.pseudo_stage import pseudo_precision_by_bin
+from leaml.store import connect
+from leaml.store.runs import get_run
+
 Log = Callable[[str], None]
 
 # (label, method, extra overrides): the rows of the table, in the paper's order
@@ -84,9 +91,6 @@ def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=
 
     Returns the results dict (rows per method and seed, the mean table, pseudo precision).
     """
-    from leaml.data.demo.build import DemoConfig
-    from leaml.data.ingest import load_demo
-    from leaml.store import connect
     db = connect(home)
     plan = quick_plan(seeds) if quick else full_plan(seeds)
     t0 = time.monotonic()
@@ -118,7 +122,6 @@ def run_demo(home, *, quick: bool = False, out: str | Path | None = None, seeds=
 
 
 def _one(db, plan: DemoPlan, label, method, extra, seed, progress, log, base_model) -> dict:
-    from leaml.methods.pipeline import run_method
     t = time.monotonic()
     r = run_method(db, plan.project, method, label_fraction=plan.label_fraction, seed=seed,
                    overrides=_merge(plan.overrides.get(method, {}), extra), progress=progress,
@@ -128,8 +131,6 @@ def _one(db, plan: DemoPlan, label, method, extra, seed, progress, log, base_mod
 
 
 def _precision(db, run_id: int, per_question: bool = False) -> list[dict]:
-    from leaml.methods.pseudo_stage import pseudo_precision_by_bin
-    from leaml.store.runs import get_run
     gen = get_run(db, run_id)["params"].get("generator_run")
     return pseudo_precision_by_bin(db, gen, per_question=per_question) if gen else []
 
