@@ -220,3 +220,34 @@ def test_the_cli_prints_the_curve_as_its_last_line(demo_home, tmp_path):
     assert [(r["order"], r["decisions"]) for r in last["curve"]] == [("high-first", 0), ("high-first", 2)]
     assert {"accuracy", "by_category", "reviewer_seconds"} <= set(last["curve"][1])
     assert last["seconds"] > 0 and Path(last["chart"]).is_file()
+
+
+def test_reviewer_seconds_come_from_real_reviews_where_there_are_enough(db):
+    from datetime import datetime, timedelta, timezone
+
+    from leaml.store.projects import create_project
+    pid = create_project(db, "p")["id"]
+    assert review_curve.decision_seconds(db, pid)["edit"] == 5.0  # no reviews yet: the default
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    rows = []
+    for i in range(30):  # ann accepts every 2 s, then edits every 7 s; a lunch break between
+        t += timedelta(seconds=2 if i < 25 else (3600 if i == 25 else 7))
+        rows.append((t.isoformat(), "ann", "qa.accept" if i < 25 else "qa.edit", pid))
+    db.conn.executemany("INSERT INTO events (ts, user, action, entity, entity_id, project_id)"
+                        " VALUES (?, ?, ?, 'qa', 1, ?)", rows)
+    costs = review_curve.decision_seconds(db, pid)
+    assert costs["accept"] == 2.0 and costs["source"]["accept"].startswith("events")
+    assert costs["edit"] == 5.0 and costs["source"]["edit"] == "default"  # 4 edits: too few
+    assert review_curve.decision_seconds(db, pid, {"accept": 1.5})["accept"] == 1.5
+
+
+def test_the_next_decisions_are_read_off_the_curve():
+    row = lambda o, n, acc: {"order": o, "decisions": n, "accuracy": acc}  # noqa: E731
+    sim = {"curve": [row("random", 0, 50.0), row("random", 300, 53.0),
+                     row("near-cut", 0, 50.0), row("near-cut", 300, 56.0)]}
+    assert review_curve.best_order(sim) == "near-cut"
+    gain = review_curve.next_gain(sim, 0, 100)
+    assert gain["order"] == "near-cut" and gain["points"] == 2.0 and not gain["beyond"]
+    assert review_curve.next_gain(sim, 150, 100, "random")["points"] == 1.0
+    late = review_curve.next_gain(sim, 250, 100, "random")
+    assert late["beyond"] and late["points"] == 0.5  # flat past the largest budget
