@@ -11,13 +11,14 @@ import argparse
 import json
 import sys
 
+from leaml.config import fold_overrides
+
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
 
 def _overrides(args) -> dict:
-    from leaml.config import fold_overrides
     return fold_overrides("leaml", sets=getattr(args, "set", []))
 
 
