@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +27,10 @@ from typing import Callable
 import sqlite_utils
 
 from leaml import auth, config
+from leaml.serve import teacher as captions
+from leaml.store import connect, home_dir
 from leaml.store import jobs as q
-from leaml.store.db import NotFoundError
+from leaml.store.db import NotFoundError, transaction
 from leaml.store.projects import get_project
 
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
@@ -213,7 +218,7 @@ def pin_config(ctx: JobContext, params: dict, method: str) -> dict:
     the same config (a checkpoint refuses to resume under another one)."""
     if "requested_overrides" in params:
         return params  # pinned by an earlier attempt
-    from leaml.methods import pipeline
+    from leaml.methods import pipeline  # torch: the app imports this module, only jobs run methods
     asked = params.get("overrides") or {}
     cfg = pipeline.method_config(method, 0, asked)
     pinned = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.options.items()}
@@ -248,7 +253,7 @@ def _run(ctx: JobContext, params: dict) -> dict:
 def _stage_kind(name: str) -> Kind:
     def run(ctx: JobContext, params: dict) -> dict:
         """One LEAML stage alone (``leaml_method.STAGE_COMMANDS``), params = its keywords."""
-        from leaml.methods import leaml as leaml_method
+        from leaml.methods import leaml as leaml_method  # torch: only in the job's own process
         ctx.plan = [name] if name != "finetune" else ["finetune", "evaluate"]
         command = leaml_method.STAGE_COMMANDS[name]
         params = dict(params)  # the page's flat options (k, max_images, rho ...) + data mix
@@ -269,14 +274,13 @@ for _name in ("generator", "pseudo", "finetune"):
 def _caption(ctx: JobContext, params: dict) -> dict:
     """Teacher captions for the project's images without one (``leaml.serve.teacher``); params:
     endpoint + model, or teacher (a local model ref), and optionally prompt, concurrency."""
-    from leaml.serve import teacher as captions
     return captions.caption_job(ctx, params)
 
 
 @job_kind("evaluate")
 def _evaluate(ctx: JobContext, params: dict) -> dict:
     """Re-evaluate a stored run (``params['run_id']``) on its project's test split."""
-    from leaml.methods import pipeline
+    from leaml.methods import pipeline  # torch: only in the job's own process
     if not params.get("run_id"):
         raise ValueError("job kind 'evaluate' needs params['run_id'] (see `python -m leaml "
                          "jobs list` / the dashboard for run ids)")
@@ -403,11 +407,56 @@ def log_tail(home: str | os.PathLike, job: dict | int, n: int = 50) -> str:
     return "\n".join(lines[-n:])
 
 
-def ensure_worker(home: str | os.PathLike) -> int | None:
-    """Start a detached worker for ``home`` unless one is alive; returns the new worker's
-    pid, or None when a live one was found. See :func:`leaml.jobs.worker.ensure_worker`."""
-    from leaml.jobs import worker
-    return worker.ensure_worker(home)
+# --- starting a worker (a process of its own: this module never imports the worker) ----------
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so `-m leaml` works from any cwd
+
+
+def child_env() -> dict:
+    """The environment of the worker and its job processes."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("TQDM_DISABLE", "1")  # progress bars belong in the database, not the log
+    return env
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def ensure_worker(home: str | os.PathLike | None = None, *, idle_exit: float = 600.0) -> int | None:
+    """Start a detached ``python -m leaml worker`` (``start_new_session``, output to
+    ``<home>/logs/worker.log``) unless a live one exists: a workers row, not stopped, with a
+    fresh heartbeat and, on this host, a live pid. Returns the new pid, or None if one was
+    alive. The check and the start happen under the write lock, so two pages calling this at
+    once start one worker."""
+    home = home_dir(home)
+    db = connect(home)
+    recover_stale(db)
+    host = socket.gethostname()
+    (home / "logs").mkdir(exist_ok=True)
+    with transaction(db):
+        for w in q.live_workers(db, heartbeat_timeout()):
+            if w["host"] != host or _pid_alive(w["pid"]):
+                return None
+        with open(home / "logs" / "worker.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "leaml", "worker", "--home", str(home),
+                 "--idle-exit", str(idle_exit)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=child_env(), cwd=str(home))
+        q.register_worker(db, proc.pid, host)
+    return proc.pid
 
 
 __all__ = ["JobContext", "JobStopped", "KINDS", "job_kind", "enqueue", "get_job", "list_jobs", "cancel",

@@ -31,10 +31,8 @@ from pathlib import Path
 from leaml.jobs import queue as jobs
 from leaml.store import connect, home_dir
 from leaml.store import jobs as q
-from leaml.store.db import transaction
 
 log = logging.getLogger("leaml.jobs.worker")
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so `-m leaml` works from any cwd
 RETRY_S = 2.0  # wait before retrying a database write that failed (locked, disk full)
 UNRECORDED = 75  # the job process's exit code when it could not record the job's end
 
@@ -145,7 +143,7 @@ def _run_child(db, home: Path, job: dict, state: dict) -> None:
                 [sys.executable, "-m", "leaml", "worker", "--home", str(home),
                  "--job-process", str(job["id"]), "--claimed-by", str(pid)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_child_env())
+                env=jobs.child_env())
         state["child"] = child
         rc = child.wait()
     state["job"], state["child"] = None, None
@@ -163,7 +161,7 @@ class _Spare:
             [sys.executable, "-m", "leaml", "worker", "--home", str(home), "--spare",
              "--claimed-by", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=_child_env())
+            env=jobs.child_env())
 
     def take(self, job_id: int) -> subprocess.Popen | None:
         """Hand it the claimed job; None if it died meanwhile."""
@@ -217,14 +215,6 @@ def _record_exit(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> No
         status, msg = "failed", f"job process exited with code {rc}; see the job's log"
     q.finish(db, job_id, job["worker_pid"], status, message=msg)
     q.close_runs(db, job_id)
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    env.setdefault("TQDM_DISABLE", "1")  # progress bars belong in the database, not the log
-    return env
 
 
 # --- the job process -----------------------------------------------------------------------
@@ -328,7 +318,7 @@ def _stop_in_forward(ctx: jobs.JobContext) -> None:
     stop within a batch. Training forwards are left alone: the training loop stops at a
     step and keeps a checkpoint. This process runs this one job, so a process-wide hook is
     the job's own."""
-    import torch
+    import torch  # the job process only: the worker itself never loads torch
 
     def hook(module, args) -> None:
         if not torch.is_grad_enabled():
@@ -417,42 +407,3 @@ def _summary(result: dict) -> str:
         return f"{result.get('method', 'run')}: accuracy {result['accuracy']:.1f}% " \
                f"on {result.get('n_test', '?')} test questions (run {result.get('run_id')})"
     return f"done (run {result['run_id']})" if result.get("run_id") else "done"
-
-
-# --- starting a worker from the app --------------------------------------------------------
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def ensure_worker(home=None, *, idle_exit: float = 600.0) -> int | None:
-    """Start a detached worker (``start_new_session``, output to ``<home>/logs/worker.log``)
-    unless a live one exists: a workers row, not stopped, with a fresh heartbeat and, on this
-    host, a live pid. Returns the new pid, or None if one was alive. The check and the start
-    happen under the write lock, so two pages calling this at once start one worker."""
-    home = home_dir(home)
-    db = connect(home)
-    jobs.recover_stale(db)
-    host = socket.gethostname()
-    (home / "logs").mkdir(exist_ok=True)
-    with transaction(db):
-        for w in q.live_workers(db, jobs.heartbeat_timeout()):
-            if w["host"] != host or _pid_alive(w["pid"]):
-                return None
-        with open(home / "logs" / "worker.log", "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "leaml", "worker", "--home", str(home),
-                 "--idle-exit", str(idle_exit)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=_child_env(), cwd=str(home))
-        q.register_worker(db, proc.pid, host)
-    return proc.pid
