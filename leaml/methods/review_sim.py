@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from leaml.data.split import keep_fraction
 from leaml.engine.evaluate import exact_match
 from leaml.engine.pseudo import question_key
 from leaml.methods import review_curve
-from leaml.methods.leaml import (check_generator_run, finetune_command, generator_command,
-                                 pseudo_command)
-from leaml.methods.pipeline import keep_fraction
+from leaml.methods.leaml import finetune_command, generator_command, pseudo_command
+from leaml.methods.pseudo_stage import check_generator_run
 from leaml.store import connect, transaction
 from leaml.store import qa as qa_store
 from leaml.store.db import DB_NAME
