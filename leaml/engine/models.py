@@ -14,6 +14,8 @@ further; its PRETRAIN.md).
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,12 +118,64 @@ def resolve_ref(ref: str) -> str:
     return str(EMBEDDED.get(ref, ref))
 
 
-def load(ref: str = DEFAULT_BASE, *, device="cpu", dtype=torch.float32):
+# --- where models run: one rule for every stage ------------------------------------------------
+
+DEVICE_ENV = "LEAML_DEVICE"  # set by --device of the CLI commands and the job kinds' 'device'
+DTYPE_ENV = "LEAML_DTYPE"    # set by --dtype: the inference stages' dtype ('auto' or unset: below)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str | torch.device | None = None) -> torch.device:
+    """Where models load and run, training and inference alike: ``requested`` ('cpu',
+    'cuda', 'cuda:1' ...), else $LEAML_DEVICE, else accelerate's choice: the CPU under
+    ACCELERATE_USE_CPU, else this process's GPU when there is one (cuda:LOCAL_RANK under
+    ``accelerate launch``), else Apple's mps, else the CPU. 'auto' means no request."""
+    name = str(requested or os.environ.get(DEVICE_ENV) or "auto")
+    if name != "auto":
+        return torch.device(name)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def inference_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype of evaluation, sampling, captioning and serving: $LEAML_DTYPE when set (not
+    'auto'), else bfloat16 on a CUDA device that supports it, else float32. Training loads
+    float32 weights (accelerate's ``mixed_precision`` decides its compute dtype)."""
+    name = os.environ.get(DTYPE_ENV) or "auto"
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"{DTYPE_ENV}={name!r}: use auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    dev = resolve_device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def placement(model) -> str:
+    """'cuda:0, torch.bfloat16': where a model's parameters are and in which dtype."""
+    p = next(model.parameters())
+    return f"{p.device}, {p.dtype}"
+
+
+def load(ref: str = DEFAULT_BASE, *, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = torch.float32, inference: bool = False):
     """Load ``(model, processor)`` from a ref (tiny / HF id / local folder), in eval mode.
 
-    Only local files are used: a Hugging Face id must already be in the local cache.
+    On :func:`resolve_device`'s device unless told another; float32 (what training wants)
+    unless told another dtype, or with ``inference`` the :func:`inference_dtype` of that
+    device. Logs where it went. Only local files are used: a Hugging Face id must already be
+    in the local cache.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    device = resolve_device(device)
+    dtype = inference_dtype(device) if inference else (dtype or torch.float32)
     path = resolve_ref(ref)
     if ref in EMBEDDED and not (EMBEDDED[ref] / "config.json").exists():
         raise FileNotFoundError(f"{EMBEDDED[ref]} holds no model; run `python -m leaml "
@@ -132,7 +186,9 @@ def load(ref: str = DEFAULT_BASE, *, device="cpu", dtype=torch.float32):
         # tiny16's 37 tokens: plain attention beats SDPA's kernels (vision warmup 1.06x)
         model.set_attn_implementation({"vision_config": "eager"})
     _configure_padding(processor)
-    return model.to(device).eval(), processor
+    model = model.to(device).eval()
+    log.info("model %s on %s", ref, placement(model))
+    return model, processor
 
 
 def _short_image_sequence(model, most: int = 64) -> bool:

@@ -112,16 +112,18 @@ def save_trained(model: torch.nn.Module, processor, out_dir: str | Path) -> Path
     return out
 
 
-def load_trained(model_dir: str | Path, base_ref: str, device: str = "cpu",
-                 merge: bool = True):
-    """Load what :func:`save_trained` wrote: adapters on top of ``base_ref``, or a full model."""
+def load_trained(model_dir: str | Path, base_ref: str, device: str | None = None,
+                 merge: bool = True, inference: bool = False):
+    """Load what :func:`save_trained` wrote: adapters on top of ``base_ref``, or a full model;
+    on ``device`` (default: ``models.resolve_device``'s rule), float32 or, with
+    ``inference``, ``models.inference_dtype``."""
     path = Path(model_dir)
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
-        base, processor = models.load(base_ref, device=device)
+        base, processor = models.load(base_ref, device=device, inference=inference)
         model = PeftModel.from_pretrained(base, path)
         return (model.merge_and_unload() if merge else model), processor
-    return models.load(str(path), device=device)
+    return models.load(str(path), device=device, inference=inference)
 
 
 def _is_peft(model) -> bool:
@@ -275,7 +277,8 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     # features come from an earlier one); under DDP (accelerate launch, >1 process) the
     # gradient reduction fails unless told. No effect in a single process.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.mode == "full")
-    acc = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
+    acc = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp],
+                      cpu=models.resolve_device().type == "cpu")  # --device cpu on a GPU machine
     model = prepare_model(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -203,9 +203,22 @@ def job_kind(name: str) -> Callable[[Kind], Kind]:
     return register
 
 
+PLACEMENT = ("device", "dtype")  # job params that say where models run, not what they do
+
+
+def _place(params: dict) -> None:
+    """A job's ``device``/``dtype`` params (like the CLI's --device/--dtype) for every model
+    this job process loads (leaml.engine.models reads them from the environment)."""
+    for key in PLACEMENT:
+        if params.get(key):
+            os.environ[f"LEAML_{key.upper()}"] = str(params[key])
+
+
 def _engine_kwargs(ctx: JobContext, params: dict) -> dict:
     """The job's params plus what every engine entry point takes from the job."""
-    p = {k: v for k, v in params.items() if k not in ("stages", "method", "requested_overrides")}
+    _place(params)
+    p = {k: v for k, v in params.items()
+         if k not in ("stages", "method", "requested_overrides", *PLACEMENT)}
     return dict(p, progress=ctx.progress, should_stop=ctx.should_stop,
                 work_dir=ctx.checkpoint_dir, job_id=ctx.job_id, user=ctx.user)
 
@@ -274,7 +287,8 @@ for _name in ("generator", "pseudo", "finetune"):
 def _caption(ctx: JobContext, params: dict) -> dict:
     """Teacher captions for the project's images without one (``leaml.serve.teacher``); params:
     endpoint + model, or teacher (a local model ref), and optionally prompt, concurrency."""
-    return captions.caption_job(ctx, params)
+    _place(params)
+    return captions.caption_job(ctx, {k: v for k, v in params.items() if k not in PLACEMENT})
 
 
 @job_kind("evaluate")
@@ -285,6 +299,7 @@ def _evaluate(ctx: JobContext, params: dict) -> dict:
         raise ValueError("job kind 'evaluate' needs params['run_id'] (see `python -m leaml "
                          "jobs list` / the dashboard for run ids)")
     ctx.plan = ["evaluate"]
+    _place(params)
     return pipeline.evaluate_run(ctx.db, int(params["run_id"]), progress=ctx.progress)
 
 

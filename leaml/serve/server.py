@@ -70,21 +70,19 @@ class ServedModel:
 
 def load_served(db, *, project: str | int | None = None, run_id: int | None = None,
                 base: bool = False, base_model: str | None = None,
-                name: str | None = None, device: str = "cpu") -> ServedModel:
+                name: str | None = None, device: str | None = None) -> ServedModel:
     """Load what to serve: a run's model (LoRA adapters on its base via peft, or a full model
     from its folder) or a base model (``base_model``, else the project's).
 
     The model folder is the runs row's ``model_dir`` (relative to the data home). The served
     name defaults to ``run-<id>`` or the base model's ref. ``device``: where the model
-    runs ('cpu', 'cuda', 'cuda:1' ...; 'auto' = cuda when there is one).
+    runs ('cpu', 'cuda', 'cuda:1' ...; 'auto' or None: ``models.resolve_device``'s rule, a GPU
+    when there is one), in ``models.inference_dtype`` (bfloat16 where the GPU supports it).
     """
     from leaml.engine import models
     from leaml.store.projects import get_project
     from leaml.store.runs import get_run
     from leaml.engine.train import load_trained
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     proj = get_project(db, project) if project is not None else None
     if run_id is not None and not base:
         run = get_run(db, int(run_id))
@@ -96,13 +94,14 @@ def load_served(db, *, project: str | int | None = None, run_id: int | None = No
             raise ValueError(f"run {run_id} ({run['method']}, {run['status']}) has no saved model"
                              f" folder{' at ' + str(folder) if run['model_dir'] else ''}; "
                              "serve a finished run or the base model with --base")
-        model, processor = load_trained(folder, run["base_model"], device=device, merge=True)
+        model, processor = load_trained(folder, run["base_model"], device=device, merge=True,
+                                        inference=True)
         return ServedModel(name or f"run-{run_id}", model.eval(), processor, f"run {run_id}: {folder}")
     ref = base_model or (proj["base_model"] if proj else None)
     if not ref:
         raise ValueError("nothing to serve: give --run ID, or --base with --project P "
                          "or --base-model REF")
-    model, processor = models.load(ref, device=device)
+    model, processor = models.load(ref, device=device, inference=True)
     return ServedModel(name or ref, model, processor, ref)
 
 

@@ -333,7 +333,7 @@ def _from_model(db, teacher, rows, prompt, max_tokens, report, progress, should_
     from leaml.store.images import image_path
     if not rows:
         return
-    model, processor = models.load(teacher)
+    model, processor = models.load(teacher, inference=True)  # the device rule, bf16 on GPUs
     for i in range(0, len(rows), batch_size):
         if should_stop and should_stop():
             report.stopped = True
