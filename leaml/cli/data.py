@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from leaml.cli.common import CLI_ACTOR
 from leaml.data.checks import DEFAULT_MAX_PIXELS
+from leaml.data.demo.build import DemoConfig
+from leaml.data.demo.projects import load_demo_projects
+from leaml.data.export import export_project
+from leaml.data.ingest import ImportFailed, ImportRejected, import_path
+from leaml.store import connect
 
-CLI_ACTOR = "cli"  # who the audit log names for changes made here
 EXIT_REJECTED = 2
 EXIT_FAILED = 1
 
@@ -36,8 +41,6 @@ def _add_import(sub, common) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from leaml.data.ingest import ImportFailed, ImportRejected, import_path
-    from leaml.store import connect
     db = connect(args.home)
     try:
         report = import_path(db, args.path, args.project, skip_invalid=args.skip_invalid,
@@ -78,8 +81,6 @@ def _add_export(sub, common) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from leaml.data.export import export_project
-    from leaml.store import connect
     report = export_project(connect(args.home), args.project, args.out,
                             with_test=args.with_test, with_unlabeled=args.with_unlabeled,
                             overwrite=args.overwrite, user=CLI_ACTOR)
@@ -108,12 +109,8 @@ def _add_demo(sub, common) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if not args.data_only:  # every method at 1% labels: leaml/methods/report.py (LEAML engineer)
-        from leaml.cli.stages import cmd_demo_all
+    if not args.data_only:  # every method at 1% labels: leaml/methods/report.py
         return cmd_demo_all(args)
-    from leaml.data.demo.build import DemoConfig
-    from leaml.data.demo.projects import load_demo_projects
-    from leaml.store import connect
     cfg = DemoConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     print(f"demo data: {cfg.n_train} train + {cfg.n_test} test images as projects 'demo' (all"
           " labeled) and 'demo-1pct' (1% labeled), built and imported unless they hold them"
@@ -123,4 +120,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"project '{name}' already holds the demo data; nothing to do", flush=True)
         else:
             _print_report(report, skipped=True)
+    return 0
+
+
+def cmd_demo_all(args) -> int:
+    """``demo`` without --data-only: every method at 1% labels, the table, results files."""
+    import torch  # torch and the methods: loaded when the command runs, not for --help
+
+    from leaml.methods import report  # (as above)
+    from leaml.methods.pipeline import ProgressBar  # (as above)
+    torch.set_num_threads(max(1, args.threads))
+    seeds = tuple(int(s) for s in str(args.seeds).split(",") if s.strip())
+    bar = ProgressBar()
+    try:
+        report.run_demo(args.home, quick=args.quick, out=args.out, seeds=seeds, progress=bar,
+                        log=lambda line: print(line, flush=True))  # bars go to stderr
+    finally:
+        bar.close()
     return 0

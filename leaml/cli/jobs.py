@@ -1,5 +1,5 @@
-"""The ``worker`` and ``jobs`` subcommands (registered in leaml/cli/main.py's ADDERS), and the
-helper ``run --background`` calls. Thin: every line of work is in leaml.jobs.queue / leaml.jobs.worker.
+"""The ``worker`` and ``jobs`` subcommands (registered in leaml/cli/main.py's ADDERS).
+Thin: every line of work is in leaml.jobs.queue / leaml.jobs.worker.
 """
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import argparse
 import json
 import sys
 
+from leaml.cli.common import print_json
+from leaml.jobs import queue as jobs
+from leaml.jobs import worker
 from leaml.store import connect
+from leaml.store.projects import get_project
 
 JSON_KEYS = ("id", "status", "stage", "progress", "message", "run_id")
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, default=str), flush=True)
 
 
 # --- worker ---------------------------------------------------------------------------------
@@ -35,7 +35,6 @@ def _add_worker(sub, common) -> None:
 
 
 def cmd_worker(args) -> int:
-    from leaml.jobs import worker
     if args.spare:
         return worker.run_spare(args.home, args.claimed_by)
     if args.job_process is not None:
@@ -68,7 +67,6 @@ def _add_jobs(sub, common) -> None:
 
 
 def cmd_jobs(args) -> int:
-    from leaml.jobs import queue as jobs
     db = connect(args.home)
     jobs.recover_stale(db)
     if args.action == "list":
@@ -77,7 +75,7 @@ def cmd_jobs(args) -> int:
         return _jobs_show(db, args)
     job = (jobs.cancel if args.action == "cancel" else jobs.resume)(db, args.id, user=None)
     if args.json:
-        _print_json({k: job[k] for k in JSON_KEYS})
+        print_json({k: job[k] for k in JSON_KEYS})
     else:
         verb = {"cancel": "cancel requested for", "resume": "queued again:"}[args.action]
         print(f"{verb} job {job['id']} (now {job['status']}); "
@@ -87,12 +85,10 @@ def cmd_jobs(args) -> int:
 
 
 def _jobs_list(db, args) -> int:
-    from leaml.jobs import queue as jobs
-    from leaml.store.projects import get_project
     project_id = get_project(db, args.project)["id"] if args.project else None
     rows = jobs.list_jobs(db, project_id, args.limit)
     if args.json:
-        _print_json([{k: j[k] for k in JSON_KEYS + ("kind", "created_at")} for j in rows])
+        print_json([{k: j[k] for k in JSON_KEYS + ("kind", "created_at")} for j in rows])
         return 0
     print(f"{'id':>4}  {'kind':<9} {'status':<11} {'stage':<10} {'progress':>8}  message")
     for j in rows:
@@ -102,11 +98,10 @@ def _jobs_list(db, args) -> int:
 
 
 def _jobs_show(db, args) -> int:
-    from leaml.jobs import queue as jobs
     job = jobs.get_job(db, args.id)
     if args.json:
         info = jobs.job_progress(db, args.id)
-        _print_json({**{k: job[k] for k in JSON_KEYS},
+        print_json({**{k: job[k] for k in JSON_KEYS},
                      **{k: info[k] for k in ("kind", "eta_seconds", "step", "total", "loss",
                                              "phase")},
                      "attempts": job["attempts"], "params": job["params"]})
@@ -122,21 +117,3 @@ def _jobs_show(db, args) -> int:
         print(f"--- last {args.log} lines of {job['log_path']} ---\n{tail}")
     return 0
 
-
-# --- run --background -------------------------------------------------------------------------
-
-def queue_background(home, kind: str, project: str, params: dict, *,
-                     start_worker: bool = False) -> int:
-    """What ``run --background`` does: queue the job, say how it will run, print its id as
-    the last line of stdout."""
-    from leaml.jobs import queue as jobs
-    db = connect(home)
-    job_id = jobs.enqueue(db, kind, project, params, user=None)
-    if start_worker:
-        jobs.ensure_worker(db.home)
-        print(f"queued job {job_id}; a background worker runs it", file=sys.stderr)
-    else:
-        print(f"queued job {job_id}; run it with `python -m leaml worker` (or --once), "
-              f"watch it with `python -m leaml jobs show {job_id}`", file=sys.stderr)
-    print(job_id, flush=True)
-    return job_id

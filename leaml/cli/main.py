@@ -8,7 +8,6 @@ nothing here holds logic of its own.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable
 
@@ -23,11 +22,6 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--home", default=argparse.SUPPRESS,
                         help="data home folder (default: $LEAML_HOME, else ./data)")
     return common
-
-
-def print_json(obj) -> None:
-    """The machine-readable result: one JSON object on the last line of stdout."""
-    print(json.dumps(obj, sort_keys=False, default=str), flush=True)
 
 
 # --- subcommands: one _add_<name>(sub, common) + cmd_<name>(args) pair each, listed in ADDERS -
@@ -58,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# The subcommands live in one leaml/cli_<area>.py module per area; this list is the order
-# --help shows them in.
+# The subcommands live in one leaml/cli/<area>.py module per area (none imports another; what
+# they share is in leaml/cli/common.py); this list is the order --help shows them in.
 from leaml.cli.data import _add_demo, _add_export, _add_import  # noqa: E402
 from leaml.cli.jobs import _add_jobs, _add_worker  # noqa: E402
 from leaml.cli.stages import _add_finetune, _add_generator, _add_pseudo  # noqa: E402

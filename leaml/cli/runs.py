@@ -5,29 +5,13 @@ Thin: the work is in leaml.methods.pipeline. A progress bar per stage goes to st
 """
 from __future__ import annotations
 
-import json
-import sys
-
+from leaml.cli.common import queue_background, report, threads
 from leaml.config import fold_overrides
+from leaml.store import connect
+from leaml.store.projects import get_project
+from leaml.store.runs import get_run
 
 METHODS_HELP = "leaml, seed-lora, seed-full, caption-then-seed, caption-qa, zero-shot"
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, default=str), flush=True)
-
-
-def _threads(n: int) -> None:
-    """CPU threads for torch, and our own progress bars only (no per-file loading bars)."""
-    import torch
-    from transformers.utils import logging as hf_logging
-    torch.set_num_threads(max(1, n))
-    hf_logging.disable_progress_bar()
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``--set`` strings as the nested overrides (``leaml.config.fold_overrides`` parses them)."""
-    return fold_overrides("", sets=pairs)
 
 
 def _add_run(sub, common) -> None:
@@ -57,14 +41,13 @@ def _add_run(sub, common) -> None:
 
 
 def cmd_run(args) -> int:
-    from leaml.methods import pipeline
+    from leaml.methods import pipeline  # torch: loaded when the command runs, not for --help
     if (args.rho is not None or args.no_captions) and args.method != "leaml":
         raise ValueError("--rho and --no-captions apply to --method leaml only")
     flags = {"rho": args.rho} if args.rho is not None else {}
     flags.update({"captions": False} if args.no_captions else {})
     overrides = fold_overrides(args.method, sets=args.set, options=flags)
     if args.background:
-        from leaml.cli.jobs import queue_background
         params = {"method": args.method, "label_fraction": args.label_fraction,
                   "seed": args.seed, "base_model": args.base_model,
                   "stages": pipeline.stage_names(args.method)}
@@ -72,7 +55,7 @@ def cmd_run(args) -> int:
             params["overrides"] = overrides
         queue_background(args.home, "run", args.project, params, start_worker=True)
         return 0
-    _threads(args.threads)
+    threads(args.threads)
     bar = pipeline.ProgressBar()
     try:
         result = pipeline.run_method(args.home, args.project, args.method,
@@ -81,7 +64,7 @@ def cmd_run(args) -> int:
                                      overrides=overrides)
     finally:
         bar.close()
-    _report(result, args.json)
+    report(result, args.json)
     return 0
 
 
@@ -96,31 +79,17 @@ def _add_evaluate(sub, common) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from leaml.methods import pipeline
-    from leaml.store import connect
-    from leaml.store.projects import get_project
-    from leaml.store.runs import get_run
+    from leaml.methods import pipeline  # torch: loaded when the command runs, not for --help
     db = connect(args.home)
     run = get_run(db, args.run)
     if args.project is not None and get_project(db, args.project)["id"] != run["project_id"]:
         raise ValueError(f"run {args.run} does not belong to project '{args.project}'")
-    _threads(args.threads)
+    threads(args.threads)
     bar = pipeline.ProgressBar()
     try:
         result = pipeline.evaluate_run(db, args.run, progress=bar)
     finally:
         bar.close()
-    _report(result, args.json)
+    report(result, args.json)
     return 0
 
-
-def _report(result: dict, as_json: bool) -> None:
-    if as_json:
-        _print_json(result)
-        return
-    print(f"{result['method']}: accuracy {result['accuracy']:.1f}% on {result['n_test']} test "
-          f"questions in {result['seconds']:.0f} s (run {result['run_id']})")
-    for group in ("by_category", "by_question_type"):
-        cells = ", ".join(f"{k} {v:.1f}" for k, v in result[group].items())
-        print(f"  {group[3:]}: {cells}")
-    sys.stdout.flush()

@@ -1,29 +1,21 @@
-"""The ``serve`` and ``caption`` subcommands, and ``pseudo --from-captions`` (registered in
-leaml/cli/main.py's ADDERS; the ``pseudo`` parser itself lives in leaml/cli/stages.py).
+"""The ``serve`` and ``caption`` subcommands (registered in leaml/cli/main.py's ADDERS).
 
-Thin: the work is in leaml.serve.server, leaml.serve.teacher and leaml.methods.caption_qa.
+Thin: the work is in leaml.serve.server and leaml.serve.teacher.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
 
+from leaml.cli.common import CLI_ACTOR, CountBar, report_failures, threads
+from leaml.serve import http as serve_http
+from leaml.serve import server as serve
+from leaml.serve import teacher as captions
 from leaml.serve.limits import API_KEY_ENV  # the server's key; sent as bearer token by clients
-
-CLI_ACTOR = "cli"
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, default=str), flush=True)
-
-
-def _threads(n: int) -> None:
-    import torch
-    from transformers.utils import logging as hf_logging
-    torch.set_num_threads(max(1, n))
-    hf_logging.disable_progress_bar()
+from leaml.serve.limits import exposure_warning
+from leaml.store import connect
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -63,13 +55,7 @@ def _add_serve(sub, common) -> None:
 
 
 def cmd_serve(args) -> int:
-    import logging
-
-    from leaml.serve import server as serve
-    from leaml.serve import http as serve_http
-    from leaml.serve.limits import exposure_warning
-    from leaml.store import connect
-    _threads(args.threads)
+    threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     db = connect(args.home)
     served = serve.load_served(db, project=args.project, run_id=args.run, base=args.base,
@@ -130,26 +116,7 @@ def _add_caption(sub, common) -> None:
     p.set_defaults(func=cmd_caption)
 
 
-class _Bar:
-    """A tqdm bar on stderr as a progress callback (stage, done, total, loss)."""
-
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def __call__(self, stage, done, total, loss) -> None:
-        from tqdm import tqdm
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit="image", file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def cmd_caption(args) -> int:
-    from leaml.serve import teacher as captions
-    from leaml.store import connect
     if bool(args.teacher) == bool(args.endpoint):
         raise ValueError("give either --teacher MODEL_REF or --endpoint URL --model NAME")
     if args.endpoint and not args.model:
@@ -158,8 +125,8 @@ def cmd_caption(args) -> int:
     if args.save_prompt:
         captions.set_caption_prompt(db, args.project, args.prompt, user=CLI_ACTOR)
     if args.teacher:
-        _threads(args.threads)
-    bar = _Bar("caption")
+        threads(args.threads)
+    bar = CountBar("caption")
     try:
         report = captions.caption_missing(
             db, args.project, endpoint=args.endpoint, model=args.model, teacher=args.teacher,
@@ -172,62 +139,4 @@ def cmd_caption(args) -> int:
     info = report.to_dict()
     line = (f"captioned {info['captioned']} of {info['images']} image(s) ({info['source']}), "
             f"{info['failed']} failed in {info['seconds']} s")
-    return _report(info, args.json, line)
-
-
-def _report(info: dict, as_json: bool, line: str) -> int:
-    for f in info["failures"]:
-        print(f"error: {f['name']}: {f['error']}", file=sys.stderr)
-    if as_json:
-        _print_json(info)
-    else:
-        print(line, flush=True)
-    if info["failed"]:
-        print(f"error: {info['failed']} image(s) failed; run the same command again to retry "
-              "only those", file=sys.stderr)
-        return 1
-    return 0
-
-
-# --- pseudo --from-captions (the `pseudo` parser is leaml/cli/stages.py's) --------------------
-
-def add_from_captions_args(p: argparse.ArgumentParser) -> None:
-    """The options of ``pseudo --from-captions``, added to the ``pseudo`` parser."""
-    g = p.add_argument_group("QA from captions (instead of the LEAML generator)")
-    g.add_argument("--from-captions", action="store_true",
-                   help="ask a text model at --endpoint to turn each unlabeled image's caption "
-                        "into QA pairs (LLaVA-Med self-instruct); stored pending, source "
-                        "'captions:<model>', under a 'caption-qa' run")
-    g.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible server")
-    g.add_argument("--model", default=None, metavar="NAME", help="model name the endpoint serves")
-    g.add_argument("--api-key", default=None, metavar="KEY",
-                   help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV}, if set)")
-    g.add_argument("--per-image", type=int, default=3, help="QA pairs per caption (default 3)")
-    g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    g.add_argument("--retries", type=int, default=3, help="tries after the first")
-    g.add_argument("--max-tokens", type=int, default=400, help="longest answer per request")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--limit", type=int, default=None, help="at most this many images this pass")
-
-
-def cmd_pseudo_from_captions(args) -> int:
-    from leaml.methods import caption_qa
-    from leaml.store import connect
-    if not args.endpoint or not args.model:
-        raise ValueError("--from-captions needs --endpoint URL and --model NAME")
-    bar = _Bar("qa")
-    try:
-        info = caption_qa.qa_from_captions(
-            connect(args.home), args.project, endpoint=args.endpoint, model=args.model,
-            per_image=args.per_image, concurrency=args.concurrency, timeout=args.timeout,
-            retries=args.retries, max_tokens=args.max_tokens, temperature=args.temperature,
-            seed=args.seed or 0, limit=args.limit, progress=bar, user=CLI_ACTOR,
-            api_key=args.api_key or os.environ.get(API_KEY_ENV))
-    finally:
-        bar.close()
-    line = (f"caption-qa run {info['run_id']}: {info['stored']} pending pairs from "
-            f"{info['images']} caption(s), {info['failed']} failed (dropped: {info['malformed']} "
-            f"malformed, {info['special']} special tokens, {info['duplicate']} duplicates) "
-            f"in {info['seconds']} s")
-    return _report(info, args.json, line)
+    return report_failures(info, args.json, line)

@@ -1,4 +1,5 @@
-"""The single LEAML stages ``generator``, ``pseudo``, ``finetune`` (registered in leaml/cli/main.py).
+"""The single LEAML stages ``generator``, ``pseudo`` (also ``pseudo --from-captions``),
+``finetune`` (registered in leaml/cli/main.py).
 
 Thin: the work is in leaml/methods/leaml.py. Between the stages people can review the pending
 pairs in the app; ``finetune`` then trains on what they accepted plus the pending pairs at or
@@ -8,14 +9,13 @@ its last line.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
+from leaml.cli.common import CLI_ACTOR, CountBar, print_json, report, report_failures
 from leaml.config import fold_overrides
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, default=str), flush=True)
+from leaml.serve.limits import API_KEY_ENV
+from leaml.store import connect
 
 
 def _overrides(args) -> dict:
@@ -32,9 +32,9 @@ def _shared(p: argparse.ArgumentParser) -> None:
 
 
 def _run(fn, args, **kw) -> dict:
-    import torch
+    import torch  # torch: loaded when the command runs, not for --help
 
-    from leaml.methods.pipeline import ProgressBar
+    from leaml.methods.pipeline import ProgressBar  # torch, as above
     torch.set_num_threads(max(1, args.threads))
     bar = ProgressBar()
     try:
@@ -58,13 +58,13 @@ def _add_generator(sub, common) -> None:
 
 
 def cmd_generator(args) -> int:
-    from leaml.methods import leaml as leaml_method
+    from leaml.methods import leaml as leaml_method  # torch: loaded when the command runs
     args.set = args.set + ([f"generator.rho={args.rho}"] if args.rho is not None else [])
     args.set += ["generator.captions=false"] if args.no_captions else []
     result = _run(leaml_method.generator_command, args, label_fraction=args.label_fraction,
                   seed=args.seed, base_model=args.base_model)
     if args.json:
-        _print_json(result)
+        print_json(result)
     elif result.get("stopped"):
         print("stopped; run the same command again to start over", flush=True)
     else:
@@ -84,20 +84,18 @@ def _add_pseudo(sub, common) -> None:
     p.add_argument("-k", type=int, default=None,
                    help="known questions asked (or QA candidates sampled) per image (default 12)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the generator's)")
-    from leaml.cli.serve import add_from_captions_args  # --from-captions (serve engineer)
     add_from_captions_args(p)
     p.set_defaults(func=cmd_pseudo)
 
 
 def cmd_pseudo(args) -> int:
-    from leaml.methods import leaml as leaml_method
     if args.from_captions:  # QA from teacher captions: leaml/methods/caption_qa.py
-        from leaml.cli.serve import cmd_pseudo_from_captions
         return cmd_pseudo_from_captions(args)
+    from leaml.methods import leaml as leaml_method  # torch: loaded when the command runs
     result = _run(leaml_method.pseudo_command, args, generator_run=args.generator_run,
                   k=args.k, seed=args.seed)
     if args.json:
-        _print_json(result)
+        print_json(result)
     elif result.get("stopped"):
         print("stopped; run the same command again to continue", flush=True)
     else:
@@ -126,31 +124,56 @@ def _add_finetune(sub, common) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from leaml.methods import leaml as leaml_method
-    from leaml.cli.runs import _report
+    from leaml.methods import leaml as leaml_method  # torch: loaded when the command runs
     result = _run(leaml_method.finetune_command, args, generator_run=args.generator_run,
                   keep_top=args.keep_top, min_confidence=args.min_confidence, mode=args.mode)
     if result.get("stopped"):
         print("stopped; run the same command again to continue", flush=True)
         return 0
     if not args.json:
-        _report(result, False)
-    _print_json(result)  # the contract: the result object is the last line
+        report(result, False)
+    print_json(result)  # the contract: the result object is the last line
     return 0
 
 
-def cmd_demo_all(args) -> int:
-    """``demo`` without --data-only: every method at 1% labels, the table, results files."""
-    import torch
+# --- pseudo --from-captions: QA from teacher captions (leaml/methods/caption_qa.py) ----------
 
-    from leaml.methods import report
-    from leaml.methods.pipeline import ProgressBar
-    torch.set_num_threads(max(1, args.threads))
-    seeds = tuple(int(s) for s in str(args.seeds).split(",") if s.strip())
-    bar = ProgressBar()
+def add_from_captions_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``pseudo --from-captions``, added to the ``pseudo`` parser."""
+    g = p.add_argument_group("QA from captions (instead of the LEAML generator)")
+    g.add_argument("--from-captions", action="store_true",
+                   help="ask a text model at --endpoint to turn each unlabeled image's caption "
+                        "into QA pairs (LLaVA-Med self-instruct); stored pending, source "
+                        "'captions:<model>', under a 'caption-qa' run")
+    g.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible server")
+    g.add_argument("--model", default=None, metavar="NAME", help="model name the endpoint serves")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV}, if set)")
+    g.add_argument("--per-image", type=int, default=3, help="QA pairs per caption (default 3)")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    g.add_argument("--retries", type=int, default=3, help="tries after the first")
+    g.add_argument("--max-tokens", type=int, default=400, help="longest answer per request")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    g.add_argument("--limit", type=int, default=None, help="at most this many images this pass")
+
+
+def cmd_pseudo_from_captions(args) -> int:
+    from leaml.methods import caption_qa  # torch (with the methods): loaded when the command runs
+    if not args.endpoint or not args.model:
+        raise ValueError("--from-captions needs --endpoint URL and --model NAME")
+    bar = CountBar("qa")
     try:
-        report.run_demo(args.home, quick=args.quick, out=args.out, seeds=seeds, progress=bar,
-                        log=lambda line: print(line, flush=True))  # bars go to stderr
+        info = caption_qa.qa_from_captions(
+            connect(args.home), args.project, endpoint=args.endpoint, model=args.model,
+            per_image=args.per_image, concurrency=args.concurrency, timeout=args.timeout,
+            retries=args.retries, max_tokens=args.max_tokens, temperature=args.temperature,
+            seed=args.seed or 0, limit=args.limit, progress=bar, user=CLI_ACTOR,
+            api_key=args.api_key or os.environ.get(API_KEY_ENV))
     finally:
         bar.close()
-    return 0
+    line = (f"caption-qa run {info['run_id']}: {info['stored']} pending pairs from "
+            f"{info['images']} caption(s), {info['failed']} failed (dropped: {info['malformed']} "
+            f"malformed, {info['special']} special tokens, {info['duplicate']} duplicates) "
+            f"in {info['seconds']} s")
+    return report_failures(info, args.json, line)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 
 from leaml import auth
+from leaml.cli.common import CLI_ACTOR, print_json
 from leaml.store import connect
 from leaml.store import users as users_store
-
-CLI_ACTOR = "cli"  # who the audit log names for changes made here
 
 
 def _add_users(sub, common) -> None:
@@ -73,7 +71,7 @@ def _print_list(users: list[dict], *, as_json: bool) -> None:
     rows = [{"name": u["name"], "role": u["role"], "created": u["created_at"][:19] + "Z",
              "disabled": bool(u["disabled"])} for u in users]
     if as_json:
-        print(json.dumps(rows))
+        print_json(rows)
         return
     if not rows:
         print("no users yet; add one with `python -m leaml users add NAME --role admin`")
