@@ -5,8 +5,9 @@ leaml/methods/review_curve.py (the stored curve, table and chart).
 """
 from __future__ import annotations
 
-import json
 import sys
+
+from leaml.cli.common import parse_overrides, print_json
 
 
 def _add_simulate_review(sub, common) -> None:
@@ -75,7 +76,6 @@ def cmd_simulate_review(args) -> int:
         plan.orders = review_sim.parse_orders(args.orders)
     plan.label_more = args.label_more
     if args.set:
-        from leaml.cli.runs import parse_overrides  # the --set syntax of `run`
         plan.overrides = review_sim.merge(plan.overrides, parse_overrides(args.set))
     bar = ProgressBar()
     try:
@@ -93,5 +93,5 @@ def cmd_simulate_review(args) -> int:
               f"{result['seconds']:.0f} s in all", flush=True)
         print(f"stored {result['saved']}; chart {result['chart']}", flush=True)
         return 0
-    print(json.dumps(result, default=str), flush=True)  # the contract: the last line
+    print_json(result)  # the contract: the last line
     return 0
