@@ -79,8 +79,8 @@ def _add_build_tiny(sub, common) -> None:
 
 
 def cmd_build_tiny(args) -> int:
-    from leaml.engine import models
-    from leaml.tiny.build import build_tiny_arch
+    from leaml.engine import models  # torch: loaded when the command runs, not for --help
+    from leaml.tiny.build import build_tiny_arch  # torch and transformers, as above
     model, processor = build_tiny_arch(args.arch, seed=args.seed)
     out = models.save(model, processor, args.out)
     print(json.dumps({"arch": args.arch, "model_type": model.config.model_type,
