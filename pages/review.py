@@ -48,7 +48,8 @@ def worth_ui(order: str) -> None:
     where = (f"partly past the largest simulated budget, {gain['largest']} decisions, where "
              "the curve is not measured" if gain["beyond"]
              else f"after the {gain['done']} decisions made so far")
-    st.caption(f"The next 100 decisions: ~{gain['points']:+.1f} points of target accuracy "
+    points = round(gain["points"], 1) + 0.0  # no "-0.0"
+    st.caption(f"The next 100 decisions: ~{points:+.1f} points of target accuracy "
                f"({gain['order']} order, from the simulated reviewer's curve on the Dashboard; "
                f"{where}).")
 
