@@ -89,7 +89,7 @@ def cmd_build_tiny(args) -> int:
 
 
 def cmd_pretrain_tiny(args) -> int:
-    from leaml.tiny.pretrain import PretrainConfig, pretrain_tiny
+    from leaml.tiny.pretrain import PretrainConfig, pretrain_tiny  # torch: loaded when it runs
     opts = {} if args.lr_lm is None else {"lr_lm": args.lr_lm}
     if args.batch_size is not None:
         opts["batch_size"] = args.batch_size

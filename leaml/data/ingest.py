@@ -28,13 +28,14 @@ import sqlite_utils
 
 from leaml.data.checks import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, BadImage, CheckedImage,
                                 check_image, read_limited)
+from leaml.data.demo.build import DemoConfig, build_demo_files
 from leaml.data.sources import read_source
 from leaml.data.import_errors import ImportFailed, failure
 from leaml.data.manifest import Limits, Row, RowError
 from leaml.store import NotFoundError, StoreError, log_event, transaction
 from leaml.store import transfer
 from leaml.store.images import add_image, store_image_file
-from leaml.store.projects import ensure_project, get_project, validate_name
+from leaml.store.projects import ensure_project, get_project, project_counts, validate_name
 from leaml.store.qa import add_qa_many
 
 __all__ = ["ImportReport", "ImportRejected", "ImportFailed", "RowError", "import_path",
@@ -336,8 +337,6 @@ def load_demo(db: sqlite_utils.Database, cfg=None, *, project: str = "demo",
     Idempotent: returns None without building anything when ``project`` already holds at
     least ``cfg.n_train`` train and ``cfg.n_test`` test images.
     """
-    from leaml.data.demo.build import DemoConfig, build_demo_files
-    from leaml.store.projects import project_counts
     cfg = cfg or DemoConfig()
     pid = _project_id(db, project)
     if pid is not None:

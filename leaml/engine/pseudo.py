@@ -17,7 +17,10 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import torch
+
 from leaml.config import PseudoConfig  # noqa: F401  (re-exported)
+from leaml.engine import models
 from leaml.store.text import text_problem
 
 QA_INSTRUCTION = "Generate a question about this image and answer it."
@@ -270,7 +273,6 @@ def sample(model, processor, pixel_values, image_indices: Sequence[int], cfg: Ps
     restricts the questions (see :func:`candidates_from_generations`); ``contexts`` holds each
     image's caption for a generator trained with caption context.
     """
-    from leaml.engine import models
     contexts = contexts or [None] * len(image_indices)
     gens = models.generate(model, processor, pixel_values,
                            [with_context(c, QA_INSTRUCTION) for c in contexts],
@@ -356,9 +358,6 @@ def _norm(text: str) -> str:
 
 def _prefixed_batch(processor, instructions: Sequence[str], prefixes: Sequence[str]) -> dict:
     """Each prompt + its ``prefix`` (the start of G's own reply), left padded."""
-    import torch
-
-    from leaml.engine import models
     enc = models.encode_text(processor, list(instructions))
     tok = processor.tokenizer
     rows = [ids[m.bool()].tolist() + tok(p, add_special_tokens=False)["input_ids"]
@@ -376,7 +375,6 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
     """G's greedy answer to each given question per image, after :func:`known_prompt` (in
     ``form``, after the image's caption in ``contexts`` if given); confidence = geometric mean
     probability of the answer tokens (as in 'sample' mode)."""
-    import torch
     tok = processor.tokenizer
     contexts = contexts or [None] * len(image_indices)
     flat = [(i, q) for i, qs in zip(range(len(image_indices)), questions) for q in qs]
@@ -424,9 +422,6 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
     captions held the truth on the seed images, :func:`caption_reliability`; 1 if not given):
     the teacher's word, not G's, decided it. One forward pass per (image, question, choice),
     batched; nothing is decoded, so no answer is misspelt or outside the seed's answers."""
-    import torch
-
-    from leaml.engine import models
     tok = processor.tokenizer
     contexts = contexts or [None] * len(questions)
     options = {(i, q): (caption_choices(choices.get(q, ()), contexts[i]) if cfg.caption_choices

@@ -9,6 +9,8 @@ tests, never for the app process.
 from __future__ import annotations
 
 from leaml.config import GENERATOR_OWN_STEPS, fold_overrides
+from leaml.methods import leaml as leaml_method
+from leaml.methods import pipeline
 
 
 def _flat(*dicts: dict) -> dict:
@@ -21,8 +23,6 @@ def _flat(*dicts: dict) -> dict:
 def effective_settings(kind: str, params: dict) -> dict:
     """``{field: value}`` of the config a job of ``kind`` with ``params`` runs with: stage
     TrainConfig fields, the stage's own knobs, and ``label_fraction`` / ``seed``."""
-    from leaml.methods import leaml as leaml_method
-    from leaml.methods import pipeline
     seed = int(params.get("seed", 0))
     top = {"seed": seed, "label_fraction": float(params.get("label_fraction", 1.0))}
     if kind == "run":

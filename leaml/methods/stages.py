@@ -59,7 +59,6 @@ def seed_full_train() -> TrainConfig:
                        hard_fraction=0.25)
 
 
-
 @dataclass
 class MethodConfig:
     """Hyperparameters of a method run: one TrainConfig per training stage, plus evaluation."""
@@ -91,7 +90,6 @@ def configure(method: str, cfg: MethodConfig, seed: int = 0,
             raise ValueError(f"override '{key}': not a stage of {method} "
                              f"({', '.join(cfg.stages)}) nor eval_batch_size/max_new_tokens")
     return cfg
-
 
 
 def _override(cfg: MethodConfig, key: str, value, method: str) -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 from leaml.config import option as _f
 from leaml.serve.images import check_request_pixels, decode_image, open_data_url
 from leaml.serve.limits import ApiError, check_prompt_size, parse_json
+from leaml.store.projects import get_project
+from leaml.store.runs import get_run
 
 
 @dataclass
@@ -79,10 +81,8 @@ def load_served(db, *, project: str | int | None = None, run_id: int | None = No
     runs ('cpu', 'cuda', 'cuda:1' ...; 'auto' or None: ``models.resolve_device``'s rule, a GPU
     when there is one), in ``models.inference_dtype`` (bfloat16 where the GPU supports it).
     """
-    from leaml.engine import models
-    from leaml.store.projects import get_project
-    from leaml.store.runs import get_run
-    from leaml.engine.train import load_trained
+    from leaml.engine import models  # torch: loaded with a model, so `serve --help` stays fast
+    from leaml.engine.train import load_trained  # (as above)
     proj = get_project(db, project) if project is not None else None
     if run_id is not None and not base:
         run = get_run(db, int(run_id))
@@ -317,7 +317,7 @@ def complete(served: ServedModel, req: ChatRequest, cfg: ServeConfig,
     """
     import torch
 
-    from leaml.engine.models import _stop_ids
+    from leaml.engine.models import _stop_ids  # torch, as in load_served
     model, tok = served.model, served.processor.tokenizer
     if decoder is None:
         inputs = _inputs(served, req, cfg)

@@ -33,8 +33,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
+import sqlite_utils
+
 from leaml.serve.limits import API_KEY_ENV
-from leaml.store.images import image_file
+from leaml.store import connect
+from leaml.store.images import image_file, image_path, images_without_caption, set_caption
+from leaml.store.projects import get_project, update_settings
 
 Progress = Callable[[str, int, int, float], None]
 
@@ -54,14 +58,12 @@ def caption_prompt(project: dict) -> str:
 
 def set_caption_prompt(db, project: str | int, prompt: str | None, *, user: str | None = None) -> dict:
     """Store the project's caption prompt (None or blank: back to the default)."""
-    from leaml.store.projects import get_project, update_settings
     prompt = (prompt or "").strip() or None
     return update_settings(db, get_project(db, project)["id"], {"caption_prompt": prompt}, user=user)
 
 
 def missing_count(db, project_id: int) -> int:
     """How many images of the project have no caption yet."""
-    from leaml.store.images import images_without_caption
     return len(images_without_caption(db, project_id))
 
 
@@ -199,9 +201,6 @@ def caption_messages(prompt: str, data_url: str) -> list[dict]:
 
 def open_db(store):
     """An open database as is, or a connection to the data home ``store`` (this thread's)."""
-    import sqlite_utils
-
-    from leaml.store import connect
     return store if isinstance(store, sqlite_utils.Database) else connect(store)
 
 
@@ -243,8 +242,6 @@ def caption_missing(store, project: str | int, *, endpoint: str | None = None,
     ``progress("caption", n_finished, n_total, nan)`` is called after each image;
     ``should_stop()`` ends the pass early (captions already stored stay).
     """
-    from leaml.store.images import images_without_caption
-    from leaml.store.projects import get_project
     if bool(endpoint) == bool(teacher):
         raise ValueError("give either --teacher MODEL_REF or --endpoint URL with --model NAME")
     if concurrency < 1:
@@ -269,7 +266,6 @@ def caption_missing(store, project: str | int, *, endpoint: str | None = None,
 
 def _store(db, report: CaptionReport, row: dict, text: str | None, error: str | None,
            user: str | None) -> None:
-    from leaml.store.images import set_caption
     text = (text or "").strip()
     if error is None and not text:
         error = "the teacher answered with an empty caption"
@@ -329,8 +325,7 @@ def _from_endpoint(db, client, rows, prompt, max_tokens, concurrency, report, pr
 def _from_model(db, teacher, rows, prompt, max_tokens, report, progress, should_stop, user,
                 batch_size: int = 8) -> None:
     """Greedy captions from a local model, a batch at a time, stored after each batch."""
-    from leaml.engine import models
-    from leaml.store.images import image_path
+    from leaml.engine import models  # torch: only for a local teacher (the app imports this module)
     if not rows:
         return
     model, processor = models.load(teacher, inference=True)  # the device rule, bf16 on GPUs

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from leaml.tiny.corpus import tokenizer_texts
+
 # A simple user/assistant template; the image placeholder goes in the user turn. The
 # generation prompt ends with a newline so the answer's first token never merges with it.
 TINY_CHAT_TEMPLATE = (
@@ -52,7 +54,6 @@ def build_tokenizer(vocab_size: int = 2048, texts: list[str] | None = None, *,
     ``eos`` names the end-of-turn token, ``extra`` adds special tokens a processor needs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from leaml.tiny.corpus import tokenizer_texts
     specials = ["<pad>", "<s>", eos, "<unk>", "<image>", *extra]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

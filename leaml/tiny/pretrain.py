@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from leaml.engine import models
 from leaml.tiny import build as tiny_build
 from leaml.tiny import corpus as D
-from leaml.tiny.evaluate import evaluate_general, qa_accuracy
+from leaml.tiny.evaluate import evaluate_general, qa_accuracy, report_markdown
 
 
 @dataclass
@@ -415,5 +415,4 @@ def _param_counts(model) -> dict:
 
 def _write_report(out: Path, metrics: dict) -> None:
     (out / "pretrain.json").write_text(json.dumps(metrics, indent=1, default=str))
-    from leaml.tiny.evaluate import report_markdown
     (out / "PRETRAIN.md").write_text(report_markdown(metrics))

@@ -16,11 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import sqlite_utils
 
+from leaml.data.demo.build import DemoConfig, build_demo_files
+from leaml.data.ingest import import_path
 from leaml.data.split import keep_fraction
+from leaml.store.images import list_images
+from leaml.store.projects import get_project, project_counts
 
 DEMO = "demo"
 DEMO_1PCT = "demo-1pct"
@@ -31,7 +36,6 @@ UNLABELED_KEYS = ("image", "split", "caption")  # what an unlabeled train row ke
 
 def _counts(db: sqlite_utils.Database, project: str) -> dict | None:
     """The project's counts (leaml.store.projects.project_counts), None when it is missing."""
-    from leaml.store.projects import get_project, project_counts
     try:
         return project_counts(db, get_project(db, project)["id"])
     except LookupError:
@@ -48,8 +52,6 @@ def seed_split_shas(db: sqlite_utils.Database, project: str = DEMO, fraction: fl
                     seed: int = SPLIT_SEED) -> set[str]:
     """The sha256 of the labeled train images a run with ``fraction`` and ``seed`` keeps on
     ``project`` (images are matched across projects by content)."""
-    from leaml.store.images import list_images
-    from leaml.store.projects import get_project
     pid = get_project(db, project)["id"]
     labeled = list_images(db, pid, split="train", unlabeled=False)
     sha = {r["id"]: r["sha256"] for r in labeled}
@@ -87,10 +89,6 @@ def load_demo_projects(db: sqlite_utils.Database, cfg=None, *, user: str | None 
     there already). Where ``demo`` is larger than ``cfg`` (built by the CLI), its own size
     is drawn again, so that demo-1pct holds the images whose seed split it keeps.
     """
-    from dataclasses import replace
-
-    from leaml.data.demo.build import DemoConfig, build_demo_files
-    from leaml.data.ingest import import_path
     cfg = cfg or DemoConfig()
     demo = _counts(db, DEMO)
     if demo is not None:
