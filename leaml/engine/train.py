@@ -24,6 +24,7 @@ import torch
 
 from leaml.engine import checkpoints
 from leaml.engine import models
+from leaml.engine import spread
 from leaml.config import TrainConfig, describe_config  # noqa: F401  (re-exported)
 from leaml.engine.batches import EpochOrder, Example, ImageSource, PackedText, TextCache, image_groups
 from leaml.engine.question_losses import QuestionLosses
@@ -223,17 +224,29 @@ class _Data:
             keep = 1.0 - config.hard_fraction
             position, size = round(position * keep), round((position + size) * keep) - round(position * keep)
         if self.packed is None:
-            local = self.orders[stream].take(position, size)[rank::world]
+            every = self.orders[stream].take(position, size)
         else:
             per = self.per_unit[stream]
             start, stop = round(position / per), round((position + size) / per)
-            local = self.orders[stream].take(start, max(stop - start, world))[rank::world]
-        units = [self.units[stream][i] for i in local]
-        parts = [(self._batch(units), size / (size + hard))]
-        extra = [[i] for i in self._hard_examples(stream, hard, config.seed, key)][rank::world]
-        if extra:
-            parts.append((self._batch(extra), hard / (size + hard)))
+            every = self.orders[stream].take(start, max(stop - start, world))
+        units = [self.units[stream][i] for i in every]
+        parts = [(self._batch(units[rank::world]),
+                  size / (size + hard) * self._token_share(units, rank, world))]
+        hardest = [[i] for i in self._hard_examples(stream, hard, config.seed, key)]
+        if hardest[rank::world]:
+            parts.append((self._batch(hardest[rank::world]),
+                          hard / (size + hard) * self._token_share(hardest, rank, world)))
         return parts
+
+    def _token_share(self, units: list[list[int]], rank: int, world: int) -> float:
+        """Under N processes (each takes every N-th unit) the factor that makes this rank's
+        mean token loss count by its share of the whole batch's supervised tokens: DDP's
+        average of the N scaled losses is then the whole batch's mean, as in one process."""
+        if world == 1:
+            return 1.0
+        count = lambda us: sum(int((self.text.labels[i] != -100).sum()) for u in us for i in u)  # noqa: E731
+        everyone = count(units)
+        return world * count(units[rank::world]) / everyone if everyone else 1.0
 
     def _batch(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
         tag = self.losses is not None
@@ -270,7 +283,22 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     ``config.checkpoint_every`` steps and whenever ``should_stop()`` turns true (checked before
     every step); with ``resume`` an existing checkpoint there is loaded and training goes on
     from its step. ``progress(stage, step, total, loss)`` is called after every step.
+    Under ``accelerate launch`` the main process hands the call to the others first
+    (:mod:`leaml.engine.spread`), so a whole method trains data-parallel.
     """
+    handed = spread.lead(model, processor, data, config, work_dir=work_dir, resume=resume,
+                         stage=stage) if spread.leading() else None
+    try:
+        return _train(model, processor, data, config, work_dir=work_dir, resume=resume,
+                      progress=progress, should_stop=should_stop, stage=stage)
+    finally:
+        spread.done_training(handed)
+
+
+def _train(model, processor, data, config: TrainConfig, *, work_dir, resume: bool,
+           progress: Progress | None, should_stop: Callable[[], bool] | None,
+           stage: str) -> TrainResult:
+    """:func:`train` in this process (one of N under accelerate launch)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     streams = _as_streams(data)
     # Full finetuning has parameters no loss reaches (e.g. the vision tower's last layer when
