@@ -125,6 +125,15 @@ def test_imports_inside_functions_say_why():
     assert silent == []
 
 
+def test_cli_modules_import_only_the_shared_helpers():
+    """A command module of leaml/cli/ imports no other one but common.py; main.py registers them."""
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+             for path in (PKG / "cli").glob("*.py") if path.name not in ("main.py", "__init__.py")
+             for target, line, _, _ in imports(path)
+             if target.startswith("leaml.cli") and target != "leaml.cli.common"]
+    assert wrong == []
+
+
 def test_pages_import_only_the_app_service():
     wrong = []
     for path in [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]:

@@ -5,8 +5,8 @@ Thin: the work is in leaml.methods.pipeline. A progress bar per stage goes to st
 """
 from __future__ import annotations
 
-from leaml.cli import device as placement
-from leaml.cli.common import queue_background, report, threads
+from leaml.cli.common import (add_device_arguments, place_models, queue_background, report,
+                              threads)
 from leaml.config import fold_overrides
 from leaml.store import connect
 from leaml.store.projects import get_project
@@ -35,7 +35,7 @@ def _add_run(sub, common) -> None:
     p.add_argument("--no-captions", action="store_true",
                    help="leaml: train the QA generator without caption distillation (ablation)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    placement.add_arguments(p)
+    add_device_arguments(p)
     p.add_argument("--background", action="store_true",
                    help="queue as a background job and print its id instead of waiting")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -49,7 +49,7 @@ def cmd_run(args) -> int:
     flags = {"rho": args.rho} if args.rho is not None else {}
     flags.update({"captions": False} if args.no_captions else {})
     overrides = fold_overrides(args.method, sets=args.set, options=flags)
-    where = placement.apply(args)
+    where = place_models(args)
     if args.background:
         params = {"method": args.method, "label_fraction": args.label_fraction,
                   "seed": args.seed, "base_model": args.base_model,
@@ -78,7 +78,7 @@ def _add_evaluate(sub, common) -> None:
     p.add_argument("--project", default=None, help="project name (checked against the run)")
     p.add_argument("--run", type=int, required=True, help="run id (printed by `run`)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    placement.add_arguments(p)
+    add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_evaluate)
 
@@ -89,7 +89,7 @@ def cmd_evaluate(args) -> int:
     run = get_run(db, args.run)
     if args.project is not None and get_project(db, args.project)["id"] != run["project_id"]:
         raise ValueError(f"run {args.run} does not belong to project '{args.project}'")
-    placement.apply(args)
+    place_models(args)
     threads(args.threads)
     bar = pipeline.ProgressBar()
     try:

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 
-from leaml.cli import device as placement
-from leaml.cli.common import CLI_ACTOR, CountBar, report_failures, threads
+from leaml.cli.common import (CLI_ACTOR, CountBar, add_device_arguments, place_models,
+                              report_failures, threads)
 from leaml.serve import http as serve_http
 from leaml.serve import server as serve
 from leaml.serve import teacher as captions
@@ -49,7 +49,7 @@ def _add_serve(sub, common) -> None:
                    help="most pixels of all images of one request together")
     p.add_argument("--max-connections", type=int, default=64,
                    help="requests handled at once; more wait in a queue (default 64)")
-    placement.add_arguments(p)
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.set_defaults(func=cmd_serve)
 
@@ -57,7 +57,7 @@ def _add_serve(sub, common) -> None:
 def cmd_serve(args) -> int:
     threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    placement.apply(args)
+    place_models(args)
     db = connect(args.home)
     served = serve.load_served(db, project=args.project, run_id=args.run, base=args.base,
                                base_model=args.base_model, name=args.name, device=args.device)
@@ -113,7 +113,7 @@ def _add_caption(sub, common) -> None:
     p.add_argument("--save-prompt", action="store_true", help="store --prompt as the project's")
     p.add_argument("--max-tokens", type=int, default=256, help="longest caption (tokens)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for --teacher")
-    placement.add_arguments(p)
+    add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(func=cmd_caption)
 
@@ -127,7 +127,7 @@ def cmd_caption(args) -> int:
     if args.save_prompt:
         captions.set_caption_prompt(db, args.project, args.prompt, user=CLI_ACTOR)
     if args.teacher:
-        placement.apply(args)
+        place_models(args)
         threads(args.threads)
     bar = CountBar("caption")
     try:

@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from leaml.cli import device as placement
-from leaml.cli.common import CLI_ACTOR, CountBar, print_json, report, report_failures
+from leaml.cli.common import (CLI_ACTOR, CountBar, add_device_arguments, place_models,
+                              print_json, report, report_failures)
 from leaml.config import fold_overrides
 from leaml.serve.limits import API_KEY_ENV
 from leaml.store import connect
@@ -29,13 +29,13 @@ def _shared(p: argparse.ArgumentParser) -> None:
                    help="override a knob, e.g. generator.rho=0.2, pseudo.temperature=0.8, "
                         "finetune.lr=1e-3 (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    placement.add_arguments(p)
+    add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
 def _run(fn, args, **kw) -> dict:
     import torch  # torch: loaded when the command runs, not for --help
-    placement.apply(args)
+    place_models(args)
 
     from leaml.methods.pipeline import ProgressBar  # torch, as above
     torch.set_num_threads(max(1, args.threads))
