@@ -60,6 +60,10 @@ def cmd_run(args) -> int:
         queue_background(args.home, "run", args.project, params, start_worker=True)
         return 0
     threads(args.threads)
+    from leaml.engine import spread  # torch, as above
+    from leaml.engine.train import train  # torch, as above
+    if not spread.start(train):  # under accelerate launch: a follower trained beside the main
+        return 0
     bar = pipeline.ProgressBar()
     try:
         result = pipeline.run_method(args.home, args.project, args.method,
@@ -68,6 +72,7 @@ def cmd_run(args) -> int:
                                      overrides=overrides)
     finally:
         bar.close()
+        spread.release()
     report(result, args.json)
     return 0
 

@@ -38,12 +38,17 @@ def _run(fn, args, **kw) -> dict:
     place_models(args)
 
     from leaml.methods.pipeline import ProgressBar  # torch, as above
+    from leaml.engine import spread  # torch, as above
+    from leaml.engine.train import train  # torch, as above
     torch.set_num_threads(max(1, args.threads))
+    if not spread.start(train):  # under accelerate launch: a follower trained beside the main
+        raise SystemExit(0)
     bar = ProgressBar()
     try:
         return fn(args.home, args.project, progress=bar, overrides=_overrides(args), **kw)
     finally:
         bar.close()
+        spread.release()
 
 
 def _add_generator(sub, common) -> None:
