@@ -2,11 +2,12 @@
 run`` there leaves exactly one runs row per run, one set of metrics and one set of pending
 pairs, with the same numbers as one plain process with the same seed (within float noise).
 
-The main process runs the method; the other joins each training call (leaml/engine/spread.py)
-and each process's loss counts by its share of the batch's answer tokens. Packing (a packed
-row cannot be split between processes) and hard-example draws (each process keeps its own
-running loss per question) change what a step sees under several processes, so this
-comparison turns both off; with them on the runs still write once, with nearby numbers."""
+The main process runs the method; the other joins each training call (leaml/engine/spread.py),
+each process's loss counts by its share of the batch's answer tokens and the running losses
+that draw the hard examples fold the whole batch in every process. Packing (a packed row of one
+image's questions cannot be split between processes, so a step under N processes takes at
+least N rows) changes what a step sees, so this comparison turns it off; with it on the run
+still writes once, with nearby numbers."""
 from __future__ import annotations
 
 import json
@@ -25,11 +26,11 @@ from servehelp import cli
 ROOT = Path(__file__).resolve().parents[1]
 KNOBS = ["--set", "generator.min_qa_steps=4", "--set", "generator.max_qa_steps=4",
          "--set", "generator.batch_size=4", "--set", "generator.caption_ratio=0.5",
-         "--set", "generator.pack=false", "--set", "generator.hard_fraction=0",
+         "--set", "generator.pack=false", "--set", "generator.hard_fraction=0.25",
          "--set", "pseudo.k=2", "--set", "pseudo.max_new_tokens=16", "--set", "pseudo.chunk=3",
          "--set", "finetune.min_steps=4", "--set", "finetune.max_steps=4",
          "--set", "finetune.batch_size=4", "--set", "finetune.vision_warmup_epochs=0",
-         "--set", "finetune.pack=false", "--set", "finetune.hard_fraction=0",
+         "--set", "finetune.pack=false",  # hard_fraction 0.25 by default
          "--set", "max_new_tokens=4"]
 RUN = ["run", "--project", "demo", "--method", "leaml", "--label-fraction", "0.25", "--seed", "1",
        "--base-model", "tiny", "--threads", "1", *KNOBS, "--json"]

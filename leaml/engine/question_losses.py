@@ -26,7 +26,18 @@ class QuestionLosses:
         where = {k: i for i, k in enumerate(names)}
         self.group = torch.tensor([where[k] for k in keys], dtype=torch.long)
         self.power, self.momentum = power, momentum
-        self.running = torch.full((len(names),), float("nan"))
+        self._running = torch.full((len(names),), float("nan"))
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # not folded in yet, in order
+
+    @property
+    def running(self) -> torch.Tensor:
+        """Each question's running loss, every computed loss folded in (:meth:`flush`)."""
+        self.flush()
+        return self._running
+
+    @running.setter
+    def running(self, value: torch.Tensor) -> None:
+        self.pending, self._running = [], value
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
         """The mean over the batch's answer tokens (what the model computes from labels) from
@@ -39,8 +50,26 @@ class QuestionLosses:
             ids, inverse = owner[keep].unique(return_inverse=True)
             per_example = torch.zeros(len(ids), device=ce.device).index_add(0, inverse, ce)
             per_example = (per_example / torch.bincount(inverse, minlength=len(ids))).cpu()
-            self._update(self.group[ids.cpu()], per_example)
+            self.pending.append((self.group[ids.cpu()], per_example))
         return ce.mean()
+
+    def flush(self, world: int = 1) -> None:
+        """Fold the losses computed since the last flush into the running ones, in order.
+        Training calls it after every micro-batch with its number of processes: under
+        ``world`` > 1 (each process computed a slice of every part) the slices of each part
+        are gathered first, so every process folds the whole batch's losses, exactly as one
+        process does, and all draw the same hard examples next."""
+        if not self.pending and world == 1:
+            return
+        mine, self.pending = self.pending, []
+        parts = [mine]
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, mine)
+        for k in range(max(len(p) for p in parts)):
+            got = [p[k] for p in parts if len(p) > k]
+            if got:
+                self._update(torch.cat([g for g, _ in got]), torch.cat([v for _, v in got]))
 
     def weights(self) -> torch.Tensor:
         """Running loss ** power of every question; questions not seen yet get the mean."""
@@ -49,11 +78,11 @@ class QuestionLosses:
         return torch.where(seen, self.running, fill).clamp(min=1e-6) ** self.power
 
     def _update(self, group: torch.Tensor, losses: torch.Tensor) -> None:
-        count = torch.bincount(group, minlength=len(self.running)).float()
-        mean = torch.zeros(len(self.running)).index_add(0, group, losses) / count.clamp(min=1)
+        count = torch.bincount(group, minlength=len(self._running)).float()
+        mean = torch.zeros(len(self._running)).index_add(0, group, losses) / count.clamp(min=1)
         seen = count > 0
-        old = self.running[seen]
-        self.running[seen] = torch.where(old.isnan(), mean[seen],
+        old = self._running[seen]
+        self._running[seen] = torch.where(old.isnan(), mean[seen],
                                          self.momentum * old + (1 - self.momentum) * mean[seen])
 
     def state_dict(self) -> dict:

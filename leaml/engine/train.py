@@ -245,8 +245,7 @@ class _Data:
         if world == 1:
             return 1.0
         count = lambda us: sum(int((self.text.labels[i] != -100).sum()) for u in us for i in u)  # noqa: E731
-        everyone = count(units)
-        return world * count(units[rank::world]) / everyone if everyone else 1.0
+        return world * count(units[rank::world]) / max(1, count(units))
 
     def _batch(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
         tag = self.losses is not None
@@ -417,6 +416,8 @@ def _step(acc, model, batches, sid, seen, micro, config, step, dtype) -> float:
                         loss = batches.losses.loss(model(**batch).logits, labels, example)
                 acc.backward(loss * share / config.grad_accum)
             total += float(loss.detach()) * share
+        if batches.losses is not None:
+            batches.losses.flush(acc.num_processes)
     return total / config.grad_accum
 
 
