@@ -13,9 +13,9 @@ from apphelp import PASSWORD, add_pending, add_users, make_project
 from leaml.app import service as app_service
 from leaml.store import connect
 from leaml.store import jobs as jobs_store
-from leaml.store import sessions as sessions_store
+from leaml.store import logins as sessions_store
 from leaml.store import users as users_store
-from leaml.store.sessions import SignInThrottled
+from leaml.store.logins import SignInThrottled
 
 
 # --- R4: rights outlive their revocation ----------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite_utils
 
 from leaml import auth
-from leaml.store import sessions as sessions_store
+from leaml.store import logins as sessions_store
 from leaml.store import users as users_store
 
 SESSION_IDLE_SECONDS = sessions_store.IDLE_SECONDS  # also the cookie's Max-Age, renewed on use

@@ -10,7 +10,7 @@ import re
 import sqlite_utils
 
 from leaml import auth
-from leaml.store import sessions
+from leaml.store import logins
 from leaml.store.db import NotFoundError, log_event, now, row, transaction
 
 ROLES = auth.ROLES
@@ -102,7 +102,7 @@ def set_role(db: sqlite_utils.Database, name: str, role: str, *, by: str | None 
         before = _public(db, name)
         db.execute("UPDATE users SET role = ? WHERE name = ?", [role, name])
         if role != before["role"]:  # rights change: every open session signs in again
-            sessions.revoke_user(db, before["id"])
+            logins.revoke_user(db, before["id"])
         log_event(db, user=by, action="user.role", entity="user", entity_id=before["id"],
                   before={"role": before["role"]}, after={"role": role})
     return _public(db, name)
@@ -116,7 +116,7 @@ def set_password(db: sqlite_utils.Database, name: str, password: str, *,
     with transaction(db):
         user = _public(db, name)
         db.execute("UPDATE users SET pw_hash = ? WHERE name = ?", [pw_hash, name])
-        sessions.revoke_user(db, user["id"])
+        logins.revoke_user(db, user["id"])
         log_event(db, user=by, action="user.password", entity="user", entity_id=user["id"])
     return user
 
@@ -128,7 +128,7 @@ def set_disabled(db: sqlite_utils.Database, name: str, disabled: bool = True, *,
     with transaction(db):
         user = _public(db, name)
         db.execute("UPDATE users SET disabled = ? WHERE name = ?", [int(disabled), name])
-        sessions.revoke_user(db, user["id"])
+        logins.revoke_user(db, user["id"])
         log_event(db, user=by, action="user.disable" if disabled else "user.enable",
                   entity="user", entity_id=user["id"])
     return _public(db, name)

@@ -9,7 +9,7 @@ from apphelp import PASSWORD, ROOT, add_users, home_db, make_project
 from streamlit.testing.v1 import AppTest
 
 from leaml.app import service as app_service
-from leaml.store import sessions as sessions_store
+from leaml.store import logins as sessions_store
 from leaml.store import users as users_store
 
 
