@@ -4,10 +4,11 @@ pairs, with the same numbers as one plain process with the same seed (within flo
 
 The main process runs the method; the other joins each training call (leaml/engine/spread.py),
 each process's loss counts by its share of the batch's answer tokens and the running losses
-that draw the hard examples fold the whole batch in every process. Packing (a packed row of one
-image's questions cannot be split between processes, so a step under N processes takes at
-least N rows) changes what a step sees, so this comparison turns it off; with it on the run
-still writes once, with nearby numbers."""
+that draw the hard examples fold the whole batch in every process; each process answers
+every other test question and the main one gathers the answers. Packing (a packed row of
+one image's questions cannot be split between processes, so a step under N processes takes
+at least N rows) changes what a step sees, so this comparison turns it off; with it on the
+run still writes once, with nearby numbers."""
 from __future__ import annotations
 
 import json
@@ -81,6 +82,8 @@ def test_two_processes_store_one_run_with_the_numbers_of_one(homes):
     assert len(lines) == 1, r.stdout  # the result comes from the main process only
     two = json.loads(lines[0])
     assert "leaml-spread-" in r.stderr  # the second process trained beside the main one
+    final = f"models/run-{two['run_id']} on cpu"
+    assert r.stderr.count(final) == 2, r.stderr[-2000:]  # and answered half the test questions
 
     a, b = _stored(one_home), _stored(two_home)
     assert [m for m, _, _ in b["runs"]] == ["leaml", "generator"]  # one row each, not two

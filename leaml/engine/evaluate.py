@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from leaml.engine import models
+from leaml.engine import models, spread
 from leaml.engine.batches import ImageSource
+from leaml.engine.train import load_trained
 
 OPEN_TYPES = frozenset({"open", "open-ended", "open_ended", "free_text", "free-text",
                         "freeform", "description", "describe", "explanation", "why", "caption"})
@@ -130,6 +131,28 @@ def predict(model, processor, items: Sequence[EvalItem], *, batch_size: int = 64
             if progress:
                 progress(stage, len(out), len(items), float("nan"))
     return out
+
+
+def predict_saved(model_dir: str | Path, base_model: str, items: Sequence[EvalItem],
+                  **kw) -> list[str]:
+    """:func:`predict` with a saved model (``train.load_trained``: adapters on ``base_model``
+    or a whole model), loaded where the device rule says in the inference dtype. Under a
+    method led across processes (leaml/engine/spread.py) every process answers every N-th
+    item; the answers come back in order."""
+    call = {"model_dir": str(model_dir), "base_model": base_model,
+            "kw": {k: v for k, v in kw.items() if k != "progress"}}  # callbacks stay here
+    return spread.share("predict", call, list(items),
+                        lambda part: _predict_share({**call, "kw": kw}, part))
+
+
+def _predict_share(call: dict, items: list) -> list[str]:
+    """A follower's share of :func:`predict_saved`."""
+    model, processor = load_trained(call["model_dir"], call["base_model"], merge=True,
+                                    inference=True)
+    return predict(model, processor, items, **call["kw"])
+
+
+spread.HANDLERS["predict"] = _predict_share
 
 
 def evaluate_model(model, processor, items: Sequence[EvalItem], **kw) -> tuple[dict, list[str]]:

@@ -6,8 +6,10 @@ samples and saves. Every training call is data-parallel: when the leader enters
 ``train.train()`` it saves the model as it stands, then sends the call (that folder, the
 examples or streams with their neuron masks, the config, the checkpoint folder) to the
 followers, which load the same model and run the same ``train()`` beside it; accelerate's
-DDP splits each batch and averages the gradients. The followers do nothing else; when the
-method ends the leader lets them go. In one plain process none of this happens.
+DDP splits each batch and averages the gradients. Evaluation works the same way: the leader
+hands the saved model and the test items over, every process answers every N-th item and the
+leader gathers the answers in order (:func:`share`). When the method ends the leader lets the
+followers go. In one plain process none of this happens.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +28,9 @@ WAIT = timedelta(hours=12)  # followers wait while the leader evaluates and samp
 
 
 _LEADING = {"on": False}  # set by :func:`start` in the leader of a spread method
+# call kind -> what a follower does with its share of the items: f(call, items) -> results;
+# filled by the modules that hand such calls over (leaml/engine/evaluate.py: "predict")
+HANDLERS: dict[str, Callable[[dict, list], list]] = {}
 
 
 def world_size() -> int:
@@ -96,15 +102,35 @@ def follow(train) -> int:
     """A follower's whole life: join each training call the leader sends (``train`` is
     ``leaml.engine.train.train``, passed in: it imports this module), until it says stop.
     Returns the number of calls joined."""
-    _state()
+    state = _state()
     joined = 0
     while (call := _send(None)) is not None:
-        model, processor = models.load(call["folder"])
-        train(model, processor, call["data"], call["config"], work_dir=call["work_dir"],
-              resume=call["resume"], stage=call["stage"])
-        _state().wait_for_everyone()
+        if call.get("kind", "train") == "train":
+            model, processor = models.load(call["folder"])
+            train(model, processor, call["data"], call["config"], work_dir=call["work_dir"],
+                  resume=call["resume"], stage=call["stage"])
+            state.wait_for_everyone()
+        else:
+            mine = HANDLERS[call["kind"]](call, call["items"][state.process_index::world_size()])
+            torch.distributed.gather_object(mine, None, dst=0)
         joined += 1
     return joined
+
+
+def share(kind: str, call: dict, items: list, local: Callable[[list], list]) -> list:
+    """In the leader: every process (followers through ``HANDLERS[kind](call, items)``, the
+    leader through ``local(items)``) takes every N-th item; the results come back in the
+    items' order. In a plain process (or not leading): ``local(items)``."""
+    if not leading():
+        return local(items)
+    world = world_size()
+    _send({**call, "kind": kind, "items": items})
+    parts = [None] * world
+    torch.distributed.gather_object(local(items[0::world]), parts, dst=0)
+    out = [None] * len(items)
+    for rank, part in enumerate(parts):
+        out[rank::world] = part
+    return out
 
 
 def release() -> None:

@@ -268,11 +268,11 @@ def evaluate_stage() -> Stage:
 def evaluate_dir(db, run_id: int, model_dir: Path, base_model: str, test_rows: list[dict],
                  config: MethodConfig, progress: Progress | None = None) -> dict:
     """Evaluate a saved model on test rows; store metrics and predictions; return the summary."""
-    model, processor = load_trained(model_dir, base_model, merge=True, inference=True)
     items = evaluate.items_from_rows(test_rows, lambda r: image_path(db, r))
-    summary, preds = evaluate.evaluate_model(model, processor, items, progress=progress,
-                                             batch_size=config.eval_batch_size,
-                                             max_new_tokens=config.max_new_tokens)
+    preds = evaluate.predict_saved(model_dir, base_model, items, progress=progress,
+                                   batch_size=config.eval_batch_size,
+                                   max_new_tokens=config.max_new_tokens)
+    summary = evaluate.summarize(items, preds)
     save_metrics(db, run_id, summary)
     with open(Path(model_dir) / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for it, p in zip(items, preds):
