@@ -4,8 +4,9 @@ pairs, with the same numbers as one plain process with the same seed (within flo
 
 The main process runs the method; the other joins each training call (leaml/engine/spread.py),
 each process's loss counts by its share of the batch's answer tokens and the running losses
-that draw the hard examples fold the whole batch in every process; each process answers
-every other test question and the main one gathers the answers. Packing (a packed row of
+that draw the hard examples fold the whole batch in every process; each process samples
+every other chunk of unlabeled images and answers every other test question, the main one
+gathers and stores. Packing (a packed row of
 one image's questions cannot be split between processes, so a step under N processes takes
 at least N rows) changes what a step sees, so this comparison turns it off; with it on the
 run still writes once, with nearby numbers."""
@@ -84,6 +85,9 @@ def test_two_processes_store_one_run_with_the_numbers_of_one(homes):
     assert "leaml-spread-" in r.stderr  # the second process trained beside the main one
     final = f"models/run-{two['run_id']} on cpu"
     assert r.stderr.count(final) == 2, r.stderr[-2000:]  # and answered half the test questions
+    gen = sqlite3.connect(two_home / "leaml.db").execute(
+        "SELECT id FROM runs WHERE method = 'generator'").fetchone()[0]
+    assert r.stderr.count(f"models/run-{gen} on cpu") == 2  # and sampled every other chunk
 
     a, b = _stored(one_home), _stored(two_home)
     assert [m for m, _, _ in b["runs"]] == ["leaml", "generator"]  # one row each, not two

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from leaml.engine import models, pseudo
+from leaml.engine import models, pseudo, spread
 from leaml.engine.evaluate import exact_match
 from leaml.engine.generator import known_form, pick
 from leaml.engine.pseudo import YES_NO, ParseStats, PseudoConfig, named_choices, question_key
@@ -193,40 +193,81 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, data: RunData, *,
     elif cfg.known_questions:
         known = known_questions(db, run["project_id"])
     stats, t0, stored = ParseStats(), time.monotonic(), 0
+    how = {"cfg": cfg, "form": form, "use_context": use_context, "counts": counts,
+           "choices": choices, "conditional": conditional, "reliability": reliability,
+           "known": known}
     chunks = [images[i:i + cfg.chunk] for i in range(0, len(images), cfg.chunk)]
-    for index, chunk in enumerate(chunks):
-        if any(r["id"] in done for r in chunk):
-            continue
+    todo = [(index, [dict(r, path=str(image_path(db, r))) for r in chunk])
+            for index, chunk in enumerate(chunks) if not any(r["id"] in done for r in chunk)]
+    # under a method led across processes every process samples one chunk of each round
+    step = spread.world_size() if spread.leading() else 1
+    call = {"model_dir": str(db.home / run["model_dir"]), "base_model": run["base_model"],
+            "how": how}
+    for start in range(0, len(todo), step):
         if should_stop and should_stop():
             return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
-        pv = models.pixel_values(processor, [image_path(db, r) for r in chunk])
-        contexts = [r.get("caption") for r in chunk] if use_context else None
-        if cfg.question_mode == "known":
-            allowed = _allowed_questions(counts, conditional, contexts) if conditional else None
-            qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index), allowed)
-            if choices is not None:
-                cands = pseudo.choose_known(model, processor, pv, list(range(len(chunk))), qs,
-                                            choices, cfg, stats, form=form, contexts=contexts,
-                                            reliability=reliability)
-            else:
-                cands = pseudo.answer_known(model, processor, pv, list(range(len(chunk))), qs,
-                                            cfg, stats, form=form, contexts=contexts)
-        else:
-            cands = pseudo.sample(model, processor, pv, list(range(len(chunk))), cfg,
-                                  _chunk_seed(cfg.seed, index), stats, known, contexts)
-        rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
-                 "question": c.question, "answer": c.answer, "origin": "pseudo", "status": "pending",
-                 "confidence": c.confidence, "question_type": qtypes.get(question_key(c.question)),
-                 "gen_run_id": gen_run_id, "source": "generator"} for c in cands]
-        if rows:
-            add_qa_many(db, rows, user=user, action="qa.pseudo")
-        stored += len(rows)
-        if progress:
-            progress("pseudo", min((index + 1) * cfg.chunk, len(images)), len(images), math.nan)
+        round_ = todo[start:start + step]
+        results = spread.share("pseudo", call, round_, lambda part: [
+            _chunk_candidates(model, processor, how, index, chunk) for index, chunk in part])
+        for (index, chunk), (cands, counted) in zip(round_, results):
+            for key, value in counted.items():
+                setattr(stats, key, getattr(stats, key) + value)
+            rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
+                     "question": c.question, "answer": c.answer, "origin": "pseudo",
+                     "status": "pending", "confidence": c.confidence,
+                     "question_type": qtypes.get(question_key(c.question)),
+                     "gen_run_id": gen_run_id, "source": "generator"} for c in cands]
+            if rows:
+                add_qa_many(db, rows, user=user, action="qa.pseudo")
+            stored += len(rows)
+            if progress:
+                progress("pseudo", min((index + 1) * cfg.chunk, len(images)), len(images),
+                         math.nan)
     info = {"generator_run": gen_run_id, "images": len(images), "stored": stored, "k": cfg.k,
             **stats.to_dict(), "seconds": round(time.monotonic() - t0, 1)}
     _record(db, gen_run_id, info, cfg)
     return info
+
+
+def _chunk_candidates(model, processor, how: dict, index: int, chunk: list[dict]):
+    """The candidates of one chunk of images (rows with their file ``path``) and the counts
+    of why others were dropped; the same in whichever process samples it (its seed comes from
+    the chunk's index)."""
+    cfg, stats = how["cfg"], ParseStats()
+    pv = models.pixel_values(processor, [r["path"] for r in chunk])
+    contexts = [r.get("caption") for r in chunk] if how["use_context"] else None
+    where = list(range(len(chunk)))
+    if cfg.question_mode == "known":
+        counts, conditional = how["counts"], how["conditional"]
+        allowed = _allowed_questions(counts, conditional, contexts) if conditional else None
+        qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index), allowed)
+        if how["choices"] is not None:
+            cands = pseudo.choose_known(model, processor, pv, where, qs, how["choices"], cfg,
+                                        stats, form=how["form"], contexts=contexts,
+                                        reliability=how["reliability"])
+        else:
+            cands = pseudo.answer_known(model, processor, pv, where, qs, cfg, stats,
+                                        form=how["form"], contexts=contexts)
+    else:
+        cands = pseudo.sample(model, processor, pv, where, cfg, _chunk_seed(cfg.seed, index),
+                              stats, how["known"], contexts)
+    return cands, stats.to_dict()
+
+
+_FOLLOWER_MODEL: dict = {}  # a follower loads the generator once for all rounds of a run
+
+
+def _follow_chunks(call: dict, part: list) -> list:
+    """A follower's chunks of a round of :func:`generate_pseudo`."""
+    key = (call["model_dir"], call["base_model"])
+    if _FOLLOWER_MODEL.get("key") != key:
+        _FOLLOWER_MODEL.update(key=key, loaded=load_trained(call["model_dir"], call["base_model"],
+                                                            inference=True))
+    model, processor = _FOLLOWER_MODEL["loaded"]
+    return [_chunk_candidates(model, processor, call["how"], index, chunk) for index, chunk in part]
+
+
+spread.HANDLERS["pseudo"] = _follow_chunks
 
 
 def _record(db, gen_run_id: int, info: dict, cfg: PseudoConfig) -> None:
