@@ -3,12 +3,12 @@
 The package is layered; each layer imports only those before it (tests/test_layers.py checks):
 
     config, auth   torch-free settings, config dataclasses, roles and passwords
-    store/         SQLite: projects, images, QA, runs, jobs, users, sessions, events
+    store/         SQLite: projects, images, QA and the review queue, runs, jobs, users, events
     data/          import and its checks, export, the label split, the bundled demo set
     engine/        models, batches, training, evaluation, the QA generator, pseudo QA, neurons
     tiny/          the embedded tiny bases: build, corpus, pretraining, committed assets
     serve/         the OpenAI-compatible server and the teacher client
-    methods/       the methods as named stages (LEAML's among them), run with a runs row
+    methods/       the methods as named stages (LEAML's among them), the simulated reviewer
     jobs/          the job queue, job kinds and the worker process
     app/           the permission-checked service the Streamlit pages call
     cli/           ``python -m leaml``: thin commands

@@ -1,1 +1,1 @@
-"""The methods as named stages (seed-lora, seed-full, caption-then-seed, caption-qa, LEAML's generator/pseudo/finetune), run end to end with a runs row, and the demo report. Imports leaml.serve.server and below."""
+"""The methods as named stages (seed-lora, seed-full, caption-then-seed, caption-qa, LEAML's generator/pseudo/finetune), run end to end with a runs row; the demo report; the simulated reviewer (simulate-review). Imports leaml.serve.server and below."""
