@@ -80,9 +80,20 @@ def build_processor(cfg: TinyConfig, tokenizer):
                           num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
 
 
+def _llama_text(cfg, tok):
+    """The tiny Llama language model's config, shared by every tiny family."""
+    from transformers import LlamaConfig  # transformers: loaded when a base is built
+    return LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
+                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+
+
 def build_tiny(seed: int = 0, **overrides):
     """An untrained tiny LLaVA ``(model, processor)`` from configs; overrides go to TinyConfig."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+    from transformers import (CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
     cfg = TinyConfig(**overrides)
     tok = build_tokenizer(cfg.vocab_size)
@@ -90,12 +101,7 @@ def build_tiny(seed: int = 0, **overrides):
                               num_hidden_layers=cfg.vision_layers,
                               num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
                               patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
-                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    text = _llama_text(cfg, tok)
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -152,7 +158,7 @@ def build_tiny_idefics3(seed: int = 0, **overrides):
     Idefics3's image tokens, and a chat template; overrides go to TinyIdefics3Config."""
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
                               Idefics3ImageProcessorPil, Idefics3Processor,
-                              Idefics3VisionConfig, LlamaConfig)
+                              Idefics3VisionConfig)
     cfg = TinyIdefics3Config(**overrides)
     grid = cfg.image_size // cfg.patch_size
     if grid % cfg.scale_factor:
@@ -165,12 +171,7 @@ def build_tiny_idefics3(seed: int = 0, **overrides):
                                   num_hidden_layers=cfg.vision_layers,
                                   num_attention_heads=cfg.vision_heads,
                                   image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
-                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    text = _llama_text(cfg, tok)
     config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
                             scale_factor=cfg.scale_factor, tie_word_embeddings=True,
                             image_token_id=tok.convert_tokens_to_ids("<image>"),
