@@ -67,7 +67,9 @@ def wait_for(pred, what: str, timeout: float = 600, every: float = 0.05):
 
 @pytest.mark.trust
 def test_truncated_checkpoint_falls_back_to_the_previous_and_the_job_completes(home, db, demo):
-    job_id = jobs.enqueue(db, "run", "demo", quick(10, checkpoint_every=2))
+    # enough steps that the cancel lands in training even on a loaded machine (a job whose
+    # training ended keeps no checkpoints to damage)
+    job_id = jobs.enqueue(db, "run", "demo", quick(60, checkpoint_every=2))
     w = start_worker(home, "--once")
     try:
         wait_for(lambda: len(jobs.train_log(db, job_id)) >= 5, "five steps (two checkpoints)")
