@@ -25,7 +25,6 @@ def test_accept_reject_edit_undo(monkeypatch, home, tmp_path):
     db, users, p, ids = setup(monkeypatch, home, tmp_path)
     at = page("pages/review.py", users["annotator"], "p1")
     assert not at.exception
-    at.sidebar.radio[0].set_value("high-first").run()
     first = at.session_state["rv_pair"]
     assert first == ids[-1]  # high-first: the most confident pair
     button(at, "Accept").click().run()
@@ -104,7 +103,6 @@ def test_shows_pair_id_left_count_my_count_and_source(monkeypatch, home, tmp_pat
                                         source="vllm-72b") for i in range(3)])
     at = page("pages/review.py", users["annotator"], "p1")
     assert not at.exception
-    at.sidebar.radio[0].set_value("high-first").run()
     assert f"Pair #{ids[-1]}" in captions(at) and "from the generator" in captions(at)
     assert "**8** pending pairs left" in captions(at) and "decided **0**" in captions(at)
     button(at, "Accept").click().run()
@@ -118,8 +116,6 @@ def test_shows_pair_id_left_count_my_count_and_source(monkeypatch, home, tmp_pat
 def test_a_new_order_shows_its_first_pair_at_once(monkeypatch, home, tmp_path):
     db, users, p, ids = setup(monkeypatch, home, tmp_path)
     at = page("pages/review.py", users["annotator"], "p1")
-    assert at.sidebar.radio[0].value == "near-cut"  # the default (simulate-review measured it)
-    at.sidebar.radio[0].set_value("high-first").run()
     assert at.session_state["rv_pair"] == ids[-1]  # high-first
     at.sidebar.radio[0].set_value("low-first").run()
     assert at.session_state["rv_pair"] == ids[0]  # not the pair held under the old order
