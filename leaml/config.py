@@ -274,6 +274,8 @@ class PseudoConfig(_Config):
                                      "question that the seed QA asks of only some images (where is "
                                      "the abnormality?) only of images whose caption names one of "
                                      "its answers")
+    engine: str = option("hf", "what samples: 'hf' (transformers, the default) or 'vllm' (vLLM, "
+                         "optional, installed apart; one process only; docs/GPU.md)", ("hf", "vllm"))
 
     def __post_init__(self):
         _check(self, [(self.k >= 1, "k must be >= 1"), (self.temperature > 0, "temperature must be > 0"),

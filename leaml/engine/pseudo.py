@@ -392,19 +392,27 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
         new = gen.sequences[:, batch["input_ids"].shape[1]:]
         logp = torch.stack(gen.logits, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1))[..., 0]
         for (i, q), ids, lps in zip(part, new.tolist(), logp.tolist()):
-            stats.sampled += 1
             end = next((j for j, t in enumerate(ids) if t == tok.eos_token_id), None)
-            if end is None:
-                stats.truncated += 1
-                continue
-            answer = tok.decode(ids[:end]).strip()
-            if not answer or "\n" in answer or "Question:" in answer or text_problem(answer):
-                stats.malformed += 1
-            elif holds_special(tok, ids[:end], [answer]):
-                stats.special += 1
-            else:
-                out.append(Candidate(image_indices[i], q, answer, geometric_mean_prob(lps[:end]), end, 1.0))
+            out += filter(None, [known_answer(tok, image_indices[i], q, ids, lps, end, stats)])
     return dedup(out, stats)
+
+
+def known_answer(tok, image_index: int, question: str, ids: Sequence[int], logprobs: Sequence[float],
+                 end: int | None, stats: ParseStats) -> Candidate | None:
+    """G's reply ``ids`` (with their ``logprobs``) to a known question as a Candidate, ``end``
+    the index of its end of turn (None: cut off); or None, counted by why."""
+    stats.sampled += 1
+    if end is None:
+        stats.truncated += 1
+        return None
+    answer = tok.decode(ids[:end]).strip()
+    if not answer or "\n" in answer or "Question:" in answer or text_problem(answer):
+        stats.malformed += 1
+    elif holds_special(tok, ids[:end], [answer]):
+        stats.special += 1
+    else:
+        return Candidate(image_index, question, answer, geometric_mean_prob(logprobs[:end]), end, 1.0)
+    return None
 
 
 def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
@@ -424,9 +432,7 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
     batched; nothing is decoded, so no answer is misspelt or outside the seed's answers."""
     tok = processor.tokenizer
     contexts = contexts or [None] * len(questions)
-    options = {(i, q): (caption_choices(choices.get(q, ()), contexts[i]) if cfg.caption_choices
-                        else list(choices.get(q, ()))) for i, qs in enumerate(questions) for q in qs}
-    rows = [(i, q, a) for (i, q), opts in options.items() for a in opts]
+    rows = choice_rows(questions, choices, cfg, contexts)
     stats.sampled += sum(len(qs) for qs in questions)
     starts: dict[tuple[str, str], int] = {}  # (q, a) -> index of the first answer token
     prefix = {q: known_prompt(q, form)[1] for qs in questions for q in qs}
@@ -450,11 +456,29 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
             -1, target[keep].unsqueeze(-1).to(logits.device))[:, 0].cpu()
         for row, (i, q, a), lps in zip(range(len(part)), part, logp.split(keep.sum(1).tolist())):
             if (q, a) not in starts:
-                ids = target[row][keep[row]].tolist()
-                text = known_target(prefix[q], a)
-                starts[q, a] = answer_start_token(tok, ids, len(text) - len(a.strip()))
+                starts[q, a] = answer_start(tok, target[row][keep[row]].tolist(), prefix[q], a)
             ans = lps[starts[q, a]:].tolist()
             scores.setdefault((i, q), []).append((sum(ans), geometric_mean_prob(ans), len(ans), a))
+    return pick_choices(scores, choices, image_indices, reliability, stats)
+
+
+def choice_rows(questions: Sequence[Sequence[str]], choices: dict[str, Sequence[str]],
+                cfg: PseudoConfig, contexts: Sequence[str | None]) -> list[tuple[int, str, str]]:
+    """(image position, question, answer) of every choice :func:`choose_known` scores."""
+    return [(i, q, a) for i, qs in enumerate(questions) for q in qs
+            for a in (caption_choices(choices.get(q, ()), contexts[i]) if cfg.caption_choices
+                      else list(choices.get(q, ())))]
+
+
+def answer_start(tok, target_ids: Sequence[int], prefix: str, answer: str) -> int:
+    """Index of the first answer token in the ids of :func:`known_target` (prefix, answer)."""
+    return answer_start_token(tok, target_ids, len(known_target(prefix, answer)) - len(answer.strip()))
+
+
+def pick_choices(scores: dict, choices: dict[str, Sequence[str]], image_indices: Sequence[int],
+                 reliability: dict[str, float] | None, stats: ParseStats) -> list[Candidate]:
+    """The chosen answer per (image position, question) from its choices' (sum of log-probs,
+    geometric mean, tokens, answer) in ``scores``, as :func:`choose_known` describes."""
     out = []
     for (i, q), scored in scores.items():
         best, conf, n, answer = max(scored, key=lambda o: o[0])

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from leaml.engine import models, pseudo, spread
+from leaml.engine import models, pseudo, spread, vllm_engine
 from leaml.engine.evaluate import exact_match
 from leaml.engine.generator import known_form, pick
 from leaml.engine.pseudo import YES_NO, ParseStats, PseudoConfig, named_choices, question_key
@@ -175,11 +175,14 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, data: RunData, *,
     ``{"stopped": True, ...}``.
     """
     run = check_generator_run(db, gen_run_id)
+    vllm_engine.check(cfg.engine)  # before anything loads: vLLM missing, or several processes
     images = pick(data.unlabeled, cfg.max_images, cfg.seed)
     if not images:
         raise ValueError(f"generator run {gen_run_id}: no unlabeled train images to write QA for; "
                          "import images without labels or use a label fraction below 1")
-    model, processor = load_trained(db.home / run["model_dir"], run["base_model"], inference=True)
+    model, processor = (vllm_engine.load(db.home / run["model_dir"], seed=cfg.seed)
+                        if cfg.engine == "vllm" else
+                        load_trained(db.home / run["model_dir"], run["base_model"], inference=True))
     form, use_context = known_form(run["params"].get("config") or {})
     qtypes, done = known_question_types(db, run["project_id"]), _done_images(db, gen_run_id)
     # 'sample' mode filters by known wordings, 'known' draws them
@@ -234,7 +237,10 @@ def _chunk_candidates(model, processor, how: dict, index: int, chunk: list[dict]
     of why others were dropped; the same in whichever process samples it (its seed comes from
     the chunk's index)."""
     cfg, stats = how["cfg"], ParseStats()
-    pv = models.pixel_values(processor, [r["path"] for r in chunk])
+    paths = [r["path"] for r in chunk]
+    # vLLM takes the images themselves; the transformers engine their pixels, computed once
+    fast = isinstance(model, vllm_engine.VllmModel)
+    engine, pv = (vllm_engine, paths) if fast else (pseudo, models.pixel_values(processor, paths))
     contexts = [r.get("caption") for r in chunk] if how["use_context"] else None
     where = list(range(len(chunk)))
     if cfg.question_mode == "known":
@@ -242,14 +248,14 @@ def _chunk_candidates(model, processor, how: dict, index: int, chunk: list[dict]
         allowed = _allowed_questions(counts, conditional, contexts) if conditional else None
         qs = _draw_questions(counts, len(chunk), cfg.k, _chunk_seed(cfg.seed, index), allowed)
         if how["choices"] is not None:
-            cands = pseudo.choose_known(model, processor, pv, where, qs, how["choices"], cfg,
+            cands = engine.choose_known(model, processor, pv, where, qs, how["choices"], cfg,
                                         stats, form=how["form"], contexts=contexts,
                                         reliability=how["reliability"])
         else:
-            cands = pseudo.answer_known(model, processor, pv, where, qs, cfg, stats,
+            cands = engine.answer_known(model, processor, pv, where, qs, cfg, stats,
                                         form=how["form"], contexts=contexts)
     else:
-        cands = pseudo.sample(model, processor, pv, where, cfg, _chunk_seed(cfg.seed, index),
+        cands = engine.sample(model, processor, pv, where, cfg, _chunk_seed(cfg.seed, index),
                               stats, how["known"], contexts)
     return cands, stats.to_dict()
 
