@@ -113,6 +113,9 @@ def _add_caption(sub, common) -> None:
     p.add_argument("--save-prompt", action="store_true", help="store --prompt as the project's")
     p.add_argument("--max-tokens", type=int, default=256, help="longest caption (tokens)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for --teacher")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="what runs --teacher: 'hf' (transformers, the default) or 'vllm' (fast, "
+                        "if vLLM is installed: optional; docs/GPU.md)")
     add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(func=cmd_caption)
@@ -136,7 +139,7 @@ def cmd_caption(args) -> int:
             prompt=args.prompt, concurrency=args.concurrency, timeout=args.timeout,
             retries=args.retries, backoff=args.backoff, max_tokens=args.max_tokens,
             limit=args.limit, progress=bar, user=CLI_ACTOR,
-            api_key=args.api_key or os.environ.get(API_KEY_ENV))
+            api_key=args.api_key or os.environ.get(API_KEY_ENV), engine=args.engine)
     finally:
         bar.close()
     info = report.to_dict()

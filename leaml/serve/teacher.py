@@ -233,9 +233,11 @@ def caption_missing(store, project: str | int, *, endpoint: str | None = None,
                     retries: int = 3, backoff: float = 1.0, max_tokens: int = 256,
                     limit: int | None = None, progress: Progress | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    user: str | None = None, api_key: str | None = None) -> CaptionReport:
+                    user: str | None = None, api_key: str | None = None,
+                    engine: str = "hf") -> CaptionReport:
     """Caption every image of ``project`` that has none, from ``endpoint`` + ``model`` or a
-    local ``teacher`` model ref; returns a :class:`CaptionReport`.
+    local ``teacher`` model ref (run by ``engine``: 'hf', transformers, or 'vllm', vLLM if
+    installed); returns a :class:`CaptionReport`.
 
     The prompt is ``prompt``, else the project's (``settings['caption_prompt']``), else
     :data:`DEFAULT_CAPTION_PROMPT`. ``limit`` caps how many images this pass takes.
@@ -246,6 +248,11 @@ def caption_missing(store, project: str | int, *, endpoint: str | None = None,
         raise ValueError("give either --teacher MODEL_REF or --endpoint URL with --model NAME")
     if concurrency < 1:
         raise ValueError(f"concurrency {concurrency} must be >= 1")
+    if engine != "hf":
+        if endpoint:
+            raise ValueError("--engine applies to a local --teacher, not to an --endpoint")
+        from leaml.engine import vllm_engine  # torch: only for a local teacher
+        vllm_engine.check(engine)  # before anything loads
     db = open_db(store)
     proj = get_project(db, project)
     rows = images_without_caption(db, proj["id"])[:limit]
@@ -259,7 +266,8 @@ def caption_missing(store, project: str | int, *, endpoint: str | None = None,
                        should_stop, user)
     else:
         report = CaptionReport(f"teacher:{teacher}", total=len(rows))
-        _from_model(db, teacher, rows, prompt, max_tokens, report, progress, should_stop, user)
+        _from_model(db, teacher, rows, prompt, max_tokens, report, progress, should_stop, user,
+                    engine=engine)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -323,19 +331,25 @@ def _from_endpoint(db, client, rows, prompt, max_tokens, concurrency, report, pr
 
 
 def _from_model(db, teacher, rows, prompt, max_tokens, report, progress, should_stop, user,
-                batch_size: int = 8) -> None:
+                batch_size: int = 8, engine: str = "hf") -> None:
     """Greedy captions from a local model, a batch at a time, stored after each batch."""
-    from leaml.engine import models  # torch: only for a local teacher (the app imports this module)
+    # torch: only for a local teacher (the app imports this module)
+    from leaml.engine import models, vllm_engine  # (as above)
     if not rows:
         return
-    model, processor = models.load(teacher, inference=True)  # the device rule, bf16 on GPUs
+    if engine == "vllm":  # vLLM batches itself: larger batches, the same greedy captions
+        model, processor = vllm_engine.load(teacher)
+        run, batch_size = vllm_engine.generate, 8 * batch_size
+    else:
+        model, processor = models.load(teacher, inference=True)  # the device rule, bf16 on GPUs
+        run = models.generate
     for i in range(0, len(rows), batch_size):
         if should_stop and should_stop():
             report.stopped = True
             return
         chunk = rows[i:i + batch_size]
-        gens = models.generate(model, processor, [image_path(db, r) for r in chunk],
-                               [prompt] * len(chunk), max_new_tokens=max_tokens)
+        gens = run(model, processor, [image_path(db, r) for r in chunk], [prompt] * len(chunk),
+                   max_new_tokens=max_tokens)
         for r, g in zip(chunk, gens):
             _store(db, report, r, g[0].text, None, user)
         if progress:
@@ -367,7 +381,7 @@ def caption_job(ctx, params: dict) -> dict:
     (job failed, resumable: a resume asks only for what is still missing) if any image failed."""
     ctx.plan = ["caption"]
     keys = ("endpoint", "model", "teacher", "prompt", "concurrency", "timeout", "retries",
-            "max_tokens", "limit")
+            "max_tokens", "limit", "engine")
     report = caption_missing(ctx.db, ctx.job["project_id"],
                              **{k: params[k] for k in keys if params.get(k) is not None},
                              progress=ctx.progress, should_stop=ctx.should_stop, user=ctx.user)
