@@ -92,6 +92,9 @@ def _add_pseudo(sub, common) -> None:
     p.add_argument("-k", type=int, default=None,
                    help="known questions asked (or QA candidates sampled) per image (default 12)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the generator's)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default=None,
+                   help="what samples: 'hf' (transformers, the default) or 'vllm' (fast, if vLLM "
+                        "is installed: optional, one process; docs/GPU.md); = --set pseudo.engine=")
     add_from_captions_args(p)
     p.set_defaults(func=cmd_pseudo)
 
@@ -100,6 +103,7 @@ def cmd_pseudo(args) -> int:
     if args.from_captions:  # QA from teacher captions: leaml/methods/caption_qa.py
         return cmd_pseudo_from_captions(args)
     from leaml.methods import leaml as leaml_method  # torch: loaded when the command runs
+    args.set = args.set + ([f"pseudo.engine={args.engine}"] if args.engine else [])
     result = _run(leaml_method.pseudo_command, args, generator_run=args.generator_run,
                   k=args.k, seed=args.seed)
     if args.json:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from leaml.config import (DEFAULT_BASE, FinetuneOptions, GeneratorConfig, PseudoConfig,
                           TrainConfig, generator_train, leaml_options)
-from leaml.engine import checkpoints, generator, models
+from leaml.engine import checkpoints, generator, models, vllm_engine
 from leaml.engine.pseudo import confidence_cut
 from leaml.engine.train import Stream, save_trained, train
 from leaml.methods.pseudo_stage import (GENERATOR_METHOD, check_generator_run,  # noqa: F401
@@ -138,6 +138,8 @@ def _merge_params(db, run_id: int, extra: dict) -> None:
 
 def _generator_stage() -> Stage:
     def run(ctx: RunContext) -> bool:
+        # an engine that cannot sample fails the run now, before G trains
+        vllm_engine.check(ctx.config.options["pseudo"].get("engine", "hf"))
         reuse = ctx.config.options.get("generator_run")
         if reuse is not None:
             gen_id = int(reuse)
