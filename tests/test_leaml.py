@@ -15,9 +15,10 @@ from leaml.store.qa import add_qa_many, edit, get_qa, list_qa, reject
 from leaml.store.runs import create_run, finish_run, update_run
 
 # small and fast: a few steps per stage; equality must hold whatever G has learned by then
+# (the target's vision warmup: one pass over the images, not the method's 85)
 FAST = {"generator": {"min_qa_steps": 4, "max_qa_steps": 4, "batch_size": 4, "caption_ratio": 0.5},
         "pseudo": {"k": 2, "max_new_tokens": 24, "batch_size": 8, "chunk": 3},
-        "finetune": {"min_steps": 2, "max_steps": 2, "batch_size": 4},
+        "finetune": {"min_steps": 2, "max_steps": 2, "batch_size": 4, "vision_warmup_epochs": 1.0},
         "max_new_tokens": 4}
 
 
@@ -36,6 +37,26 @@ def home(demo_home, tmp_path):
     copy = tmp_path / "home"
     shutil.copytree(demo_home, copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def trained_home(demo_home, tmp_path_factory):
+    """The demo home with one generator run (label fraction 0.25, seed 1, FAST) and no pseudo
+    pairs yet: trained once, shared by the tests that sample from that generator."""
+    home = tmp_path_factory.mktemp("leaml-gen") / "home"
+    shutil.copytree(demo_home, home)
+    db = connect(home)
+    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
+    db.conn.close()
+    return home, g
+
+
+@pytest.fixture
+def gen_home(trained_home, tmp_path):
+    """A copy of ``trained_home`` for one test, and its generator's result."""
+    copy = tmp_path / "home"
+    shutil.copytree(trained_home[0], copy)
+    return copy, trained_home[1]
 
 
 def _pid(db):
@@ -117,11 +138,12 @@ def _params(db, run_id):
 
 
 @pytest.mark.slow
-def test_stage_by_stage_equals_one_shot_with_the_same_seed(home):
+def test_stage_by_stage_equals_one_shot_with_the_same_seed(gen_home):
+    home, g = gen_home  # stage 1 (generator_command) ran on a copy of the same demo home
     db = connect(home)
     one = pipeline.run_method(db, "demo", "leaml", label_fraction=0.25, seed=1, overrides=FAST)
     gen_one = _params(db, one["run_id"])["generator_run"]
-    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
+    assert gen_one != g["generator_run"]
     p = leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=FAST)
     staged = leaml_method.finetune_command(db, "demo", generator_run=g["generator_run"], overrides=FAST)
     assert p["images"] == 6 and p["sampled"] == 6 * 2  # 8 train images, 2 labeled -> 6 unlabeled
@@ -138,9 +160,9 @@ def test_stage_by_stage_equals_one_shot_with_the_same_seed(home):
         "seconds": _params(db, staged["run_id"])["target_data"]["seconds"]}
 
 
-def test_choose_mode_stores_only_answers_the_seed_gives_to_that_question(home):
+def test_choose_mode_stores_only_answers_the_seed_gives_to_that_question(gen_home):
+    home, g = gen_home
     db = connect(home)
-    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
     over = {**FAST, "pseudo": {**FAST["pseudo"], "answer_mode": "choose"}}
     p = leaml_method.pseudo_command(db, "demo", generator_run=g["generator_run"], overrides=over)
     kept = _params(db, g["generator_run"])["kept_images"]
@@ -155,7 +177,7 @@ def test_choose_mode_stores_only_answers_the_seed_gives_to_that_question(home):
         assert 0 < confidence <= 1
 
 
-def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
+def test_pseudo_answers_in_the_generators_form_after_each_images_caption(gen_home):
     """A generator trained with the answer stream and caption context answers known questions
     as question -> answer after the image's teacher caption; the stage stores exactly that."""
     from leaml.engine import generator
@@ -166,8 +188,8 @@ def test_pseudo_answers_in_the_generators_form_after_each_images_caption(home):
                                             seed_question_counts)
     from leaml.store.images import image_path
     from leaml.engine.train import load_trained
+    home, g = gen_home
     db = connect(home)
-    g = leaml_method.generator_command(db, "demo", label_fraction=0.25, seed=1, overrides=FAST)
     gen = _params(db, g["generator_run"])
     assert generator.known_form(gen["config"]) == ("answer", True)
     assert gen["generator"]["n_answers"] == gen["generator"]["n_qa"] > 0
