@@ -20,10 +20,10 @@ from leaml.store.qa import add_qa_many, claim_next, get_qa, list_qa
 from leaml.store.runs import create_run, finish_run, update_run
 
 ROOT = Path(__file__).resolve().parents[1]
-# small and fast (as tests/test_leaml.py): a few steps per stage
+# small and fast (as tests/test_leaml.py): a few steps per stage, one vision warmup pass
 FAST = {"generator": {"min_qa_steps": 4, "max_qa_steps": 4, "batch_size": 4, "caption_ratio": 0.5},
         "pseudo": {"k": 4, "max_new_tokens": 24, "batch_size": 8, "chunk": 3},
-        "finetune": {"min_steps": 2, "max_steps": 2, "batch_size": 4},
+        "finetune": {"min_steps": 2, "max_steps": 2, "batch_size": 4, "vision_warmup_epochs": 1.0},
         "max_new_tokens": 4}
 
 
