@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
                                      overrides=overrides)
     finally:
         bar.close()
-        spread.release()
+    spread.release()  # not after a failure: the error exits non-zero, the launcher ends the rest
     report(result, args.json)
     return 0
 

@@ -45,10 +45,11 @@ def _run(fn, args, **kw) -> dict:
         raise SystemExit(0)
     bar = ProgressBar()
     try:
-        return fn(args.home, args.project, progress=bar, overrides=_overrides(args), **kw)
+        result = fn(args.home, args.project, progress=bar, overrides=_overrides(args), **kw)
     finally:
         bar.close()
-        spread.release()
+    spread.release()  # not after a failure: the error exits non-zero, the launcher ends the rest
+    return result
 
 
 def _add_generator(sub, common) -> None:

@@ -143,6 +143,17 @@ def resolve_device(requested: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def training_device() -> torch.device:
+    """The rule's device, for training's Accelerator. In a plain process told a GPU index
+    ('cuda:1') that GPU becomes the current one: accelerate's device there is plain 'cuda', the
+    current GPU. Under ``accelerate launch`` accelerate sets each process's GPU itself."""
+    where = resolve_device()
+    plain = os.environ.get("WORLD_SIZE", "1") == "1"
+    if where.type == "cuda" and where.index is not None and plain:
+        torch.cuda.set_device(where)
+    return where
+
+
 def inference_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """The dtype of evaluation, sampling, captioning and serving: $LEAML_DTYPE when set (not
     'auto'), else bfloat16 on a CUDA device that supports it, else float32. Training loads

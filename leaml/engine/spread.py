@@ -9,13 +9,19 @@ followers, which load the same model and run the same ``train()`` beside it; acc
 DDP splits each batch and averages the gradients. Evaluation works the same way: the leader
 hands the saved model and the test items over, every process answers every N-th item and the
 leader gathers the answers in order (:func:`share`). When the method ends the leader lets the
-followers go. In one plain process none of this happens.
+followers go. When it fails instead (an exception, a job's cancel raised in an inference pass)
+it enters no further collective: it leaves non-zero and the launcher (torch elastic) ends the
+followers, wherever they wait. A stop asked of a training loop (a job's cancel) is agreed by
+every process at each step (:func:`stop_together`), so all of them stop at the same step and
+keep the checkpoint. In one plain process none of this happens.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -27,7 +33,7 @@ from leaml.engine import models
 WAIT = timedelta(hours=12)  # followers wait while the leader evaluates and samples alone
 
 
-_LEADING = {"on": False}  # set by :func:`start` in the leader of a spread method
+_LEADING = {"on": False, "following": False}  # :func:`start` / :func:`follow` set them
 # call kind -> what a follower does with its share of the items: f(call, items) -> results;
 # filled by the modules that hand such calls over (leaml/engine/evaluate.py: "predict")
 HANDLERS: dict[str, Callable[[dict, list], list]] = {}
@@ -91,11 +97,47 @@ def lead(model, processor, data, config, *, work_dir, resume: bool, stage: str) 
     return folder
 
 
-def done_training(folder: Path | None) -> None:
-    """The leader after a ``train()`` call: every process is through, the folder goes."""
+def done_training(folder: Path | None, *, failed: bool = False) -> None:
+    """The leader after a ``train()`` call: every process is through, the folder goes.
+    After a failed call no barrier: the followers may be inside a collective of the step."""
     if folder is not None:
-        _state().wait_for_everyone()
+        if not failed:
+            _state().wait_for_everyone()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def handed(folder: Path | None):
+    """Around the leader's own ``train()`` after :func:`lead`: :func:`done_training`, with
+    ``failed`` when the call raised."""
+    try:
+        yield
+    except BaseException:
+        done_training(folder, failed=True)
+        raise
+    done_training(folder)
+
+
+def batch_loss(loss: float, device) -> float:
+    """In a training loop of a spread method: the step's loss over the whole batch, as one
+    process reports it (each process's own counts its share of the answer tokens times N, so
+    the mean of theirs). Elsewhere: ``loss``."""
+    if not (_LEADING["on"] or _LEADING["following"]):
+        return loss
+    total = torch.tensor([loss], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total.item()) / world_size()
+
+
+def stop_together(stop: bool, device) -> bool:
+    """In a training loop of a spread method: True when any process (the leader, whose
+    ``should_stop`` a job's cancel sets) stops, so that all stop at the same step (the
+    checkpoint's barrier then meets everyone). Elsewhere: ``stop``."""
+    if not (_LEADING["on"] or _LEADING["following"]):
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def follow(train) -> int:
@@ -103,7 +145,7 @@ def follow(train) -> int:
     ``leaml.engine.train.train``, passed in: it imports this module), until it says stop.
     Returns the number of calls joined."""
     state = _state()
-    joined = 0
+    joined, _LEADING["following"] = 0, True
     while (call := _send(None)) is not None:
         if call.get("kind", "train") == "train":
             model, processor = models.load(call["folder"])
@@ -134,7 +176,19 @@ def share(kind: str, call: dict, items: list, local: Callable[[list], list]) -> 
 
 
 def release() -> None:
-    """The leader, when its method ends (or fails): let the followers go."""
+    """The leader, when its method ended (a result, or stopped at a step): let the followers
+    go. Never after a failure: the followers may wait in another collective; leave non-zero
+    (:func:`abandon`) and the launcher ends them."""
     if leading():
         _LEADING["on"] = False
         _send(None)
+
+
+def abandon(code: int = 1) -> None:
+    """The leader after its method failed: leave at once with ``code`` (not 0), entering no
+    collective and no interpreter shutdown that could wait on the process group; torch
+    elastic then stops the followers. A plain process returns (nothing to do)."""
+    if leading():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)

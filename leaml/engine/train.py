@@ -287,11 +287,9 @@ def train(model: torch.nn.Module, processor, data: Sequence[Example] | Sequence[
     """
     handed = spread.lead(model, processor, data, config, work_dir=work_dir, resume=resume,
                          stage=stage) if spread.leading() else None
-    try:
+    with spread.handed(handed):
         return _train(model, processor, data, config, work_dir=work_dir, resume=resume,
                       progress=progress, should_stop=should_stop, stage=stage)
-    finally:
-        spread.done_training(handed)
 
 
 def _train(model, processor, data, config: TrainConfig, *, work_dir, resume: bool,
@@ -304,8 +302,9 @@ def _train(model, processor, data, config: TrainConfig, *, work_dir, resume: boo
     # features come from an earlier one); under DDP (accelerate launch, >1 process) the
     # gradient reduction fails unless told. No effect in a single process.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.mode == "full")
+    where = models.training_device()  # --device cuda:1 in a plain process: the current GPU
     acc = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp],
-                      cpu=models.resolve_device().type == "cpu")  # --device cpu on a GPU machine
+                      cpu=where.type == "cpu")  # --device cpu on a GPU machine
     model = prepare_model(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -373,11 +372,12 @@ def _loop(acc, model, optimizer, scheduler, batches, schedule, masks, config, st
     losses, stopped, samples, t0 = [], False, 0, time.perf_counter()
     model.train()
     while step < total:
-        if should_stop and should_stop():
+        if spread.stop_together(bool(should_stop and should_stop()), acc.device):
             stopped = True
             break
         sid = schedule[step]
-        loss = _step(acc, model, batches, sid, seen[sid], micro, config, step, dtype)
+        loss = spread.batch_loss(_step(acc, model, batches, sid, seen[sid], micro, config,
+                                       step, dtype), acc.device)  # the whole batch's, N > 1
         _apply_masks(masks[sid], optimizer, scheduler, acc, model, config)
         seen[sid] += 1
         step += 1

@@ -115,14 +115,14 @@ def train_generator_run(db, project: dict, data: RunData, base_model: str,
         res = generator.train_generator(model, processor, qa, generator.caption_examples(captions, file_of),
                                         cfg, answers=answers, work_dir=work_dir, progress=progress,
                                         should_stop=should_stop)
+        if res.train.stopped:
+            return None
+        out = Path(db.home) / "models" / f"run-{run_id}"
+        shutil.rmtree(out, ignore_errors=True)
+        save_trained(res.train.model, processor, out)  # a full disk fails the run too
     except BaseException:
         finish_run(db, run_id, accuracy=None, seconds=time.monotonic() - t0, status="failed")
         raise
-    if res.train.stopped:
-        return None
-    out = Path(db.home) / "models" / f"run-{run_id}"
-    shutil.rmtree(out, ignore_errors=True)
-    save_trained(res.train.model, processor, out)
     checkpoints.remove(work_dir)  # the last and the previous
     _merge_params(db, run_id, {"generator": res.info})
     update_run(db, run_id, model_dir=str(out.relative_to(db.home)))
