@@ -208,9 +208,13 @@ def test_folder_project_gets_captions_from_leaml_serve_then_leaml_runs(home, tmp
     r = cli(home, "caption", "--project", "p", "--endpoint", s["server"].url, "--model", s["model"],
             "--prompt", PROMPT, "--max-tokens", "8")
     assert r.returncode == 0 and "captioned 8 of 8" in r.stdout, r.stderr
+    # the generator's step count comes from its seed-QA steps (x (1 + answer_ratio +
+    # caption_ratio)), not from max_steps: 2 QA steps train it on the captions for 2 steps too
     small = [f"{stage}.{k}={v}" for stage in ("generator", "finetune")
              for k, v in (("max_steps", 3), ("min_steps", 0), ("batch_size", 4))]
-    small += ["pseudo.k=2", "pseudo.max_new_tokens=16", "max_new_tokens=4"]
+    small += ["generator.min_qa_steps=2", "generator.max_qa_steps=2",
+              "finetune.vision_warmup_epochs=0",
+              "pseudo.k=2", "pseudo.max_new_tokens=16", "max_new_tokens=4"]
     r = cli(home, "run", "--project", "p", "--method", "leaml", "--json",
             *[a for kv in small for a in ("--set", kv)], timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
