@@ -30,7 +30,8 @@ QUICK = {  # a few steps, a checkpoint every 2, short answers: seconds, not minu
     "leaml": {"generator": {**_TRAIN, "max_steps": 6, "min_qa_steps": 1, "max_qa_steps": 3,
                             "rho": 0.1, "max_captions": 4},
               "pseudo": {"k": 1, "max_new_tokens": 12},
-              "finetune": _TRAIN, "max_new_tokens": 6},
+              # one vision warmup pass, not the method's 85: a resumed run skips it all the same
+              "finetune": {**_TRAIN, "vision_warmup_epochs": 1.0}, "max_new_tokens": 6},
 }
 TRAIN_STAGE = {"seed-lora": "train", "leaml": "finetune"}[METHOD]
 
