@@ -21,7 +21,6 @@ the model itself.
 from __future__ import annotations
 
 import importlib.util
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +38,6 @@ MISSING = ("engine 'vllm' needs the vllm package, which is not installed. It is 
            "nothing more")
 SEVERAL = ("engine 'vllm' runs in one process: vLLM places the model on the GPUs itself (its "
            "tensor parallelism); start the command without accelerate launch, or use --engine hf")
-log = logging.getLogger(__name__)
 
 
 class EngineUnavailable(ValueError):
@@ -114,7 +112,7 @@ def load(ref: str | Path, *, seed: int = 0):
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     dtype = str(models.inference_dtype()).removeprefix("torch.")
     llm = _vllm().LLM(model=folder, dtype=dtype, seed=seed, limit_mm_per_prompt={"image": 1})
-    log.info("model %s in vLLM, %s", ref, dtype)
+    models.log.info("model %s in vLLM, %s", ref, dtype)  # the line every load says (docs/GPU.md)
     return VllmModel(llm, str(ref), stop_ids(folder, processor.tokenizer)), processor
 
 
