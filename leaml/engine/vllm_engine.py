@@ -20,11 +20,13 @@ the model itself.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from PIL import Image
 
 from leaml.engine import models, pseudo, spread
@@ -114,6 +116,16 @@ def load(ref: str | Path, *, seed: int = 0):
     llm = _vllm().LLM(model=folder, dtype=dtype, seed=seed, limit_mm_per_prompt={"image": 1})
     models.log.info("model %s in vLLM, %s", ref, dtype)  # the line every load says (docs/GPU.md)
     return VllmModel(llm, str(ref), stop_ids(folder, processor.tokenizer)), processor
+
+
+def close(model) -> None:
+    """Let a :class:`VllmModel`'s engine go, and with it the GPU memory vLLM reserved (most of
+    the GPU), before a next stage trains there; anything else is left alone."""
+    if isinstance(model, VllmModel) and model.llm is not None:
+        model.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # --- requests ----------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, data: RunData, *,
             "how": how}
     for start in range(0, len(todo), step):
         if should_stop and should_stop():
+            vllm_engine.close(model)
             return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
         round_ = todo[start:start + step]
         results = spread.share("pseudo", call, round_, lambda part: [
@@ -226,6 +227,7 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, data: RunData, *,
             if progress:
                 progress("pseudo", min((index + 1) * cfg.chunk, len(images)), len(images),
                          math.nan)
+    vllm_engine.close(model)  # vLLM's GPU memory back before a next stage trains
     info = {"generator_run": gen_run_id, "images": len(images), "stored": stored, "k": cfg.k,
             **stats.to_dict(), "seconds": round(time.monotonic() - t0, 1)}
     _record(db, gen_run_id, info, cfg)
