@@ -76,7 +76,7 @@ def test_stopped_run_resumes_in_the_same_run_row(project, tmp_path):
     def stop_once():
         calls["n"] += 1
         return calls["n"] == 2  # let one step through, then stop
-    overrides = {"train": {**FAST, "max_steps": 3}}
+    overrides = {"train": {**FAST, "max_steps": 3, "vision_warmup_epochs": 1.0}}  # not 85 passes
     first = pipeline.run_method(db, "demo", "seed-full", overrides=overrides,
                                 work_dir=tmp_path / "w", should_stop=stop_once)
     assert first["stopped"] and first["stage"] == "train"
@@ -126,7 +126,8 @@ def test_full_finetuning_warms_the_vision_up_by_default_but_the_demo_table_budge
 def test_cli_run_prints_the_json_result_last(project, home):
     cmd = [sys.executable, "-m", "leaml", "run", "--home", str(home), "--project", "demo",
            "--method", "seed-full", "--label-fraction", "0.5", "--json",
-           "--set", "train.max_steps=1", "--set", "train.min_steps=0", "--set", "train.batch_size=4"]
+           "--set", "train.max_steps=1", "--set", "train.min_steps=0", "--set", "train.batch_size=4",
+           "--set", "train.vision_warmup_epochs=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
