@@ -38,6 +38,10 @@ def _add_run(sub, common) -> None:
     add_device_arguments(p)
     p.add_argument("--background", action="store_true",
                    help="queue as a background job and print its id instead of waiting")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="with --background: the job runs data-parallel on N processes through "
+                        "accelerate's launcher, one GPU each (on the CPU with --device cpu); "
+                        "in the foreground use `accelerate launch -m leaml run` (default 1)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_run)
 
@@ -50,6 +54,9 @@ def cmd_run(args) -> int:
     flags.update({"captions": False} if args.no_captions else {})
     overrides = fold_overrides(args.method, sets=args.set, options=flags)
     where = place_models(args)
+    if args.processes != 1 and not args.background:
+        raise ValueError("--processes needs --background; in the foreground run "
+                         "`accelerate launch --num_processes N -m leaml run ...`")
     if args.background:
         params = {"method": args.method, "label_fraction": args.label_fraction,
                   "seed": args.seed, "base_model": args.base_model,
@@ -57,6 +64,8 @@ def cmd_run(args) -> int:
         if overrides:
             params["overrides"] = overrides
         params.update(where)  # the job's process places its models the same way
+        if args.processes != 1:
+            params["processes"] = args.processes  # checked when queued
         queue_background(args.home, "run", args.project, params, start_worker=True)
         return 0
     threads(args.threads)

@@ -27,6 +27,7 @@ from typing import Callable
 import sqlite_utils
 
 from leaml import auth, config
+from leaml.jobs import launch
 from leaml.serve import teacher as captions
 from leaml.store import connect, home_dir
 from leaml.store import jobs as q
@@ -218,7 +219,7 @@ def _engine_kwargs(ctx: JobContext, params: dict) -> dict:
     """The job's params plus what every engine entry point takes from the job."""
     _place(params)
     p = {k: v for k, v in params.items()
-         if k not in ("stages", "method", "requested_overrides", *PLACEMENT)}
+         if k not in ("stages", "method", "requested_overrides", "processes", *PLACEMENT)}
     return dict(p, progress=ctx.progress, should_stop=ctx.should_stop,
                 work_dir=ctx.checkpoint_dir, job_id=ctx.job_id, user=ctx.user)
 
@@ -288,7 +289,8 @@ def _caption(ctx: JobContext, params: dict) -> dict:
     """Teacher captions for the project's images without one (``leaml.serve.teacher``); params:
     endpoint + model, or teacher (a local model ref), and optionally prompt, concurrency."""
     _place(params)
-    return captions.caption_job(ctx, {k: v for k, v in params.items() if k not in PLACEMENT})
+    return captions.caption_job(ctx, {k: v for k, v in params.items()
+                                      if k not in (*PLACEMENT, "processes")})
 
 
 @job_kind("evaluate")
@@ -323,6 +325,7 @@ def enqueue(db: sqlite_utils.Database, kind: str, project: str | int | None, par
         raise ValueError(f"unknown job kind {kind!r}; use one of {', '.join(sorted(KINDS))}")
     if not isinstance(params, dict):
         raise ValueError(f"job params must be a dict (JSON object), got {type(params).__name__}")
+    launch.processes(params)  # 1 (default) to the CPUs; several on one GPU each
     project_id = get_project(db, project)["id"] if project is not None else None
     return q.insert_job(db, kind, project_id, params, created_by=name)
 
@@ -436,7 +439,8 @@ def child_env() -> dict:
     return env
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -462,7 +466,7 @@ def ensure_worker(home: str | os.PathLike | None = None, *, idle_exit: float = 6
     (home / "logs").mkdir(exist_ok=True)
     with transaction(db):
         for w in q.live_workers(db, heartbeat_timeout()):
-            if w["host"] != host or _pid_alive(w["pid"]):
+            if w["host"] != host or pid_alive(w["pid"]):
                 return None
         with open(home / "logs" / "worker.log", "ab") as out:
             proc = subprocess.Popen(

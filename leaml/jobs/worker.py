@@ -10,6 +10,8 @@ segfault) the worker marks the job ``interrupted`` (killed by a signal) or ``fai
 code), and goes on with the next job. If the worker dies too, nobody writes heartbeats and
 ``recover_stale`` marks the job interrupted after the timeout. SIGTERM/SIGINT to the worker
 are passed to the child, which checkpoints and ends the job ``interrupted`` (resumable).
+A job whose ``processes`` param is above 1 starts through accelerate's launcher instead, its
+main process taking the job over (leaml/jobs/launch.py).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
+from leaml.jobs import launch
 from leaml.jobs import queue as jobs
 from leaml.store import connect, home_dir
 from leaml.store import jobs as q
@@ -136,18 +139,22 @@ def _run_child(db, home: Path, job: dict, state: dict) -> None:
                   f"{job['attempts']}\n".encode())
         out.flush()
         state["job"] = job["id"]
-        spare, state["spare"] = state["spare"], None
+        n = launch.wanted(job["params"])  # processes > 1: through accelerate's launcher
+        spare = state["spare"] if n == 1 else None  # (a launched job leaves the spare be)
+        state["spare"] = None if n == 1 else state["spare"]
         child = spare.take(job["id"]) if spare is not None else None
         if child is None:  # no spare, or it died: a fresh process
-            child = subprocess.Popen(
-                [sys.executable, "-m", "leaml", "worker", "--home", str(home),
-                 "--job-process", str(job["id"]), "--claimed-by", str(pid)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=jobs.child_env())
+            cmd = [sys.executable, "-m", "leaml", "worker", "--home", str(home),
+                   "--job-process", str(job["id"]), "--claimed-by", str(pid)]
+            env = jobs.child_env()
+            if n > 1:
+                cmd, env = launch.command(home, job, pid, env)
+            child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env)
         state["child"] = child
         rc = child.wait()
     state["job"], state["child"] = None, None
-    _after_child(db, job["id"], {pid, child.pid}, rc, state["stop"])
+    _after_child(db, job["id"], {pid, child.pid}, rc, state["stop"], launched=n > 1)
 
 
 class _Spare:
@@ -184,13 +191,14 @@ class _Spare:
         self.proc.wait()
 
 
-def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> None:
+def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool, *,
+                 launched: bool = False) -> None:
     """The child exited; if the job still says it runs there, it died without finishing.
     A database that cannot be written (disk full) is logged and retried, never fatal: the
     worker goes on with the next job."""
     for attempt in range(3):
         try:
-            _record_exit(db, job_id, pids, rc, stopping)
+            _record_exit(db, job_id, pids, rc, stopping, launched)
             return
         except sqlite3.Error as exc:
             log.error("job %s: could not record how its process ended (%s); %s", job_id, exc,
@@ -198,8 +206,11 @@ def _after_child(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> No
             time.sleep(RETRY_S * (attempt + 1))
 
 
-def _record_exit(db, job_id: int, pids: set[int], rc: int, stopping: bool) -> None:
+def _record_exit(db, job_id: int, pids: set[int], rc: int, stopping: bool,
+                 launched: bool = False) -> None:
     job = q.get_job(db, job_id)
+    if launched and job["worker_pid"] and not jobs.pid_alive(job["worker_pid"]):
+        pids = pids | {job["worker_pid"]}  # the launch's main process took it over and ended
     if job["status"] != "running" or job["worker_pid"] not in pids:
         return
     if stopping:  # e.g. Ctrl-C reached the child before it could checkpoint
@@ -244,10 +255,13 @@ def run_claimed(home, job_id: int, claimed_by: int) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     home = home_dir(home)
+    if launch.world_size() > 1 and not launch.join():  # a follower: it ran beside the main one
+        return 0
     db = connect(home)
     pid = os.getpid()
     if not q.set_pid(db, job_id, claimed_by, pid):
         log.warning("job %s is no longer claimed by worker %s; nothing to do", job_id, claimed_by)
+        launch.release()
         return 0
     ctx = _context(db, home, q.get_job(db, job_id))
     beat = _Beat(home, _JobBeat(ctx), min(jobs.STOP_POLL_S, jobs.heartbeat_interval()))
@@ -260,10 +274,14 @@ def run_claimed(home, job_id: int, claimed_by: int) -> int:
     notes = _Notes(ctx)
     logging.getLogger("leaml.engine.checkpoints").addHandler(notes)
     try:
-        recorded = _execute(ctx)
+        recorded, at_step = _execute(ctx)
     finally:
         logging.getLogger("leaml.engine.checkpoints").removeHandler(notes)
         beat.stop()
+    if at_step:  # ended at a step: the other processes of a launch wait for the next call
+        launch.release()
+    else:  # they may wait inside a collective: leave, the launcher stops them
+        launch.abandon(UNRECORDED if not recorded else 1)
     return 0 if recorded else UNRECORDED
 
 
@@ -326,10 +344,11 @@ def _stop_in_forward(ctx: jobs.JobContext) -> None:
     torch.nn.modules.module.register_module_forward_pre_hook(hook)
 
 
-def _execute(ctx: jobs.JobContext) -> bool:
+def _execute(ctx: jobs.JobContext) -> tuple[bool, bool]:
     """Run the kind's function and record how it ended: succeeded, cancelled, interrupted
     (worker shut down) or failed (message = the exception; traceback in the log). Returns
-    False when the end could not be recorded (the database could not be written)."""
+    (recorded: False when the database could not be written, at_step: False when the
+    function raised)."""
     job, db = ctx.job, ctx.db
     ctx.log.info("job %s (%s) starts, params %s%s", job["id"], job["kind"], job["params"],
                  f", resuming from {ctx.resume}" if ctx.resume else "")
@@ -338,20 +357,22 @@ def _execute(ctx: jobs.JobContext) -> bool:
         if fn is None:
             raise ValueError(f"unknown job kind {job['kind']!r}; this version knows "
                              f"{', '.join(sorted(jobs.KINDS))}")
-        result = fn(ctx, dict(job["params"])) or {}
+        launch.processes(job["params"])  # a bad processes param fails the job with the reason
+        launch.check_devices(job["params"])
+        result, at_step = fn(ctx, dict(job["params"])) or {}, True
     except (Exception, jobs.JobStopped) as exc:
         if ctx.stop_reason is None:
             ctx.log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
-            return _end(ctx, "failed", _failure(ctx, exc))
+            return _end(ctx, "failed", _failure(ctx, exc)), False
         ctx.log.info("job stopped (%s) with %s: %s", ctx.stop_reason, type(exc).__name__, exc)
-        result = {}
+        result, at_step = {}, False
     if result.get("stopped") or (ctx.stop_reason is not None and not result.get("run_id")):
-        return _end_stopped(ctx)  # the engine returned early and kept a checkpoint
+        return _end_stopped(ctx), at_step  # the engine returned early and kept a checkpoint
     ctx.log.info("job %s succeeded: %s", job["id"], result)
     recorded = _end(ctx, "succeeded", _summary(result), result.get("run_id"))
     # checkpoints and stage folders are for resuming; the result lives in models/run-<id>
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
-    return recorded
+    return recorded, True
 
 
 def _failure(ctx: jobs.JobContext, exc: Exception) -> str:

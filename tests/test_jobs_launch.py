@@ -1,0 +1,136 @@
+"""Jobs on two CPU processes (the job param ``processes``, ``run --background --processes``):
+the worker starts the job process through accelerate's launcher; only the main process takes
+the job over and records it. A run job on two processes stores one runs row with the numbers
+of the same job on one; a cancel in training ends it 'cancelled' and every process of the
+launch ends. Same small project and knobs as tests/test_multiprocess_run.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from leaml.config import fold_overrides
+from leaml.jobs import queue as jobs
+from leaml.store import connect
+from servehelp import cli
+from test_multiprocess_run import KNOBS, _stored
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def params(processes: int, *sets: str) -> dict:
+    """The `run` kind's params as `run --background --device cpu --processes N` queues them."""
+    knobs = [v for v in KNOBS if v != "--set"] + list(sets)
+    p = {"method": "leaml", "label_fraction": 0.25, "seed": 1, "base_model": "tiny",
+         "overrides": fold_overrides("leaml", sets=knobs), "device": "cpu"}
+    return dict(p, processes=processes) if processes != 1 else p
+
+
+def worker(home: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "leaml", "worker", "--once", "--home",
+                             str(home)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for(pred, what: str, timeout: float = 600):  # a hang guard on shared CPUs, not a timing
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := pred():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_pids(job_id: int, home: Path) -> set[int]:
+    """The live processes of the job: its launcher and the launch's processes."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--job-process" in argv and str(job_id).encode() in argv and str(home).encode() in argv:
+            found.add(int(entry.name))
+    return {p for p in found if jobs.pid_alive(p)}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mpjobs")
+    r = cli(root / "home", "demo", "--data-only", "--n-train", "8", "--n-test", "1")
+    assert r.returncode == 0, r.stderr
+    return root / "home"
+
+
+def test_processes_param_is_checked_when_queued(base, tmp_path):
+    home = tmp_path / "h"
+    shutil.copytree(base, home)
+    db = connect(home)
+    for bad in (0, -1, 1.5, True, "2", (os.cpu_count() or 1) + 1):
+        with pytest.raises(ValueError, match="processes"):
+            jobs.enqueue(db, "run", "demo", dict(params(1), processes=bad))
+    with pytest.raises(ValueError, match="one GPU each"):
+        jobs.enqueue(db, "run", "demo", dict(params(2), device="cuda:1"))
+    r = cli(home, "run", "--project", "demo", "--method", "leaml", "--background",
+            "--processes", "0")
+    assert r.returncode != 0 and "processes=0" in r.stderr
+    r = cli(home, "run", "--project", "demo", "--method", "leaml", "--processes", "2")
+    assert r.returncode != 0 and "--processes needs --background" in r.stderr
+    assert not db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+
+
+def test_a_run_job_on_two_processes_stores_once_with_the_numbers_of_one(base, tmp_path):
+    homes = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    ids = {}
+    for n, home in homes.items():
+        shutil.copytree(base, home)
+        ids[n] = jobs.enqueue(connect(home), "run", "demo", params(n))
+        assert worker(home).wait(timeout=900) == 0
+    for n, home in homes.items():
+        job = jobs.get_job(connect(home), ids[n])
+        assert job["status"] == "succeeded", (n, job["message"], jobs.log_tail(home, job))
+    log = jobs.log_tail(homes[2], ids[2], 400)
+    assert "leaml-spread-" in log  # the second process trained beside the main one
+    assert log.count(" starts, params ") == 1  # one process took the job
+    a, b = _stored(homes[1]), _stored(homes[2])
+    assert [m for m, _, _ in b["runs"]] == ["leaml", "generator"]  # one row each, not two
+    assert a["runs"] == b["runs"] and a["metrics"] == b["metrics"] and b["metrics"]
+    assert len(b["pairs"]) == len(a["pairs"]) > 0
+    for p, q in zip(a["pairs"], b["pairs"]):
+        assert p[:5] == q[:5] and p[5] == pytest.approx(q[5], abs=2e-3)
+    one, two = (jobs.get_job(connect(h), ids[n]) for n, h in homes.items())
+    assert one["message"] == two["message"]  # "leaml: accuracy ...% on N test questions (run 1)"
+
+
+def test_a_job_on_two_processes_cancelled_in_training_ends_every_process(base, tmp_path):
+    home = tmp_path / "cancel"
+    shutil.copytree(base, home)
+    db = connect(home)
+    job_id = jobs.enqueue(db, "run", "demo", params(2, "generator.min_qa_steps=400",
+                                                    "generator.max_qa_steps=400"))
+    w = worker(home)
+    try:
+        wait_for(lambda: any(r["stage"] == "generator" for r in jobs.train_log(db, job_id)),
+                 "a generator training step")
+        pids = job_pids(job_id, home)
+        assert len(pids) == 3, pids  # the launcher and its two processes
+        jobs.cancel(db, job_id)
+        wait_for(lambda: jobs.get_job(db, job_id)["status"] != "running", "the job's end")
+        job = jobs.get_job(db, job_id)
+        assert job["status"] == "cancelled", (job["message"], jobs.log_tail(home, job))
+        assert "cancelled at generator step" in job["message"]
+        assert w.wait(timeout=300) == 0
+        assert not {p for p in pids if jobs.pid_alive(p)}
+        assert jobs.get_job(db, job_id)["status"] == "cancelled"  # the worker kept the end
+        assert "exited with code" not in jobs.get_job(db, job_id)["message"]
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
