@@ -109,6 +109,24 @@ def test_a_run_job_on_two_processes_stores_once_with_the_numbers_of_one(base, tm
     assert one["message"] == two["message"]  # "leaml: accuracy ...% on N test questions (run 1)"
 
 
+def test_a_job_on_two_processes_that_fails_is_recorded_once_and_every_process_ends(
+        base, tmp_path):
+    """The base model is a folder that holds no model: both processes have joined when the
+    main one fails to load it; it records the failure and leaves non-zero, the launcher ends
+    the other (waiting for the first call), and the worker keeps the recorded end."""
+    home = tmp_path / "fail"
+    shutil.copytree(base, home)
+    (tmp_path / "empty-model").mkdir()
+    job_id = jobs.enqueue(connect(home), "run", "demo",
+                          dict(params(2), base_model=str(tmp_path / "empty-model")))
+    assert worker(home).wait(timeout=600) == 0
+    job = jobs.get_job(connect(home), job_id)
+    assert job["status"] == "failed", (job["message"], jobs.log_tail(home, job))
+    assert "empty-model" in job["message"] and "exited with code" not in job["message"]
+    assert jobs.log_tail(home, job, 400).count(" starts, params ") == 1
+    assert not job_pids(job_id, home)
+
+
 def test_a_job_on_two_processes_cancelled_in_training_ends_every_process(base, tmp_path):
     home = tmp_path / "cancel"
     shutil.copytree(base, home)
