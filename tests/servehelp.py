@@ -8,6 +8,7 @@ import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def shared() -> dict:
     a ``leaml serve --run`` process on it, for the whole test session (started on first use)."""
     if not _SHARED:
         root = Path(tempfile.mkdtemp(prefix="leaml-serve-"))
+        atexit.register(shutil.rmtree, root, True)  # runs after server.stop (atexit is LIFO)
         home = root / "home"
         r = cli(home, "import", image_folder(root / "frames"), "--project", "endo")
         assert r.returncode == 0, r.stderr
