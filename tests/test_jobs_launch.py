@@ -144,6 +144,8 @@ def test_a_job_on_two_processes_cancelled_in_training_ends_every_process(base, t
         job = jobs.get_job(db, job_id)
         assert job["status"] == "cancelled", (job["message"], jobs.log_tail(home, job))
         assert "cancelled at generator step" in job["message"]
+        # the job's runs rows, the generator's among them, are closed with it: none looks alive
+        assert db.execute("SELECT id FROM runs WHERE status = 'running'").fetchall() == []
         assert w.wait(timeout=300) == 0
         assert not {p for p in pids if jobs.pid_alive(p)}
         assert jobs.get_job(db, job_id)["status"] == "cancelled"  # the worker kept the end

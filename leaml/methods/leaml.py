@@ -148,7 +148,7 @@ def _generator_stage() -> Stage:
             gen_id = train_generator_run(
                 ctx.db, ctx.project, ctx.data, ctx.base_model, generator_config(ctx.config),
                 work_dir=ctx.stage_dir("generator"), progress=ctx.progress,
-                should_stop=ctx.should_stop, job_id=None, user=None)
+                should_stop=ctx.should_stop, job_id=ctx.job_id, user=None)
             if gen_id is None:
                 return False
         _write_done(ctx, "generator", {"generator_run": gen_id})

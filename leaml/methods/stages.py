@@ -129,6 +129,7 @@ class RunContext:
     progress: Progress | None = None
     should_stop: Callable[[], bool] | None = None
     model_dir: str | None = None  # the newest model folder (None: the base model)
+    job_id: int | None = None  # the job running the method: its other runs rows carry it too
 
     def stage_dir(self, name: str) -> Path:
         return self.work_dir / name
@@ -327,7 +328,8 @@ def run_stages(store, project: str | int, method: str, config: MethodConfig,
     if wd and not resume:
         shutil.rmtree(wd, ignore_errors=True)
     run_id, wd, state = _start_run(db, proj, method, base, wd, params, job_id, user)
-    ctx = RunContext(db, proj, method, run_id, base, wd, config, data, progress, should_stop)
+    ctx = RunContext(db, proj, method, run_id, base, wd, config, data, progress, should_stop,
+                     job_id=job_id)
     try:
         for stage in stages:
             if _resume_stage(ctx, stage.name):
