@@ -108,6 +108,20 @@ def test_a_run_job_on_two_processes_stores_once_with_the_numbers_of_one(base, tm
     one, two = (jobs.get_job(connect(h), ids[n]) for n, h in homes.items())
     assert one["message"] == two["message"]  # "leaml: accuracy ...% on N test questions (run 1)"
 
+    # an evaluate job on two processes: each answers every other test question of the saved
+    # model, the main one gathers and stores the same metrics
+    db = connect(homes[2])
+    run_id = db.execute("SELECT id FROM runs WHERE method = 'leaml'").fetchone()[0]
+    eval_id = jobs.enqueue(db, "evaluate", "demo", {"run_id": run_id, "device": "cpu",
+                                                    "processes": 2})
+    assert worker(homes[2]).wait(timeout=900) == 0
+    job = jobs.get_job(db, eval_id)
+    assert job["status"] == "succeeded", (job["message"], jobs.log_tail(homes[2], job))
+    log = jobs.log_tail(homes[2], eval_id, 400)
+    assert log.count(" starts, params ") == 1 and log.count(f"run-{run_id} on cpu") == 2, log
+    assert _stored(homes[2]) == b  # re-evaluated in two halves: the same metrics, nothing added
+    assert job["message"].split(" (")[0] == two["message"].split(" (")[0]  # same accuracy
+
 
 def test_a_job_on_two_processes_that_fails_is_recorded_once_and_every_process_ends(
         base, tmp_path):
