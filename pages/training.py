@@ -71,6 +71,35 @@ def label_fraction_ui(key: str, default: float) -> float:
         "project's seed set)", 0.001, 1.0, default, format="%g", key=key)
 
 
+ENGINE_LABELS = {"hf": "transformers (default)", "vllm": "vLLM (fast sampling)"}
+
+
+def where_ui(kind: str, method: str | None) -> dict:
+    """Where the job runs: device, processes (data-parallel through accelerate) and, for the
+    kinds that sample pseudo pairs, the sampling engine."""
+    where = app_service.places()
+    samples = kind in ("loop", "pseudo") or method == "leaml"
+    with st.expander("Where it runs", expanded=False):
+        gpus = where["gpus"]
+        st.caption(f"{gpus} GPU{'s' if gpus != 1 else ''} seen on this machine. Auto: the "
+                   "worker's GPU if it has one, else the CPU; bf16 where the GPU supports it.")
+        c1, c2, c3 = st.columns(3)
+        device = c1.selectbox("Device", where["devices"], key=f"device_{kind}")
+        processes = c2.number_input(
+            "Processes", 1, where["max_processes"], 1, key=f"procs_{kind}",
+            help="Above 1: data-parallel training, evaluation and sampling through accelerate's "
+                 "launcher, one GPU per process (or CPU processes with device cpu).")
+        engine = "hf"
+        if samples:
+            engine = c3.selectbox(
+                "Pseudo sampling", list(ENGINE_LABELS), format_func=ENGINE_LABELS.get,
+                key=f"engine_{kind}", disabled=not where["vllm"],
+                help=("vLLM samples the pseudo pairs faster on a GPU; one process only."
+                      if where["vllm"] else "vLLM is not installed here (optional; see "
+                      "docs/GPU.md): the default engine samples."))
+    return {"device": device, "processes": int(processes), "engine": engine}
+
+
 def start_ui(preset: str) -> list[tuple[str, dict]] | None:
     """The start-a-job form; the (kind, params) of the jobs to queue when submitted."""
     kind = st.radio("Job", list(KIND_LABELS), format_func=KIND_LABELS.get, horizontal=True,
@@ -102,15 +131,18 @@ def start_ui(preset: str) -> list[tuple[str, dict]] | None:
         f"Also train the seed-only baseline ({app_service.BASELINE_METHOD}, same seed set and "
         "settings) to compare with on the Dashboard",
         not app_service.has_baseline(db, pid), key="with_baseline")
+    where = where_ui(kind, form.get("method"))
     if not st.button("Start job", type="primary", icon=":material/play_arrow:"):
         return None
     with user_errors():
         if kind == "loop":
             frac = form.pop("label_fraction")
+            place = {k: where[k] for k in ("device", "processes")}
             return [("generator", app_service.job_params("generator", **form, hyperparameters=gen,
-                                                         label_fraction=frac)),
-                    ("pseudo", app_service.job_params("pseudo", **form, hyperparameters=pseudo))]
-        picked = [(kind, app_service.job_params(kind, **form))]
+                                                         label_fraction=frac, **place)),
+                    ("pseudo", app_service.job_params("pseudo", **form, hyperparameters=pseudo,
+                                                      **where))]
+        picked = [(kind, app_service.job_params(kind, **form, **where))]
         if baseline:
             gen_run = loop["generator"]
             frac = (gen_run["params"].get("label_fraction") if gen_run else None) or default_fraction

@@ -121,3 +121,46 @@ def test_a_live_job_is_not_shown_interrupted(monkeypatch, home, tmp_path):
     shown = app_service.project_jobs(db, users["viewer"], jobs.get_job(db, job_id)["project_id"])
     assert [j["status"] for j in shown] == ["running"]
     assert app_service.job_progress(db, users["viewer"], job_id)["status"] == "running"
+
+
+def test_where_it_runs_goes_into_the_jobs_params(monkeypatch, home, tmp_path):
+    """The form's "Where it runs": device and processes reach every job it queues (the
+    loop's two, a finetune's baseline too); vLLM is not installed here, so the engine pick
+    is disabled and saying so."""
+    db = home_db(monkeypatch, home)
+    users = add_users(db)
+    make_project(db, tmp_path, "p1", labeled=2)
+    no_worker_needed(db)
+    at = page("pages/training.py", users["expert"], "p1")
+    at.radio(key="job_kind").set_value("loop").run()
+    assert at.selectbox(key="engine_loop").disabled
+    assert "not installed" in at.selectbox(key="engine_loop").help
+    at.selectbox(key="device_loop").set_value("cpu").run()
+    at.number_input(key="procs_loop").set_value(2).run()
+    button(at, "Start job").click().run()
+    assert not at.exception and not at.error
+    queued = sorted(jobs.list_jobs(db), key=lambda j: j["id"])
+    assert [j["kind"] for j in queued] == ["generator", "pseudo"]
+    for job in queued:
+        assert job["params"]["device"] == "cpu" and job["params"]["processes"] == 2
+        assert "engine" not in (job["params"].get("overrides") or {}).get("pseudo", {})
+    at.radio(key="job_kind").set_value("finetune").run()
+    at.number_input(key="procs_finetune").set_value(2).run()
+    button(at, "Start job").click().run()
+    finetune, baseline = sorted(jobs.list_jobs(db), key=lambda j: j["id"])[2:]
+    assert finetune["params"]["processes"] == baseline["params"]["processes"] == 2
+    assert "device" not in finetune["params"]  # auto: where the worker is
+
+
+def test_job_params_place_and_engine_checks():
+    params = app_service.job_params("pseudo", base_model="tiny", seed=0, hyperparameters={},
+                                    engine="vllm")
+    assert params["overrides"] == {"pseudo": {"engine": "vllm"}} and "processes" not in params
+    with pytest.raises(ValueError, match="one process"):
+        app_service.job_params("pseudo", base_model="tiny", seed=0, hyperparameters={},
+                               engine="vllm", processes=2)
+    with pytest.raises(ValueError, match="only the pseudo kind"):
+        app_service.job_params("finetune", base_model="tiny", seed=0, hyperparameters={},
+                               engine="vllm")
+    where = app_service.places()
+    assert where["max_processes"] >= 1 and where["gpus"] >= 0 and where["vllm"] is False

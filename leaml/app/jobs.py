@@ -9,11 +9,15 @@ where something acts: the worker on start and while it waits for work, starting 
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import sqlite_utils
 
 from leaml.app.accounts import require as _require
+from leaml.jobs import launch
 from leaml.jobs import queue as jobs
 from leaml.serve import teacher as captions
 from leaml.store import jobs as jobs_store
@@ -72,6 +76,30 @@ def job_log_tail(db: sqlite_utils.Database, user: dict, job: dict, n: int = 30) 
     """The last ``n`` lines of the job's log, '' while it has none (needs 'view')."""
     _require(db, user, "view")
     return jobs.log_tail(db.home, job, n)
+
+
+DEVICES = ("auto", "cpu", "cuda")  # the form's choices; 'auto': the worker's GPU if any
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the NVIDIA driver sees
+
+
+def gpu_count() -> int:
+    """GPUs a job could use, as seen without loading torch: CUDA_VISIBLE_DEVICES when it is
+    set, else the NVIDIA driver's list (0 on a machine without one). A hint for the form;
+    a launched job checks its GPUs when it starts."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return sum(1 for _ in NVIDIA_GPUS.iterdir())
+    except OSError:
+        return 0
+
+
+def places() -> dict:
+    """Where the start form can send a job: ``devices``, ``gpus``, ``max_processes`` (one
+    per CPU, the most a job may ask) and ``vllm`` (whether pseudo sampling can use vLLM)."""
+    return {"devices": DEVICES, "gpus": gpu_count(), "max_processes": launch.limit(),
+            "vllm": importlib.util.find_spec("vllm") is not None}
 
 
 def start_job(db: sqlite_utils.Database, user: dict, kind: str, project: str | int,

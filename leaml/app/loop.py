@@ -72,6 +72,7 @@ def baseline_params(finetune: dict, label_fraction: float) -> dict:
               "method": BASELINE_METHOD, "label_fraction": float(label_fraction)}
     if train:
         params["overrides"] = {"train": dict(train)}
+    params.update({k: finetune[k] for k in ("device", "processes") if k in finetune})  # same place
     return params
 
 

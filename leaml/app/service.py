@@ -30,7 +30,7 @@ from leaml.app.dashboard import progress as dashboard_progress  # noqa: F401
 from leaml.app.images import VIEW_PX, image_path, view_image  # noqa: F401
 from leaml.app.jobs import (active_jobs, cancel_job, caption_job_params,  # noqa: F401
                             captions_missing, job_log_tail, job_progress, job_train_log,
-                            project_jobs, resume_job, start_job)
+                            places, project_jobs, resume_job, start_job)
 from leaml.app.labeling import (delete_seed, edit_seed, label_choices, label_seed,  # noqa: F401
                                 next_image, project_image, seed_pairs)
 from leaml.app.loop import (BASELINE_METHOD, LOOP_KINDS, PRESET_LABELS, PRESETS,  # noqa: F401
@@ -77,14 +77,18 @@ JOB_HYPERPARAMETERS = {"generator": _GENERATOR_HP, "pseudo": _PSEUDO_HP,
 
 def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
                method: str | None = None, label_fraction: float | None = None,
-               data_mix: dict | None = None, teacher: dict | None = None) -> dict:
+               data_mix: dict | None = None, teacher: dict | None = None,
+               device: str = "auto", processes: int = 1, engine: str = "hf") -> dict:
     """The params of a job as the engine takes them (jobs.enqueue stores them as JSON).
 
     The hyperparameters become ``overrides`` (``config.fold_overrides``: training knobs go to
     the kind's training stages, the others, pseudo k, rho ..., to their groups); ``data_mix``
     (which pairs train the target) is sent only to the kinds that choose training data
     (finetune, and the leaml method); ``teacher`` (``{"endpoint", "model"}``, both needed) to
-    the caption-qa method, which asks it for QA.
+    the caption-qa method, which asks it for QA. Where it runs: ``device`` ('auto': the
+    worker's GPU if it has one), ``processes`` (above 1: data-parallel through accelerate's
+    launcher, checked when queued) and ``engine`` ('vllm': LEAML's pseudo sampling on vLLM;
+    kinds that sample only).
     """
     target = method if kind == "run" else kind
     params: dict = {"base_model": base_model, "seed": int(seed)}
@@ -92,8 +96,20 @@ def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
         params["method"] = method
     if kind in ("run", "generator"):  # the generator picks the seed set as a run does
         params["label_fraction"] = float(label_fraction or 1.0)
+    if engine != "hf":
+        if target not in ("pseudo", "leaml"):
+            raise ValueError(f"engine {engine!r} samples pseudo pairs: only the pseudo kind and "
+                             "the leaml method sample")
+        if int(processes) != 1:
+            raise ValueError(f"engine {engine!r} runs in one process (vLLM spreads the model "
+                             "over the GPUs itself): set processes to 1")
+        hyperparameters = dict(hyperparameters or {}, engine=engine)
     if hyperparameters:
         params["overrides"] = config.fold_overrides(target, options=hyperparameters)
+    if device != "auto":
+        params["device"] = device
+    if int(processes) != 1:
+        params["processes"] = int(processes)
     if data_mix is not None and target in ("finetune", "leaml"):
         params["data_mix"] = data_mix
     if target == "caption-qa":
