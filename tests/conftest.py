@@ -28,3 +28,16 @@ def db(home: Path):
     database = connect(home)
     yield database
     database.conn.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist's ``--dist loadgroup`` (the README's test command runs two
+    workers): a file's tests stay on one worker, so its module fixtures (a trained model, a
+    built project) are made once; the browser journeys of tests/e2e run on one worker, one
+    after another (two at a time slow each other more than they gain). Runs before xdist's
+    own hook, which reads these marks."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "e2e" if "e2e" in item.path.parts else item.path.stem
+            item.add_marker(pytest.mark.xdist_group(group))
