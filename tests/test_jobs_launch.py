@@ -5,6 +5,7 @@ of the same job on one; a cancel in training ends it 'cancelled' and every proce
 launch ends. Same small project and knobs as tests/test_multiprocess_run.py."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -168,3 +169,49 @@ def test_a_job_on_two_processes_cancelled_in_training_ends_every_process(base, t
         if w.poll() is None:
             os.killpg(w.pid, signal.SIGKILL)
         w.wait()
+
+
+def test_a_job_on_two_processes_stopped_by_a_worker_shutdown_keeps_its_step_and_resumes(
+        base, tmp_path):
+    """SIGTERM to the worker in generator training: the launcher passes it on to both
+    processes; the main one stops, the other (which ignores it while it follows) stops at the
+    same step, the checkpoint of that step is written, the job ends 'interrupted', every
+    process of the launch ends, and a resume goes on from that step to the end."""
+    home = tmp_path / "shutdown"
+    shutil.copytree(base, home)
+    db = connect(home)
+    steps = 20  # seed-QA steps: 110 generator steps in all
+    job_id = jobs.enqueue(db, "run", "demo", params(2, f"generator.min_qa_steps={steps}",
+                                                    f"generator.max_qa_steps={steps}"))
+    w = worker(home)
+    try:
+        wait_for(lambda: any(r["stage"] == "generator" for r in jobs.train_log(db, job_id)),
+                 "a generator training step")
+        pids = job_pids(job_id, home)
+        assert len(pids) == 3, pids  # the launcher and its two processes
+        w.send_signal(signal.SIGTERM)  # the worker alone: it passes SIGTERM to the launcher
+        assert w.wait(timeout=300) == 0
+        job = jobs.get_job(db, job_id)
+        assert job["status"] == "interrupted", (job["message"], jobs.log_tail(home, job))
+        assert "worker shut down at generator step " in job["message"], job["message"]
+        step, total = map(int, job["message"].split(" step ")[1].split(";")[0].split("/"))
+        assert step < total, "training ended before the signal; slow it down"
+        ckpt = home / "jobs" / f"job-{job_id}" / "generator" / "checkpoint" / "config.json"
+        assert ckpt.exists(), jobs.log_tail(home, job, 200)  # no periodic ones: the stop's own
+        assert json.loads(ckpt.read_text())["step"] == step
+        assert not {p for p in pids if jobs.pid_alive(p)}
+        assert "exited with code" not in job["message"]
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
+
+    seen = len([r for r in jobs.train_log(db, job_id) if r["stage"] == "generator"])
+    jobs.resume(db, job_id)
+    assert worker(home).wait(timeout=900) == 0
+    job = jobs.get_job(db, job_id)
+    assert job["status"] == "succeeded", (job["message"], jobs.log_tail(home, job, 200))
+    gen = [r["step"] for r in jobs.train_log(db, job_id) if r["stage"] == "generator"]
+    assert gen[seen] == step + 1  # went on from the stop's checkpoint, not from 0
+    assert gen[seen:] == list(range(step + 1, total + 1))
+    assert not job_pids(job_id, home)

@@ -11,16 +11,23 @@ hands the saved model and the test items over, every process answers every N-th 
 leader gathers the answers in order (:func:`share`). When the method ends the leader lets the
 followers go. When it fails instead (an exception, a job's cancel raised in an inference pass)
 it enters no further collective: it leaves non-zero and the launcher (torch elastic) ends the
-followers, wherever they wait. A stop asked of a training loop (a job's cancel) is agreed by
-every process at each step (:func:`stop_together`), so all of them stop at the same step and
-keep the checkpoint. In one plain process none of this happens.
+followers, wherever they wait. A stop asked of a training loop (a job's cancel, or SIGTERM to
+a job's launch) is agreed by every process at each step (:func:`stop_together`), so all of
+them stop at the same step and keep the checkpoint. Followers ignore SIGTERM and SIGINT (the
+launcher passes its own on to every process): the leader stops them at its next step or
+releases them; a follower whose leader is gone (on this machine) leaves at once
+(:func:`_watch`). In one plain process none of this happens.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +38,7 @@ import torch
 from leaml.engine import models
 
 WAIT = timedelta(hours=12)  # followers wait while the leader evaluates and samples alone
+WATCH_S = 0.5  # how often a follower looks whether its leader still runs
 
 
 _LEADING = {"on": False, "following": False}  # :func:`start` / :func:`follow` set them
@@ -74,6 +82,7 @@ def start(train) -> bool:
         follow(train)
         return False
     _LEADING["on"] = True
+    _send((socket.gethostname(), os.getpid()))  # whom the followers watch (:func:`_watch`)
     return True
 
 
@@ -145,7 +154,11 @@ def follow(train) -> int:
     ``leaml.engine.train.train``, passed in: it imports this module), until it says stop.
     Returns the number of calls joined."""
     state = _state()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the leader stops or releases us
+            signal.signal(sig, signal.SIG_IGN)
     joined, _LEADING["following"] = 0, True
+    _watch(*_send(None))
     while (call := _send(None)) is not None:
         if call.get("kind", "train") == "train":
             model, processor = models.load(call["folder"])
@@ -156,7 +169,44 @@ def follow(train) -> int:
             mine = HANDLERS[call["kind"]](call, call["items"][state.process_index::world_size()])
             torch.distributed.gather_object(mine, None, dst=0)
         joined += 1
+    _LEADING["following"] = False
     return joined
+
+
+def _watch(host: str, pid: int) -> None:
+    """In a follower: a thread that ends this process (exit 1) as soon as the leader (``pid``
+    on ``host``) is gone while it still follows: after a failure the leader leaves without
+    a word (:func:`abandon`) and this process, which ignores the launcher's SIGTERM, may wait
+    inside a collective. A leader on another machine is not watched (the launcher there
+    stops it, and its SIGKILL after a timeout ends this one)."""
+    if host != socket.gethostname():
+        return
+
+    def run() -> None:
+        while _alive(pid):
+            time.sleep(WATCH_S)
+        if _LEADING["following"]:
+            print(f"leaml: the main process {pid} is gone; leaving", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+    threading.Thread(target=run, daemon=True, name="leader-watch").start()
+
+
+def _alive(pid: int) -> bool:
+    """The process ``pid`` runs (not a zombie the launcher has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc here
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def share(kind: str, call: dict, items: list, local: Callable[[list], list]) -> list:

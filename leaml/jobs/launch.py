@@ -8,7 +8,12 @@ of one plain ``python -m leaml worker --job-process ID``. In the job processes o
 one (rank 0) takes the job over, beats, reports and records its end; the others follow it
 (leaml/engine/spread.py) and train, sample and evaluate beside it. When the job fails or is
 cancelled outside a training step the main process records that end, then leaves non-zero
-and the launcher stops the others; the worker never overwrites a recorded end.
+and the launcher stops the others; the worker never overwrites a recorded end. A worker's
+shutdown (SIGTERM to the launcher, which passes it on to every process) stops the job as in
+one process: the main process stops training at the next step, where every process stops
+with it (the others ignore the signal while they follow), keeps the checkpoint and ends the
+job 'interrupted'. The launcher waits :data:`SHUTDOWN_S` for its processes before it kills
+them (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` in the worker's environment overrides it).
 Torch-free: the worker and the app import it.
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 from pathlib import Path
 
 TRUE = ("1", "true", "yes")
+SHUTDOWN_S = 120  # the launcher's wait for its processes to stop at a step, then SIGKILL
 
 
 def limit() -> int:
@@ -72,6 +78,7 @@ def command(home: Path, job: dict, claimed_by: int, env: dict) -> tuple[list[str
     for key in ("device", "dtype"):
         if params.get(key):
             env[f"LEAML_{key.upper()}"] = str(params[key])
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_S))  # torch's default: 30 s
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes(params)), "--num_machines", "1",
            "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",

@@ -11,7 +11,8 @@ code), and goes on with the next job. If the worker dies too, nobody writes hear
 ``recover_stale`` marks the job interrupted after the timeout. SIGTERM/SIGINT to the worker
 are passed to the child, which checkpoints and ends the job ``interrupted`` (resumable).
 A job whose ``processes`` param is above 1 starts through accelerate's launcher instead, its
-main process taking the job over (leaml/jobs/launch.py).
+main process taking the job over and, on SIGTERM, stopping every process at one step
+(leaml/jobs/launch.py).
 """
 from __future__ import annotations
 
