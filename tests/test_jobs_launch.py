@@ -215,3 +215,25 @@ def test_a_job_on_two_processes_stopped_by_a_worker_shutdown_keeps_its_step_and_
     assert gen[seen] == step + 1  # went on from the stop's checkpoint, not from 0
     assert gen[seen:] == list(range(step + 1, total + 1))
     assert not job_pids(job_id, home)
+
+
+WATCHED = """
+import socket, subprocess, sys, time
+from leaml.engine import spread
+leader = subprocess.Popen(["sleep", "600"])
+spread._LEADING["following"] = True  # as in follow(), which ignores SIGTERM from here on
+spread._watch(socket.gethostname(), leader.pid)
+time.sleep(2 * spread.WATCH_S)
+print("followed", flush=True)
+leader.kill()  # not reaped: a zombie is gone too
+time.sleep(120)  # a hang guard: the watch ends this process long before
+"""
+
+
+def test_a_follower_leaves_when_its_main_process_is_gone():
+    """A follower ignores the launcher's SIGTERM; should its main process die while it waits
+    in a collective that does not notice (NCCL), it leaves by itself, exit status 1."""
+    out = subprocess.run([sys.executable, "-c", WATCHED], cwd=ROOT, env=ENV, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert out.stdout == "followed\n" and "is gone; leaving" in out.stderr, out.stderr
