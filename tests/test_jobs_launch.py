@@ -2,7 +2,9 @@
 the worker starts the job process through accelerate's launcher; only the main process takes
 the job over and records it. A run job on two processes stores one runs row with the numbers
 of the same job on one; a cancel in training ends it 'cancelled' and every process of the
-launch ends. Same small project and knobs as tests/test_multiprocess_run.py."""
+launch ends; a worker shutdown in training ends it 'interrupted' at a step with its
+checkpoint, and resumed it goes on from there. Same small project and knobs as
+tests/test_multiprocess_run.py."""
 from __future__ import annotations
 
 import json
