@@ -116,6 +116,14 @@ class ImageSource:
             return self.tensor[torch.as_tensor(list(indices), dtype=torch.long)]
         return models.pixel_values(self.processor, [open_image(self.images[i]) for i in indices])
 
+    def grids(self, indices: Sequence[int]) -> torch.Tensor:
+        """:meth:`batch` as images (B, C, H, W) that mirror and move as pixel grids do: a
+        PatchLayout's rows of patches put back in place (:func:`models.image_inputs` and the
+        vision warmup flatten them again)."""
+        rows = self.batch(indices)
+        layout = models.patch_layout(self.processor)
+        return rows if layout is None else layout.to_grid(rows, self.processor.image_processor)
+
 
 
 

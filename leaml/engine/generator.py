@@ -104,7 +104,8 @@ def _batches(processor, examples: Sequence[Example], size: int):
     for i in range(0, len(examples), size):
         rows = list(range(i, min(i + size, len(examples))))
         batch = text.batch(rows)
-        batch["pixel_values"] = images.batch([images.index(examples[r].image) for r in rows])
+        pixels = images.batch([images.index(examples[r].image) for r in rows])
+        batch.update(models.image_inputs(processor, pixels, batch["input_ids"]))
         yield batch
 
 

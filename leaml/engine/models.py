@@ -3,8 +3,9 @@
 One code path for every model: ``AutoModelForImageTextToText`` + ``AutoProcessor``, prompts
 from the processor's chat template, loss on the answer tokens (+ eos) only, answers from
 ``generate()``. Where architectures differ (where the language model lives, which Linear
-layers LoRA targets and which count as "neurons"), the small ``ARCH_SPECS`` registry keyed by
-``config.model_type`` says how; nothing here branches on model names.
+layers LoRA targets and which count as "neurons", how pixel values are laid out), the small
+``ARCH_SPECS`` registry keyed by ``config.model_type`` says how; nothing here branches on
+model names.
 
 The embedded bases are small LLaVAs (tiny CLIP vision tower + tiny Llama, byte-level BPE
 tokenizer) built by :func:`leaml.tiny.build.build_tiny` and pretrained by ``python -m leaml pretrain-tiny``
@@ -23,6 +24,8 @@ import torch
 from PIL import Image
 
 from leaml.config import DEFAULT_BASE
+from leaml.engine import processors
+from leaml.engine.processors import PatchLayout
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "tiny" / "assets" / "tiny"
 # embedded bases by name: "tiny16" is "tiny" re-cut into 16 px patches (36 image tokens) and
@@ -45,13 +48,17 @@ class ArchEntry:
     # each QA block masked off from the others, 1-D positions restarting after the prefix).
     # Only where positions are plain 1-D and pixel_values one tensor per image.
     packable: bool = False
+    # None: the processor gives pixel_values one tensor per image (N, C, H, W) or (N, V, C,
+    # H, W). Else how it flattens the patches of all images into one tensor (PatchLayout).
+    patches: PatchLayout | None = None
 
 
 _LLAMA_LIKE = ArchEntry(("model.language_model", "language_model", "model.text_model"))
+_QWEN_VL = ArchEntry(_LLAMA_LIKE.language_model, patches=PatchLayout())
 ARCH_SPECS: dict[str, ArchEntry] = {
     "llava": ArchEntry(_LLAMA_LIKE.language_model, packable=True),
     "llava_next": _LLAMA_LIKE, "llava_onevision": _LLAMA_LIKE,
-    "qwen2_vl": _LLAMA_LIKE, "qwen2_5_vl": _LLAMA_LIKE, "qwen3_vl": _LLAMA_LIKE,
+    "qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL, "qwen3_vl": _QWEN_VL,
     "paligemma": _LLAMA_LIKE, "gemma3": _LLAMA_LIKE, "mistral3": _LLAMA_LIKE,
     "idefics3": ArchEntry(("model.text_model",)), "smolvlm": ArchEntry(("model.text_model",)),
 }
@@ -74,10 +81,23 @@ class ArchSpec:
     neuron_modules: list[str] = field(default_factory=list)
 
 
+def arch_entry(model) -> ArchEntry:
+    """The registry entry of ``model`` (peft-wrapped too), by its config.model_type."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    return ARCH_SPECS.get(getattr(base.config, "model_type", ""), _DEFAULT_ENTRY)
+
+
 def packable(model) -> bool:
     """True when several QA pairs of one image may train in one packed sequence."""
-    base = getattr(model, "get_base_model", lambda: model)()
-    return ARCH_SPECS.get(getattr(base.config, "model_type", ""), _DEFAULT_ENTRY).packable
+    return arch_entry(model).packable
+
+
+def patch_layout(processor) -> PatchLayout | None:
+    """The registry's :class:`PatchLayout` whose grid this processor's image processor outputs
+    (None: one pixel tensor per image, the layout of LLaVA and Idefics3)."""
+    names = getattr(getattr(processor, "image_processor", None), "model_input_names", None) or ()
+    return next((e.patches for e in ARCH_SPECS.values()
+                 if e.patches is not None and e.patches.grid in names), None)
 
 
 def _get_path(model: torch.nn.Module, path: str):
@@ -184,14 +204,14 @@ def load(ref: str = DEFAULT_BASE, *, device: str | torch.device | None = None,
     device. Logs where it went. Only local files are used: a Hugging Face id must already be
     in the local cache.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     device = resolve_device(device)
     dtype = inference_dtype(device) if inference else (dtype or torch.float32)
     path = resolve_ref(ref)
     if ref in EMBEDDED and not (EMBEDDED[ref] / "config.json").exists():
         raise FileNotFoundError(f"{EMBEDDED[ref]} holds no model; run `python -m leaml "
                                 "pretrain-tiny` (PRETRAIN.md says how it was made)")
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor = processors.load(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
     if str(device) == "cpu" and _short_image_sequence(model):
         # tiny16's 37 tokens: plain attention beats SDPA's kernels (vision warmup 1.06x)
@@ -242,10 +262,26 @@ def _as_rgb(img) -> Image.Image:
     return img.convert("RGB")
 
 
+def views(processor, images) -> list[Image.Image]:
+    """RGB images as the processor takes them: for a :class:`PatchLayout` each resized to its
+    fixed square view (so every image has the same number of image tokens), else as they are."""
+    rgb = [_as_rgb(im) for im in images]
+    layout = patch_layout(processor)
+    if layout is None:
+        return rgb
+    side = layout.side(processor.image_processor)
+    return [im if im.size == (side, side) else im.resize((side, side), Image.BICUBIC)
+            for im in rgb]
+
+
 def _dummy_images(processor, n: int) -> list[Image.Image]:
     """Images of the processor's input size: for fixed-resolution processors the prompt's
     image-token expansion depends on nothing else, so text can be encoded without images."""
     ip = processor.image_processor
+    layout = patch_layout(processor)
+    if layout is not None:
+        side = layout.side(ip)
+        return [Image.new("RGB", (side, side))] * n
     crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
     h = crop.get("height") or crop.get("shortest_edge") or 224
     w = crop.get("width") or h
@@ -255,7 +291,7 @@ def _dummy_images(processor, n: int) -> list[Image.Image]:
 def _prompt_batch(processor, images, instructions) -> tuple[list[list[int]], dict]:
     """Expanded prompt ids per example (unpadded) and the processor's image tensors."""
     prompts = [prompt_text(processor, i) for i in instructions]
-    out = processor(images=[_as_rgb(im) for im in images], text=prompts,
+    out = processor(images=views(processor, images), text=prompts,
                     add_special_tokens=False, return_tensors="pt", padding=True)
     ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
     extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
@@ -294,16 +330,53 @@ def encode(processor, images, instructions, targets=None, *, padding_side: str =
     row, as in generation with left padding, where positions come from the attention mask).
     """
     ids, extra = _prompt_batch(processor, images, instructions)
-    return {**_collate(processor, ids, targets, padding_side), **extra}
+    out = {**_collate(processor, ids, targets, padding_side), **extra}
+    layout = patch_layout(processor)
+    if layout is not None:  # the token types follow the ids as padded here
+        out[layout.token_types] = _token_types(processor, out["input_ids"])
+    return out
+
+
+def _token_types(processor, input_ids: torch.Tensor) -> torch.Tensor:
+    return (input_ids == processor.image_token_id).long()
 
 
 def pixel_values(processor, images) -> torch.Tensor:
     """Images preprocessed once, one row per image, shape (N, C, H, W) (or (N, V, C, H, W)
-    where the processor cuts V views of each image, as Idefics3's does): cache these and pair
-    with encode_text. Each image goes in as its own sample (a nested list), so a processor
-    that takes several images per sample never folds the batch into one sample."""
-    out = processor.image_processor([[_as_rgb(im)] for im in images], return_tensors="pt")
-    return out["pixel_values"]
+    where the processor cuts V views of each image, as Idefics3's does; or (N, P, F), P
+    patches of F features, for a :class:`PatchLayout`): cache these, pair them with
+    encode_text, and give a batch of rows to the model through :func:`image_inputs`. Each
+    image goes in as its own sample (a nested list), so a processor that takes several images
+    per sample never folds the batch into one sample."""
+    out = processor.image_processor([[im] for im in views(processor, images)],
+                                    return_tensors="pt")
+    layout = patch_layout(processor)
+    if layout is None:
+        return out["pixel_values"]
+    grids = out[layout.grid]
+    if len(grids) != len(images) or not bool((grids == grids[0]).all()):
+        raise ValueError(f"the processor gave patch grids {grids.tolist()} for {len(images)} "
+                         "images of one size; the cache needs one fixed-size view per image")
+    return out["pixel_values"].reshape(len(images), -1, out["pixel_values"].shape[-1])
+
+
+def image_inputs(processor, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                 model=None) -> dict:
+    """The model's image inputs for a batch: ``pixel_values`` rows of :func:`pixel_values`,
+    one per row of ``input_ids``. One tensor per image: ``{"pixel_values": rows}``; for a
+    :class:`PatchLayout` the rows' patches flattened, each view's grid and the token types.
+    With ``model``: on its device, pixel values in its dtype."""
+    out = {"pixel_values": pixel_values}
+    layout = patch_layout(processor)
+    if layout is not None:
+        grid = layout.grid_row(processor.image_processor)
+        out = {"pixel_values": pixel_values.reshape(-1, pixel_values.shape[-1]),
+               layout.grid: torch.tensor([grid] * len(pixel_values), dtype=torch.long),
+               layout.token_types: _token_types(processor, input_ids)}
+    if model is not None:
+        out = {k: v.to(model.device) for k, v in out.items()}
+        out["pixel_values"] = out["pixel_values"].to(model.dtype)
+    return out
 
 
 def encode_text(processor, instructions, targets=None, *, padding_side: str = "right") -> dict:
@@ -335,8 +408,8 @@ def _stop_ids(model, tok) -> set[int]:
 def _generate_batch(model, processor, images_or_pv, instructions, gen_kwargs):
     tok = processor.tokenizer
     if isinstance(images_or_pv, torch.Tensor):  # cached pixel values (fixed-resolution models)
-        batch = {**encode_text(processor, instructions, padding_side="left"),
-                 "pixel_values": images_or_pv}
+        batch = encode_text(processor, instructions, padding_side="left")
+        batch.update(image_inputs(processor, images_or_pv, batch["input_ids"]))
     else:  # the processor's own outputs, whatever extra keys the model needs
         batch = encode(processor, images_or_pv, instructions, padding_side="left")
     batch = {k: v.to(model.device) for k, v in batch.items()}

@@ -385,7 +385,8 @@ def answer_known(model, processor, pixel_values, image_indices: Sequence[int],
         batch = _prefixed_batch(processor, [p[0] for p in prompts], [p[1] for p in prompts])
         pv = pixel_values[torch.tensor([i for i, _ in part])]
         with torch.no_grad():
-            gen = model.generate(**batch, pixel_values=pv.to(model.device, model.dtype),
+            gen = model.generate(**batch,
+                                 **models.image_inputs(processor, pv, batch["input_ids"], model),
                                  max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=tok.pad_token_id)
@@ -448,7 +449,7 @@ def choose_known(model, processor, pixel_values, image_indices: Sequence[int],
         pv = pixel_values[torch.tensor([i for i, _, _ in part])]
         with torch.no_grad():
             logits = model(**{k: v.to(model.device) for k, v in enc.items()},
-                           pixel_values=pv.to(model.device, model.dtype),
+                           **models.image_inputs(processor, pv, enc["input_ids"], model),
                            logits_to_keep=width).logits[:, :-1]
         target = labels[:, -(width - 1):]
         keep = target != -100

@@ -254,7 +254,7 @@ class _Data:
             batch = self.text.batch([u[0] for u in units], with_example=tag)
         else:
             batch = self.packed.batch(units, with_example=tag)
-        batch["pixel_values"] = pixels
+        batch.update(models.image_inputs(self.images.processor, pixels, batch["input_ids"]))
         return batch
 
     def _hard_examples(self, stream: int, count: int, seed: int, key: int) -> list[int]:
@@ -357,7 +357,7 @@ def vision_warmup(model, batches: "_Data", streams: Sequence[Stream], config: Tr
         1, math.ceil(config.vision_warmup_epochs * len(targets) / size))
     report = (lambda i, n, loss: progress(f"{stage}: vision warmup", i, n, loss)) if progress \
         else None
-    _, losses = fit_heads(model, targets, batches.images.batch, steps=steps, batch_size=size,
+    _, losses = fit_heads(model, targets, batches.images.grids, steps=steps, batch_size=size,
                           lr=config.vision_warmup_lr, flips=config.vision_warmup_flips,
                           shift=config.vision_warmup_shift, where=config.vision_warmup_where,
                           seed=config.seed, max_grad_norm=config.max_grad_norm, progress=report)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from leaml.engine import models
 from leaml.engine.batches import mentions_position, mirror_word
 
 
@@ -135,8 +136,14 @@ class AnswerHeads(torch.nn.Module):
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, T, W) image features as the language model receives them (after the projector)."""
-    feats = model.get_image_features(pixel_values=pixel_values)
+    """(B, T, W) image features as the language model receives them (after the projector);
+    ``pixel_values`` (B, C, H, W) images, flattened here where the model takes patches."""
+    patches = models.arch_entry(model).patches
+    if patches is None:
+        feats = model.get_image_features(pixel_values=pixel_values)
+    else:
+        flat, grid = patches.from_grid(pixel_values, model.config.vision_config)
+        feats = model.get_image_features(pixel_values=flat, **{patches.grid: grid})
     feats = getattr(feats, "pooler_output", feats)  # transformers 5: an output object
     if isinstance(feats, (list, tuple)):
         feats = torch.stack(list(feats))

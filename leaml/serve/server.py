@@ -251,8 +251,11 @@ def _template_messages(processor, messages: list[dict]) -> list[dict]:
 def _inputs(served: ServedModel, req: ChatRequest, cfg: ServeConfig) -> dict:
     """The model's inputs: images decoded (downscaled past ``max_image_side``), the chat
     template applied, all through the processor."""
+    from leaml.engine import models  # torch, as in load_served
     proc = served.processor
     images = [decode_image(ref, cfg.max_image_side) for ref in req.images]
+    if images and models.patch_layout(proc) is not None:  # the fixed-size view of training
+        images = models.views(proc, images)
     try:
         prompt = proc.apply_chat_template(_template_messages(proc, req.messages),
                                           add_generation_prompt=True, tokenize=False)
