@@ -65,7 +65,7 @@ def _add_pretrain_tiny(sub, common) -> None:
     _add_build_tiny(sub, common)
 
 
-_ARCHS = ("llava", "idefics3")  # leaml/tiny/build.py's TINY_ARCHS (not imported: --help stays fast)
+_ARCHS = ("llava", "idefics3", "qwen2_vl")  # leaml/tiny/build.py's TINY_ARCHS (not imported: --help stays fast)
 
 
 def _add_build_tiny(sub, common) -> None:

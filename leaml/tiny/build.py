@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leaml.engine.processors import without_video
 from leaml.tiny.corpus import tokenizer_texts
 
 # A simple user/assistant template; the image placeholder goes in the user turn. The
@@ -189,8 +190,76 @@ def build_tiny_idefics3(seed: int = 0, **overrides):
     return model.eval(), processor
 
 
+# Qwen2-VL's turn format ("<|im_start|>user\n<|vision_start|><image><|vision_end|>question
+# <|im_end|>\n<|im_start|>assistant\n"); the tokenizer's image token is "<image>".
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "{{ '<|vision_start|><image><|vision_end|>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class TinyQwen2VLConfig(TinyIdefics3Config):
+    """Shape of a tiny random Qwen2-VL (3-D rotary positions, flattened patches with a patch
+    grid). Every image is one 96 px square view (min_pixels = max_pixels = 96*96) in 16 px
+    patches, 6x6 patches merged by 2 -> 9 image tokens; ~0.4M parameters."""
+    scale_factor: int = 2  # spatial_merge_size
+
+
+def build_tiny_qwen2_vl(seed: int = 0, **overrides):
+    """An untrained tiny Qwen2-VL ``(model, processor)`` from configs: the PIL image processor
+    at one fixed resolution (min_pixels = max_pixels), a locally trained tokenizer holding
+    Qwen2-VL's special tokens, a chat template, and no video processor (Qwen2-VL's needs
+    torchvision; :mod:`leaml.engine.processors` loads the folder without one)."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+    cfg = TinyQwen2VLConfig(**overrides)
+    factor = cfg.patch_size * cfg.scale_factor
+    if cfg.image_size % factor:
+        raise ValueError(f"image_size {cfg.image_size} must divide by patch_size * "
+                         f"scale_factor = {factor}")
+    tok = build_tokenizer(cfg.vocab_size, eos="<|im_end|>",
+                          extra=("<|im_start|>", "<|vision_start|>", "<|vision_end|>",
+                                 "<|video_pad|>"))
+    head = cfg.text_hidden // cfg.text_heads // 2  # rotary frequencies, split (t, h, w)
+    text = dict(vocab_size=len(tok), hidden_size=cfg.text_hidden,
+                intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+                num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+                max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head - 2 * (head // 3), head // 3, head // 3]},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(depth=cfg.vision_layers, embed_dim=cfg.vision_hidden,
+                  hidden_size=cfg.text_hidden, num_heads=cfg.vision_heads,
+                  mlp_ratio=cfg.vision_mlp // cfg.vision_hidden, patch_size=cfg.patch_size,
+                  spatial_merge_size=cfg.scale_factor, temporal_patch_size=2)
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                           image_token_id=ids("<image>"), video_token_id=ids("<|video_pad|>"),
+                           vision_start_token_id=ids("<|vision_start|>"),
+                           vision_end_token_id=ids("<|vision_end|>"), pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    pixels = cfg.image_size ** 2
+    ip = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels,
+                                  patch_size=cfg.patch_size, merge_size=cfg.scale_factor,
+                                  temporal_patch_size=2)
+    processor = without_video(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    return model.eval(), processor
+
+
 # family -> builder of an untrained tiny (model, processor); ``python -m leaml build-tiny``
-TINY_ARCHS = {"llava": build_tiny, "idefics3": build_tiny_idefics3}
+TINY_ARCHS = {"llava": build_tiny, "idefics3": build_tiny_idefics3,
+              "qwen2_vl": build_tiny_qwen2_vl}
 
 
 def build_tiny_arch(arch: str, seed: int = 0, **overrides):
