@@ -137,6 +137,12 @@ def _image(item) -> Image.Image:
         return im.convert("RGB")
 
 
+def _pictures(processor, images) -> list[Image.Image]:
+    """The images as the ``hf`` engine sees them: each one's fixed square view where the
+    registry says the family needs one (Qwen-VL), else as they are (:func:`models.views`)."""
+    return models.views(processor, [_image(im) for im in images])
+
+
 class _Prompts:
     """Prompt token ids per instruction (tokenized once), with one image placeholder."""
 
@@ -196,8 +202,8 @@ def generate(model: VllmModel, processor, images, instructions: Sequence[str], *
         top_p=top_p if do_sample else 1.0, max_tokens=max_new_tokens, logprobs=0,
         seed=None if seed is None else seed + j, stop_token_ids=model.stops)
         for j in range(len(instructions))]
-    outs = _run(model, [_request(prompt(i), _image(im)) for im, i in zip(images, instructions)],
-                params)
+    outs = _run(model, [_request(prompt(i), im)
+                        for im, i in zip(_pictures(processor, images), instructions)], params)
     return [[_generation(model, tok, o) for o in r.outputs] for r in outs]
 
 
@@ -224,7 +230,7 @@ def answer_known(model: VllmModel, processor, images, image_indices: Sequence[in
     """:func:`pseudo.answer_known`: G's greedy answer to each given question per image."""
     tok, prompt = processor.tokenizer, _Prompts(processor)
     contexts = contexts or [None] * len(image_indices)
-    pics = [_image(im) for im in images]
+    pics = _pictures(processor, images)
     flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
     requests = [_request(prompt(*pseudo.known_prompt(q, form, contexts[i])), pics[i]) for i, q in flat]
     params = _vllm().SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, logprobs=0,
@@ -246,7 +252,7 @@ def choose_known(model: VllmModel, processor, images, image_indices: Sequence[in
     log-probabilities of its tokens (end of turn included) at the end of the prompt."""
     tok, prompt = processor.tokenizer, _Prompts(processor)
     contexts = contexts or [None] * len(questions)
-    pics = [_image(im) for im in images]
+    pics = _pictures(processor, images)
     rows = pseudo.choice_rows(questions, choices, cfg, contexts)
     stats.sampled += sum(len(qs) for qs in questions)
     prefix = {q: pseudo.known_prompt(q, form)[1] for qs in questions for q in qs}
