@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device check of docs/GPU.md in one script: the embedded base (tiny16) and the tiny random
-# Idefics3 (build-tiny) through `run --method leaml` on DEVICE (default cuda), then, where the
+# Idefics3 and Qwen2-VL (build-tiny) through `run --method leaml` on DEVICE (default cuda), then, where the
 # machine has two or more GPUs (or with DEVICE=cpu: two CPU processes), the same method under
 # `accelerate launch` with 2 processes and as a background job with --processes 2; where vLLM
 # is installed, the pseudo stage with --engine hf and --engine vllm on one generator (the same
@@ -27,6 +27,7 @@ ROWS=()
 
 "$PY" -m leaml --home "$HOME_DIR" demo --data-only --n-train "$N_TRAIN" --n-test 4 >/dev/null
 "$PY" -m leaml build-tiny --arch idefics3 --out "$WORK/idefics3" >/dev/null
+"$PY" -m leaml build-tiny --arch qwen2_vl --out "$WORK/qwen2_vl" >/dev/null
 
 since() {  # seconds since a `date +%s%N`, one decimal
     local ms=$(( ($(date +%s%N) - $1) / 1000000 ))
@@ -64,6 +65,7 @@ two() {  # two NAME BASE: the same under accelerate launch, 2 processes
 
 one tiny16 tiny16
 one idefics3 "$WORK/idefics3"
+one qwen2_vl "$WORK/qwen2_vl"
 GPUS=0
 if [ "$DEVICE" != cpu ]; then
     GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
@@ -71,6 +73,7 @@ fi
 if [ "$DEVICE" = cpu ] || [ "$GPUS" -ge 2 ]; then
     two tiny16 tiny16
     two idefics3 "$WORK/idefics3"
+    two qwen2_vl "$WORK/qwen2_vl"
 fi
 
 job2() {  # job2 NAME BASE: run --background --processes 2 (it starts a worker), until it ends
