@@ -78,7 +78,7 @@ def where_ui(kind: str, method: str | None) -> dict:
     """Where the job runs: device, processes (data-parallel through accelerate) and, for the
     kinds that sample pseudo pairs, the sampling engine."""
     where = app_service.places()
-    samples = kind in ("loop", "pseudo") or method == "leaml"
+    samples = app_service.samples_pairs(kind, method)
     with st.expander("Where it runs", expanded=False):
         gpus = where["gpus"]
         st.caption(f"{gpus} GPU{'s' if gpus != 1 else ''} seen on this machine. Auto: the "

@@ -75,6 +75,12 @@ JOB_HYPERPARAMETERS = {"generator": _GENERATOR_HP, "pseudo": _PSEUDO_HP,
                        "zero-shot": []}
 
 
+def samples_pairs(kind: str, method: str | None = None) -> bool:
+    """Whether a job of ``kind`` (with ``method`` for 'run'; 'loop' is generator then pseudo)
+    samples pseudo pairs, so that the sampling engine applies to it."""
+    return kind == "loop" or (method if kind == "run" else kind) in ("pseudo", "leaml")
+
+
 def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
                method: str | None = None, label_fraction: float | None = None,
                data_mix: dict | None = None, teacher: dict | None = None,
@@ -97,7 +103,7 @@ def job_params(kind: str, *, base_model: str, seed: int, hyperparameters: dict,
     if kind in ("run", "generator"):  # the generator picks the seed set as a run does
         params["label_fraction"] = float(label_fraction or 1.0)
     if engine != "hf":
-        if target not in ("pseudo", "leaml"):
+        if not samples_pairs(kind, method):
             raise ValueError(f"engine {engine!r} samples pseudo pairs: only the pseudo kind and "
                              "the leaml method sample")
         if int(processes) != 1:

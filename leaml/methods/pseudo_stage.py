@@ -206,28 +206,29 @@ def generate_pseudo(db, gen_run_id: int, cfg: PseudoConfig, data: RunData, *,
     step = spread.world_size() if spread.leading() else 1
     call = {"model_dir": str(db.home / run["model_dir"]), "base_model": run["base_model"],
             "how": how}
-    for start in range(0, len(todo), step):
-        if should_stop and should_stop():
-            vllm_engine.close(model)
-            return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
-        round_ = todo[start:start + step]
-        results = spread.share("pseudo", call, round_, lambda part: [
-            _chunk_candidates(model, processor, how, index, chunk) for index, chunk in part])
-        for (index, chunk), (cands, counted) in zip(round_, results):
-            for key, value in counted.items():
-                setattr(stats, key, getattr(stats, key) + value)
-            rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
-                     "question": c.question, "answer": c.answer, "origin": "pseudo",
-                     "status": "pending", "confidence": c.confidence,
-                     "question_type": qtypes.get(question_key(c.question)),
-                     "gen_run_id": gen_run_id, "source": "generator"} for c in cands]
-            if rows:
-                add_qa_many(db, rows, user=user, action="qa.pseudo")
-            stored += len(rows)
-            if progress:
-                progress("pseudo", min((index + 1) * cfg.chunk, len(images)), len(images),
-                         math.nan)
-    vllm_engine.close(model)  # vLLM's GPU memory back before a next stage trains
+    try:
+        for start in range(0, len(todo), step):
+            if should_stop and should_stop():
+                return {"stopped": True, "generator_run": gen_run_id, **stats.to_dict()}
+            round_ = todo[start:start + step]
+            results = spread.share("pseudo", call, round_, lambda part: [
+                _chunk_candidates(model, processor, how, index, chunk) for index, chunk in part])
+            for (index, chunk), (cands, counted) in zip(round_, results):
+                for key, value in counted.items():
+                    setattr(stats, key, getattr(stats, key) + value)
+                rows = [{"project_id": run["project_id"], "image_id": chunk[c.image_index]["id"],
+                         "question": c.question, "answer": c.answer, "origin": "pseudo",
+                         "status": "pending", "confidence": c.confidence,
+                         "question_type": qtypes.get(question_key(c.question)),
+                         "gen_run_id": gen_run_id, "source": "generator"} for c in cands]
+                if rows:
+                    add_qa_many(db, rows, user=user, action="qa.pseudo")
+                stored += len(rows)
+                if progress:
+                    progress("pseudo", min((index + 1) * cfg.chunk, len(images)), len(images),
+                             math.nan)
+    finally:  # however it ends: vLLM's GPU memory back before a next stage trains
+        vllm_engine.close(model)
     info = {"generator_run": gen_run_id, "images": len(images), "stored": stored, "k": cfg.k,
             **stats.to_dict(), "seconds": round(time.monotonic() - t0, 1)}
     _record(db, gen_run_id, info, cfg)
