@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 TRUE = ("1", "true", "yes")
+PLACEMENT = ("device", "dtype")  # job params that say where models run, not what they do
 SHUTDOWN_S = 120  # the launcher's wait for its processes to stop at a step, then SIGKILL
 
 
@@ -63,6 +64,12 @@ def on_cpu(params: dict) -> bool:
         os.environ.get("ACCELERATE_USE_CPU", "").lower() in TRUE
 
 
+def placement_env(params: dict) -> dict:
+    """A job's ``device``/``dtype`` params as the environment (``LEAML_DEVICE``, ``LEAML_DTYPE``)
+    that leaml.engine.models reads, as the CLI's --device/--dtype set it."""
+    return {f"LEAML_{key.upper()}": str(params[key]) for key in PLACEMENT if params.get(key)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,10 +81,7 @@ def command(home: Path, job: dict, claimed_by: int, env: dict) -> tuple[list[str
     the plain job process's environment). The job's device and dtype go in the environment,
     so that every process (followers too) loads its models the same way."""
     params = job["params"]
-    env = dict(env)
-    for key in ("device", "dtype"):
-        if params.get(key):
-            env[f"LEAML_{key.upper()}"] = str(params[key])
+    env = dict(env, **placement_env(params))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_S))  # torch's default: 30 s
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes(params)), "--num_machines", "1",

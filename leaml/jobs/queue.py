@@ -204,22 +204,20 @@ def job_kind(name: str) -> Callable[[Kind], Kind]:
     return register
 
 
-PLACEMENT = ("device", "dtype")  # job params that say where models run, not what they do
+RUNS_WHERE = (*launch.PLACEMENT, "processes")  # job params on where it runs, not what it does
 
 
 def _place(params: dict) -> None:
     """A job's ``device``/``dtype`` params (like the CLI's --device/--dtype) for every model
     this job process loads (leaml.engine.models reads them from the environment)."""
-    for key in PLACEMENT:
-        if params.get(key):
-            os.environ[f"LEAML_{key.upper()}"] = str(params[key])
+    os.environ.update(launch.placement_env(params))
 
 
 def _engine_kwargs(ctx: JobContext, params: dict) -> dict:
     """The job's params plus what every engine entry point takes from the job."""
     _place(params)
     p = {k: v for k, v in params.items()
-         if k not in ("stages", "method", "requested_overrides", "processes", *PLACEMENT)}
+         if k not in ("stages", "method", "requested_overrides", *RUNS_WHERE)}
     return dict(p, progress=ctx.progress, should_stop=ctx.should_stop,
                 work_dir=ctx.checkpoint_dir, job_id=ctx.job_id, user=ctx.user)
 
@@ -289,8 +287,7 @@ def _caption(ctx: JobContext, params: dict) -> dict:
     """Teacher captions for the project's images without one (``leaml.serve.teacher``); params:
     endpoint + model, or teacher (a local model ref), and optionally prompt, concurrency."""
     _place(params)
-    return captions.caption_job(ctx, {k: v for k, v in params.items()
-                                      if k not in (*PLACEMENT, "processes")})
+    return captions.caption_job(ctx, {k: v for k, v in params.items() if k not in RUNS_WHERE})
 
 
 @job_kind("evaluate")

@@ -253,9 +253,8 @@ def _inputs(served: ServedModel, req: ChatRequest, cfg: ServeConfig) -> dict:
     template applied, all through the processor."""
     from leaml.engine import models  # torch, as in load_served
     proc = served.processor
-    images = [decode_image(ref, cfg.max_image_side) for ref in req.images]
-    if images and models.patch_layout(proc) is not None:  # the fixed-size view of training
-        images = models.views(proc, images)
+    # decoded, then as training saw them (a fixed square view where the family needs one)
+    images = models.views(proc, [decode_image(ref, cfg.max_image_side) for ref in req.images])
     try:
         prompt = proc.apply_chat_template(_template_messages(proc, req.messages),
                                           add_generation_prompt=True, tokenize=False)

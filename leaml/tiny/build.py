@@ -81,15 +81,20 @@ def build_processor(cfg: TinyConfig, tokenizer):
                           num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
 
 
+def _text_shape(cfg, tok) -> dict:
+    """The tiny language model's shape and special tokens, shared by every tiny family."""
+    return dict(vocab_size=len(tok), hidden_size=cfg.text_hidden,
+                intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+                num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+                max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
 def _llama_text(cfg, tok):
-    """The tiny Llama language model's config, shared by every tiny family."""
+    """The tiny Llama language model's config (LLaVA's and Idefics3's text model)."""
     from transformers import LlamaConfig  # transformers: loaded when a base is built
-    return LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden,
-                       intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-                       max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    return LlamaConfig(**_text_shape(cfg, tok))
 
 
 def build_tiny(seed: int = 0, **overrides):
@@ -227,14 +232,9 @@ def build_tiny_qwen2_vl(seed: int = 0, **overrides):
                           extra=("<|im_start|>", "<|vision_start|>", "<|vision_end|>",
                                  "<|video_pad|>"))
     head = cfg.text_hidden // cfg.text_heads // 2  # rotary frequencies, split (t, h, w)
-    text = dict(vocab_size=len(tok), hidden_size=cfg.text_hidden,
-                intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
-                num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-                max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+    text = dict(_text_shape(cfg, tok),
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [head - 2 * (head // 3), head // 3, head // 3]},
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
+                                 "mrope_section": [head - 2 * (head // 3), head // 3, head // 3]})
     vision = dict(depth=cfg.vision_layers, embed_dim=cfg.vision_hidden,
                   hidden_size=cfg.text_hidden, num_heads=cfg.vision_heads,
                   mlp_ratio=cfg.vision_mlp // cfg.vision_hidden, patch_size=cfg.patch_size,
