@@ -1,5 +1,5 @@
-"""Helpers of the serving/captioning tests (tests/test_serve.py, test_captions.py,
-test_caption_qa.py): a real ``python -m leaml serve`` process on 127.0.0.1, started once per
+"""Helpers of the tests that run real processes: ``cli`` (``python -m leaml``), ``wait_for``;
+for the serving/captioning tests (tests/test_serve.py, test_captions.py, test_caption_qa.py) a real ``python -m leaml serve`` process on 127.0.0.1, started once per
 test session and shared, and a scriptable misbehaving teacher (http.server in a thread).
 Only 127.0.0.1, never any other address."""
 from __future__ import annotations
@@ -22,6 +22,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PROMPT = "Describe the image."  # the tiny base answers this with text, not an instant eos
+
+
+def wait_for(pred, what: str, timeout: float = 600, every: float = 0.05):
+    """``pred()``'s first true value, asked every ``every`` s; a hang guard on shared CPUs
+    (AssertionError after ``timeout`` s), not a timing."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := pred():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cli(home, *args, timeout: float = 300) -> subprocess.CompletedProcess:

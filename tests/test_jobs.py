@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from leaml.jobs import queue as jobs
-from leaml.store import ConflictError, NotFoundError, connect
+from leaml.store import ConflictError, NotFoundError
 from leaml.store import jobs as q
 from leaml.store.projects import create_project
+from servehelp import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,15 +235,6 @@ def demo(db):
     from leaml.data.demo.build import DemoConfig
     from leaml.data.ingest import load_demo
     load_demo(db, DemoConfig(n_train=8, n_test=1))
-
-
-def wait_for(pred, what: str, timeout: float = 600, every: float = 0.05):  # shared CPUs
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := pred():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _ts(stamp: str) -> float:

@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from leaml.jobs import queue as jobs
 from leaml.data.demo.build import DemoConfig
 from leaml.data.ingest import load_demo
 from leaml.store.runs import get_metrics, get_run
+from servehelp import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "leaml"
@@ -69,16 +68,6 @@ def outcome(db, job_id: int, home: Path) -> dict:
                               for m in get_metrics(db, run["id"])),
             "predictions": (model / "predictions.jsonl").read_text(),
             "weights": {k: v.tolist() for k, v in sorted(weights.items())}}
-
-
-def wait_for(pred, what: str, timeout: float = 600, every: float = 0.05):  # shared CPUs
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(home, db):

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ import pytest
 from leaml.config import fold_overrides
 from leaml.jobs import queue as jobs
 from leaml.store import connect
-from servehelp import cli
-from test_multiprocess_run import KNOBS, _stored
+from servehelp import cli, wait_for
+from test_multiprocess_run import KNOBS, _stored, small_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -42,13 +41,13 @@ def worker(home: Path) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait_for(pred, what: str, timeout: float = 600):  # a hang guard on shared CPUs, not a timing
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def in_generator_training(db, job_id: int, home: Path) -> set[int]:
+    """Once the job's generator trained a step: the pids of its launcher and two processes."""
+    wait_for(lambda: any(r["stage"] == "generator" for r in jobs.train_log(db, job_id)),
+             "a generator training step")
+    pids = job_pids(job_id, home)
+    assert len(pids) == 3, pids  # the launcher and its two processes
+    return pids
 
 
 def job_pids(job_id: int, home: Path) -> set[int]:
@@ -66,10 +65,7 @@ def job_pids(job_id: int, home: Path) -> set[int]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mpjobs")
-    r = cli(root / "home", "demo", "--data-only", "--n-train", "8", "--n-test", "1")
-    assert r.returncode == 0, r.stderr
-    return root / "home"
+    return small_demo(tmp_path_factory, "mpjobs")
 
 
 def test_processes_param_is_checked_when_queued(base, tmp_path):
@@ -152,10 +148,7 @@ def test_a_job_on_two_processes_cancelled_in_training_ends_every_process(base, t
                                                     "generator.max_qa_steps=400"))
     w = worker(home)
     try:
-        wait_for(lambda: any(r["stage"] == "generator" for r in jobs.train_log(db, job_id)),
-                 "a generator training step")
-        pids = job_pids(job_id, home)
-        assert len(pids) == 3, pids  # the launcher and its two processes
+        pids = in_generator_training(db, job_id, home)
         jobs.cancel(db, job_id)
         wait_for(lambda: jobs.get_job(db, job_id)["status"] != "running", "the job's end")
         job = jobs.get_job(db, job_id)
@@ -187,10 +180,7 @@ def test_a_job_on_two_processes_stopped_by_a_worker_shutdown_keeps_its_step_and_
                                                     f"generator.max_qa_steps={steps}"))
     w = worker(home)
     try:
-        wait_for(lambda: any(r["stage"] == "generator" for r in jobs.train_log(db, job_id)),
-                 "a generator training step")
-        pids = job_pids(job_id, home)
-        assert len(pids) == 3, pids  # the launcher and its two processes
+        pids = in_generator_training(db, job_id, home)
         w.send_signal(signal.SIGTERM)  # the worker alone: it passes SIGTERM to the launcher
         assert w.wait(timeout=300) == 0
         job = jobs.get_job(db, job_id)

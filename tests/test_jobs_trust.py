@@ -16,12 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from leaml.jobs import queue as jobs
+from servehelp import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,15 +54,6 @@ def finish(w: subprocess.Popen, timeout: float = 600) -> str:
         if w.poll() is None:
             os.killpg(w.pid, signal.SIGKILL)
     return out
-
-
-def wait_for(pred, what: str, timeout: float = 600, every: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := pred():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.trust

@@ -63,13 +63,19 @@ def _stored(home: Path) -> dict:
                             "FROM qa WHERE origin = 'pseudo' ORDER BY id").fetchall()}
 
 
+def small_demo(tmp_path_factory, name: str) -> Path:
+    """A data home holding the demo projects at 8 train images and 1 test image."""
+    home = tmp_path_factory.mktemp(name) / "home"
+    r = cli(home, "demo", "--data-only", "--n-train", "8", "--n-test", "1")
+    assert r.returncode == 0, r.stderr
+    return home
+
+
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mprun")
-    r = cli(root / "home", "demo", "--data-only", "--n-train", "8", "--n-test", "1")
-    assert r.returncode == 0, r.stderr
-    shutil.copytree(root / "home", root / "two")
-    return root / "home", root / "two"
+    home = small_demo(tmp_path_factory, "mprun")
+    shutil.copytree(home, home.parent / "two")
+    return home, home.parent / "two"
 
 
 def test_two_processes_store_one_run_with_the_numbers_of_one(homes):

@@ -13,7 +13,7 @@ import sqlite3
 import pytest
 
 from servehelp import cli
-from test_multiprocess_run import KNOBS, RUN, _launch, _stored
+from test_multiprocess_run import KNOBS, RUN, _launch, _stored, small_demo
 
 GENERATOR = ["generator", "--project", "demo", "--label-fraction", "0.25", "--seed", "1",
              "--base-model", "tiny", "--threads", "1", *KNOBS, "--json"]
@@ -23,10 +23,7 @@ FINETUNE = ["finetune", "--project", "demo", "--threads", "1", *KNOBS, "--json"]
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mpstages")
-    r = cli(root / "home", "demo", "--data-only", "--n-train", "8", "--n-test", "1")
-    assert r.returncode == 0, r.stderr
-    return root / "home"
+    return small_demo(tmp_path_factory, "mpstages")
 
 
 def _last_json(r) -> dict:

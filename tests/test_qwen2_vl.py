@@ -7,27 +7,18 @@ processes. The cache holds one fixed-size view per image (the registry's PatchLa
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from servehelp import Server, cli
-from test_second_arch import FAST, TRAIN_FAST, _db, _png_url, _run
+from test_second_arch import TRAIN_FAST, _db, _run, leaml_runs_on, make_world, served_answer
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen2vl")
-    home, folder = root / "home", root / "qwen2_vl"
-    r = cli(home, "build-tiny", "--arch", "qwen2_vl", "--out", folder)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["model_type"] == "qwen2_vl"
-    r = cli(home, "demo", "--data-only", "--n-train", "8", "--n-test", "1")
-    assert r.returncode == 0, r.stderr
-    return home, folder
+    return make_world(tmp_path_factory, "qwen2_vl")
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +96,10 @@ def test_known_questions_are_answered_from_cached_pixels(tiny):
 
 def test_the_whole_leaml_method_runs_on_qwen2_vl(world):
     home, folder = world
-    out = _run(home, folder, "leaml", *FAST, "--set", "finetune.vision_warmup_epochs=2")
-    assert out["method"] == "leaml" and out["n_test"] > 0 and 0.0 <= out["accuracy"] <= 100.0
-    db = _db(home)
-    run = db.execute("SELECT * FROM runs WHERE id = ?", (out["run_id"],)).fetchone()
-    assert run["status"] == "succeeded" and run["base_model"] == str(folder)
-    gen = db.execute("SELECT * FROM runs WHERE method = 'generator' AND base_model = ?",
-                     (str(folder),)).fetchall()
-    assert len(gen) == 1 and gen[0]["status"] == "succeeded"
-    pending = db.execute("SELECT confidence FROM qa WHERE origin = 'pseudo' AND status = "
-                         "'pending' AND gen_run_id = ?", (gen[0]["id"],)).fetchall()
-    assert pending and all(0.0 < p["confidence"] <= 1.0 for p in pending)
-    for model_dir in (run["model_dir"], gen[0]["model_dir"]):
-        saved = home / model_dir
-        assert json.loads((saved / "config.json").read_text())["model_type"] == "qwen2_vl"
-        assert json.loads((saved / "processor_config.json").read_text())["processor_class"] \
-            == "Qwen2VLProcessor"
+    run, gen = leaml_runs_on(home, folder, "qwen2_vl")
+    for model_dir in (run["model_dir"], gen["model_dir"]):
+        assert json.loads((home / model_dir / "processor_config.json").read_text())[
+            "processor_class"] == "Qwen2VLProcessor"
 
 
 def test_seed_lora_trains_evaluates_and_serves_on_qwen2_vl(world):
@@ -133,26 +112,7 @@ def test_seed_lora_trains_evaluates_and_serves_on_qwen2_vl(world):
         "target_modules"]
     targets = targets if isinstance(targets, list) else [targets]
     assert targets and all(t.startswith("model.language_model.") for t in targets), targets[:3]
-    server = Server(home, "--project", "demo", "--run", str(lora["run_id"]))
-    try:
-        body = {"model": f"run-{lora['run_id']}", "max_tokens": 4, "temperature": 0,
-                "logprobs": True,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": _png_url()}},
-                    {"type": "text", "text": "Describe the image."}]}]}
-        req = urllib.request.Request(server.url + "/chat/completions",
-                                     data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            assert resp.status == 200
-            answer = json.loads(resp.read())
-    finally:
-        server.stop()
-    choice = answer["choices"][0]
-    assert isinstance(choice["message"]["content"], str)
-    tokens = choice["logprobs"]["content"]
-    assert len(tokens) <= 4 and all(t["logprob"] <= 0.0 for t in tokens)
-    assert answer["usage"]["completion_tokens"] == len(tokens)
+    answer = served_answer(home, lora["run_id"])
     # the prompt held one fixed view's 9 image tokens, whatever the image's shape (40x30)
     assert answer["usage"]["prompt_tokens"] == _prompt_tokens(folder)
 

@@ -28,16 +28,21 @@ TRAIN_FAST = ["--set", "train.min_steps=2", "--set", "train.max_steps=2",
               "--set", "train.batch_size=4", "--set", "max_new_tokens=4"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch2")
-    home, folder = root / "home", root / "idefics3"
-    r = cli(home, "build-tiny", "--arch", "idefics3", "--out", folder)
+def make_world(tmp_path_factory, arch: str) -> tuple[Path, Path]:
+    """A data home with a small demo project, and a tiny random ``arch`` model folder."""
+    root = tmp_path_factory.mktemp(arch)
+    home, folder = root / "home", root / arch
+    r = cli(home, "build-tiny", "--arch", arch, "--out", folder)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["model_type"] == "idefics3"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["model_type"] == arch
     r = cli(home, "demo", "--data-only", "--n-train", "8", "--n-test", "1")
     assert r.returncode == 0, r.stderr
     return home, folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory, "idefics3")
 
 
 def _run(home: Path, folder: Path, method: str, *extra: str) -> dict:
@@ -76,8 +81,10 @@ def test_build_tiny_names_every_family_the_builder_knows():
     assert set(_ARCHS) == set(TINY_ARCHS)
 
 
-def test_the_whole_leaml_method_runs_on_idefics3(world):
-    home, folder = world
+def leaml_runs_on(home: Path, folder: Path, model_type: str) -> tuple[sqlite3.Row, sqlite3.Row]:
+    """``run --method leaml`` (with the vision warmup) on ``folder``: the run and its QA
+    generator succeed on that family, the generator's samples are pending pairs, and both
+    save a ``model_type`` folder. Returns the two runs rows."""
     out = _run(home, folder, "leaml", *FAST, "--set", "finetune.vision_warmup_epochs=2")
     assert out["method"] == "leaml" and out["n_test"] > 0 and 0.0 <= out["accuracy"] <= 100.0
     db = _db(home)
@@ -85,16 +92,20 @@ def test_the_whole_leaml_method_runs_on_idefics3(world):
     assert run["status"] == "succeeded" and run["base_model"] == str(folder)
     assert db.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND scope = 'overall'",
                       (run["id"],)).fetchone()[0] == 1
-    # the QA generator of this run is an Idefics3 too, and its samples are pending pairs
     gen = db.execute("SELECT * FROM runs WHERE method = 'generator' AND base_model = ?",
                      (str(folder),)).fetchall()
     assert len(gen) == 1 and gen[0]["status"] == "succeeded"
     pending = db.execute("SELECT question, answer, confidence FROM qa WHERE origin = 'pseudo' "
                          "AND status = 'pending' AND gen_run_id = ?", (gen[0]["id"],)).fetchall()
     assert pending and all(0.0 < p["confidence"] <= 1.0 for p in pending)
-    # the target (fully finetuned after the vision warmup, whose moves see 5-D pixel values)
     for model_dir in (run["model_dir"], gen[0]["model_dir"]):
-        assert json.loads((home / model_dir / "config.json").read_text())["model_type"] == "idefics3"
+        assert json.loads((home / model_dir / "config.json").read_text())["model_type"] == model_type
+    return run, gen[0]
+
+
+def test_the_whole_leaml_method_runs_on_idefics3(world):
+    # the target is fully finetuned after the vision warmup, whose moves see 5-D pixel values
+    leaml_runs_on(*world, "idefics3")
 
 
 def _png_url() -> str:
@@ -120,10 +131,15 @@ def test_seed_lora_and_seed_full_train_evaluate_and_serve_on_idefics3(world):
     targets = targets if isinstance(targets, list) else [targets]
     assert targets and all(t.startswith("model.text_model.") for t in targets), targets[:3]
     # serve the LoRA run: the server loads the Idefics3 base from the folder + the adapters
-    server = Server(home, "--project", "demo", "--run", str(lora["run_id"]))
+    served_answer(home, lora["run_id"])
+
+
+def served_answer(home: Path, run_id: int) -> dict:
+    """``leaml serve --run RUN_ID`` answers a chat request with an image: at most 4 tokens,
+    each with its log-probability. Returns the response."""
+    server = Server(home, "--project", "demo", "--run", str(run_id))
     try:
-        body = {"model": f"run-{lora['run_id']}", "max_tokens": 4, "temperature": 0,
-                "logprobs": True,
+        body = {"model": f"run-{run_id}", "max_tokens": 4, "temperature": 0, "logprobs": True,
                 "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": _png_url()}},
                     {"type": "text", "text": "Describe the image."}]}]}
@@ -140,3 +156,4 @@ def test_seed_lora_and_seed_full_train_evaluate_and_serve_on_idefics3(world):
     tokens = choice["logprobs"]["content"]
     assert len(tokens) <= 4 and all(t["logprob"] <= 0.0 for t in tokens)
     assert answer["usage"]["completion_tokens"] == len(tokens)
+    return answer
